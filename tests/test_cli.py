@@ -1,0 +1,84 @@
+"""The command line: output on good input, one clear line and exit 1 on bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparsamba.cli import main
+
+
+def test_eval_prints_perplexity(tiny_model_dir, capsys):
+    assert (
+        main(
+            ["eval", str(tiny_model_dir), "--data", str(tiny_model_dir.parent / "text.txt"), "--seqlen", "32"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    ppl = float(out.split("perplexity")[1].split()[0])
+    assert 1.0 < ppl < 400.0  # a random model: near-uniform over the 300 tokens
+    assert "tokens" in out and "time" in out
+
+
+def test_generate_is_deterministic(tiny_model_dir, capsys):
+    args = ["generate", str(tiny_model_dir), "--prompt", "And it came", "-n", "8"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.startswith("And it came")
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "sparsamba", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("what", ["no_config", "empty_data", "short_data", "missing_model"])
+def test_bad_input_is_one_line_and_exit_1(tiny_model_dir, tmp_path, what):
+    model, data = str(tiny_model_dir), str(tiny_model_dir.parent / "text.txt")
+    if what == "no_config":
+        bad = tmp_path / "m"
+        bad.mkdir()
+        (bad / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes())
+        model, expect = str(bad), "no config.json"
+    elif what == "empty_data":
+        data = str(tmp_path / "empty.txt")
+        (tmp_path / "empty.txt").write_text("")
+        expect = "the data is empty"
+    elif what == "short_data":
+        data = str(tmp_path / "short.txt")
+        (tmp_path / "short.txt").write_text("In the beginning")
+        expect = "fewer than one window of 256"
+    else:
+        model, expect = str(tmp_path / "does" / "not" / "exist"), "no such directory"
+    r = _run("eval", model, "--data", data)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("sparsamba eval: error:")]
+    assert len(lines) == 1 and expect in lines[0], r.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = _run("--debug", "eval", str(tmp_path))
+    assert r.returncode != 0 and "Traceback" in r.stderr and "SparsambaError" in r.stderr
+
+
+def test_train_tiny_writes_a_loadable_model(tmp_path, tiny_model_dir):
+    from sparsamba import load_model
+    from sparsamba.train import TrainConfig, train_tiny
+
+    data = tmp_path / "data"
+    data.mkdir()
+    text = (tiny_model_dir.parent / "text.txt").read_text()
+    (data / "train.txt").write_text(text)
+    (data / "heldout.txt").write_text(text[:2000])
+    tc = TrainConfig(
+        vocab_size=300, hidden_size=16, num_hidden_layers=1, steps=3, batch=2, seqlen=16, warmup=1
+    )
+    summary = train_tiny(data, tmp_path / "out", tc, log=lambda *_: None)
+    m = load_model(tmp_path / "out")
+    assert m.config.vocab_size == 300 and summary["history"][-1]["step"] == 3
+    assert json.loads((tmp_path / "out" / "training.json").read_text())["train_config"]["steps"] == 3
