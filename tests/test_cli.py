@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sparsamba.cli import main
 
@@ -82,3 +83,21 @@ def test_train_tiny_writes_a_loadable_model(tmp_path, tiny_model_dir):
     m = load_model(tmp_path / "out")
     assert m.config.vocab_size == 300 and summary["history"][-1]["step"] == 3
     assert json.loads((tmp_path / "out" / "training.json").read_text())["train_config"]["steps"] == 3
+
+
+def test_train_tiny_is_deterministic(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from sparsamba.train import TrainConfig, train_tiny
+
+    data = tmp_path / "data"
+    data.mkdir()
+    text = (tiny_model_dir.parent / "text.txt").read_text()
+    (data / "train.txt").write_text(text)
+    (data / "heldout.txt").write_text(text[:2000])
+    tc = TrainConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, steps=4, batch=2, seqlen=16, warmup=1)
+    for run in ("a", "b"):
+        train_tiny(data, tmp_path / run, tc, log=lambda *_: None)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()

@@ -263,6 +263,8 @@ def save_model(
         raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
@@ -276,6 +278,10 @@ def save_model(
                     shutil.copy(src, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        # mkdtemp (and safetensors) create owner-only files; a model directory is meant to be shared
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / "x")
