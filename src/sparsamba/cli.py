@@ -21,11 +21,11 @@ def _load(model: str | None):
     import torch
 
     from . import assets
-    from .model.hf import load_model, load_tokenizer
+    from .model.hf import load_any, load_tokenizer
 
     torch.set_flush_denormal(True)  # decays of the scan drift into denormals, slow on x86
     path = model or assets.DEFAULT_MODEL
-    m = load_model(path)
+    m = load_any(path)
     tok = load_tokenizer(path)
     return path, m, tok
 
@@ -95,6 +95,94 @@ def cmd_demo(a) -> None:
     print(f"done in {time.time() - t0:.1f} s")
 
 
+def cmd_prune(a) -> None:
+    import json
+
+    import torch
+
+    from . import assets
+    from .data import calibration_windows, read_text, tokenize
+    from .model.hf import load_any, load_tokenizer, resolve, save_any
+    from .prune.latency import load_latency_table
+    from .prune.learn import LearnConfig
+    from .prune.run import PruneConfig, prune_model
+
+    torch.set_flush_denormal(True)
+    out = Path(a.output)
+    if out.exists() and not a.overwrite:  # fail before any work, not after it
+        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
+    recipe = _read_recipe(a.recipe) if a.recipe else {}
+    learn_kw = recipe.pop("learn", {})
+    cfg = PruneConfig(**recipe)
+    for key in ("method", "pattern", "sparsity", "scope", "latency", "loss_budget", "score", "damp"):
+        if getattr(a, key) is not None:
+            setattr(cfg, key, getattr(a, key))
+    if a.no_compensate:
+        cfg.compensate = False
+    elif a.compensate:
+        cfg.compensate = True
+    if a.latency_table:
+        cfg.latency_table = load_latency_table(a.latency_table)
+    learn = {
+        **learn_kw,
+        **{k: v for k, v in (("steps", a.steps), ("lr", a.lr), ("row_block", a.row_block)) if v is not None},
+    }
+    cfg.learn = LearnConfig(**{**vars(LearnConfig()), **learn})
+    cfg.debug = a.debug
+    cfg.validate()
+
+    src = a.model or assets.DEFAULT_MODEL
+    model_dir = resolve(src)
+    model = load_any(model_dir)
+    tok = load_tokenizer(model_dir)
+    _need_tokenizer(tok, model_dir)
+    calib = a.calib or assets.CALIB
+    ids = tokenize(read_text(calib), tok)
+    windows = calibration_windows(ids, a.nsamples, a.seqlen, seed=a.seed, source=str(calib))
+    _log(f"calibration: {len(windows)} windows of {a.seqlen} tokens from {calib}")
+    report = prune_model(model, windows, cfg, progress=sys.stderr.isatty(), log=_log)
+    report["source_model"] = str(src)
+    report["calibration"]["file"] = str(calib)
+    report["calibration"]["seed"] = a.seed
+    save_any(
+        model,
+        out,
+        model_dir,
+        {"sparsity.json": json.dumps(report, indent=2, default=str) + "\n"},
+        a.overwrite,
+    )
+    t = report["total"]
+    print(
+        f"pruned      {cfg.method} {report['pattern']}: {t['zeros']} of {t['weights']} prunable weights removed "
+        f"({t['sparsity']:.2%}) in {report['seconds']['total_s']:.1f} s"
+    )
+    if t.get("n_hist"):
+        print(f"rows by n   {dict(enumerate(t['n_hist']))}")
+    print(f"wrote       {out}")
+
+
+def _read_recipe(path: str) -> dict:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            r = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SparsambaError(f"{path}: cannot read recipe ({e})") from None
+    r = r.get("prune", r)
+    from .prune.learn import LearnConfig
+    from .prune.run import PruneConfig
+
+    known = set(PruneConfig.__dataclass_fields__) - {"latency_table", "learn", "debug"}
+    bad = [k for k in r if k not in known and k != "learn"]
+    bad += [f"learn.{k}" for k in r.get("learn", {}) if k not in LearnConfig.__dataclass_fields__]
+    if bad:
+        raise SparsambaError(
+            f"{path}: unknown recipe keys {bad}; known: {sorted(known)} and [learn] {sorted(LearnConfig.__dataclass_fields__)}"
+        )
+    return r
+
+
 def cmd_train_tiny(a) -> None:
     from . import assets
     from .train import TrainConfig, train_tiny
@@ -129,6 +217,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("prune", help="prune a model and write an HF-format directory with sparsity.json")
+    s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
+    s.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    s.add_argument(
+        "--method", choices=("magnitude", "wanda", "sparsegpt", "c4"), default=None, help="default c4"
+    )
+    s.add_argument(
+        "--pattern", help="c4 (learned n per row, default), c4n1/c4n2/c4n3, N:M such as 2:4, or unstructured"
+    )
+    s.add_argument("--sparsity", type=float, help="target fraction of prunable weights removed, in [0, 1)")
+    s.add_argument(
+        "--scope", choices=("block", "global"), help="c4 sparsity: uniform per block (default) or global"
+    )
+    s.add_argument("--latency-table", help="JSON latency table (sparsamba profile, or the cost model)")
+    s.add_argument("--latency", type=float, help="c4: target latency, in the table's unit")
+    s.add_argument(
+        "--loss-budget", type=float, help="c4: most sparsity with (L_sparse - L_dense)/L_dense <= R"
+    )
+    g = s.add_mutually_exclusive_group()
+    g.add_argument(
+        "--no-compensate", action="store_true", help="skip weight compensation (on by default for c4)"
+    )
+    g.add_argument("--compensate", action="store_true", help="compensate magnitude / wanda masks too")
+    s.add_argument("--score", choices=("obs", "wanda", "magnitude"), help="c4 mask score (default obs)")
+    s.add_argument("--damp", type=float, help="SparseGPT / OBS damping (default 0.01)")
+    s.add_argument("--calib", help="calibration text (default: the embedded calibration split)")
+    s.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    s.add_argument("--seqlen", type=int, default=256, help="calibration window length in tokens")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, help="sparse-learning steps (default 1000)")
+    s.add_argument("--lr", type=float, help="sparse-learning SGD learning rate (default 0.1)")
+    s.add_argument("--row-block", type=int, help="rows sharing one n (1, 4 or 8)")
+    s.add_argument("--recipe", help="TOML file with PruneConfig fields ([prune] and [prune.learn] tables)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("train-tiny", help="train the embedded model again from its text splits")
     s.add_argument("-o", "--output", required=True)

@@ -247,17 +247,9 @@ def load_tokenizer(model: str | Path):
         raise SparsambaError(f"{p}: not a valid tokenizers file ({e})") from None
 
 
-def save_model(
-    model: MambaLM,
-    out: str | Path,
-    tokenizer_dir: str | Path | None = None,
-    extra_files: dict[str, str] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write an HF-format directory atomically: everything goes to a temporary sibling that is
-    renamed into place when complete, so a failure never leaves a half-written model."""
-    from safetensors.torch import save_file
-
+def write_dir_atomically(out: str | Path, fill, overwrite: bool = False) -> Path:
+    """Create directory ``out`` by ``fill(tmp)`` into a temporary sibling that is renamed into place
+    when complete, so a failure never leaves a half-written directory (nor touches an old one)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
@@ -266,18 +258,7 @@ def save_model(
     umask = os.umask(0)
     os.umask(umask)
     try:
-        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
-        if tokenizer_dir is not None:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                src = Path(tokenizer_dir) / name
-                if src.is_file():
-                    shutil.copy(src, tmp / name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        fill(tmp)
         # mkdtemp (and safetensors) create owner-only files; a model directory is meant to be shared
         for f in tmp.iterdir():
             f.chmod(0o666 & ~umask)
@@ -293,3 +274,92 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _copy_tokenizer(tokenizer_dir: str | Path | None, dest: Path) -> None:
+    if tokenizer_dir is None:
+        return
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = Path(tokenizer_dir) / name
+        if src.is_file():
+            shutil.copy(src, dest / name)
+
+
+def save_model(
+    model: MambaLM,
+    out: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    extra_files: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an HF-format directory (config.json, model.safetensors, tokenizer files, extras) atomically."""
+    from safetensors.torch import save_file
+
+    def fill(tmp: Path) -> None:
+        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+        _copy_tokenizer(tokenizer_dir, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+    return write_dir_atomically(out, fill, overwrite)
+
+
+class LogitsOnly(nn.Module):
+    """A transformers causal LM (LLaMA-style, any non-Mamba architecture) seen as ids -> logits, so
+    the pruner and the evaluator treat it like our references."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids=input_ids, use_cache=False).logits
+
+
+def load_any(model: str | Path) -> nn.Module:
+    """Our reference for Mamba / Mamba-2 directories; transformers' AutoModelForCausalLM (wrapped in
+    ``LogitsOnly``) for any other architecture, such as LLaMA-style models."""
+    d = resolve(model)
+    path = d / "config.json"
+    try:
+        mt = json.loads(path.read_text()).get("model_type") if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        mt = None
+    if mt is None or mt in ARCHS or mt == "falcon_mamba":
+        return load_model(d)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        inner = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad directory
+        raise SparsambaError(
+            f"{d}: transformers cannot load this {mt!r} model ({type(e).__name__}: {e})"
+        ) from None
+    return LogitsOnly(inner).eval()
+
+
+def save_any(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer_dir: str | Path | None,
+    extra_files: dict[str, str],
+    overwrite: bool,
+) -> Path:
+    """``save_model`` for our references; transformers' ``save_pretrained`` (atomically) otherwise."""
+    if not isinstance(model, LogitsOnly):
+        return save_model(
+            model, out, tokenizer_dir=tokenizer_dir, extra_files=extra_files, overwrite=overwrite
+        )
+
+    def fill(tmp: Path) -> None:
+        model.inner.save_pretrained(tmp)
+        _copy_tokenizer(tokenizer_dir, tmp)
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text)
+
+    return write_dir_atomically(out, fill, overwrite)
