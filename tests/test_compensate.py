@@ -140,7 +140,7 @@ def test_bad_inputs_raise():
         compensate(W, H, mask[:, :16])
     with pytest.raises(SparsambaError, match=r"\(32, 32\)"):
         compensate(W, H[:16, :16], mask)
-    with pytest.raises(SparsambaError, match="damping"):
+    with pytest.raises(SparsambaError, match="damp"):
         damped_hessian(H, -1.0)
 
 

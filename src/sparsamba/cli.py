@@ -78,8 +78,13 @@ def cmd_generate(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    """The main job on the embedded model, end to end (grows with the pipeline)."""
+    """The main job on the embedded model, end to end (grows with the pipeline): evaluate the dense
+    model, prune it to C_4^n at 50% (learned n per row, compensated; short learning so that the demo
+    takes about a minute), evaluate and generate again."""
     from . import assets
+    from .data import calibration_windows, read_text, tokenize
+    from .prune.learn import LearnConfig
+    from .prune.run import PruneConfig, prune_model
 
     t0 = time.time()
     path, m, tok = _load(None)
@@ -89,10 +94,22 @@ def cmd_demo(a) -> None:
         f"{m.config.num_hidden_layers} layers, d_model {m.config.hidden_size}"
     )
     data, r = _eval_text(path, m, tok, None, a.seqlen, a.max_windows, 8)
-    print(f"perplexity  {r.perplexity:.2f} on {Path(data).name} ({r.tokens} tokens, {r.seconds:.1f} s)")
-    text = _generate_text(m, tok, DEFAULT_PROMPT, a.n, 0.0, 0)
-    print(f"generate    {DEFAULT_PROMPT}{text}")
-    print(f"done in {time.time() - t0:.1f} s")
+    print(
+        f"dense       perplexity {r.perplexity:.2f} on {Path(data).name} ({r.tokens} tokens, {r.seconds:.1f} s)"
+    )
+    print(f"generate    {DEFAULT_PROMPT}{_generate_text(m, tok, DEFAULT_PROMPT, a.n, 0.0, 0)}")
+    calib = calibration_windows(tokenize(read_text(assets.CALIB), tok), a.nsamples, 256, seed=0)
+    cfg = PruneConfig(method="c4", pattern="c4", sparsity=0.5, learn=LearnConfig(steps=a.steps))
+    rep = prune_model(m, calib, cfg, progress=sys.stderr.isatty(), log=_log)
+    t = rep["total"]
+    print(
+        f"pruned      C_4^n learned, {t['sparsity']:.1%} of prunable weights removed, rows by n "
+        f"{dict(enumerate(t['n_hist']))} ({rep['seconds']['total_s']:.0f} s, {a.steps} learning steps)"
+    )
+    _, r = _eval_text(path, m, tok, None, a.seqlen, a.max_windows, 8)
+    print(f"sparse      perplexity {r.perplexity:.2f}")
+    print(f"generate    {DEFAULT_PROMPT}{_generate_text(m, tok, DEFAULT_PROMPT, a.n, 0.0, 0)}")
+    print(f"done in {time.time() - t0:.1f} s (sparsamba prune -o DIR writes such a model; see the README)")
 
 
 def cmd_prune(a) -> None:
@@ -140,7 +157,12 @@ def cmd_prune(a) -> None:
     ids = tokenize(read_text(calib), tok)
     windows = calibration_windows(ids, a.nsamples, a.seqlen, seed=a.seed, source=str(calib))
     _log(f"calibration: {len(windows)} windows of {a.seqlen} tokens from {calib}")
+    if a.device != "cpu":
+        if a.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SparsambaError(f"--device {a.device}: no CUDA device is available; use --device cpu")
+        model, windows = model.to(a.device), windows.to(a.device)
     report = prune_model(model, windows, cfg, progress=sys.stderr.isatty(), log=_log)
+    model = model.cpu()
     report["source_model"] = str(src)
     report["calibration"]["file"] = str(calib)
     report["calibration"]["seed"] = a.seed
@@ -183,6 +205,17 @@ def _read_recipe(path: str) -> dict:
     return r
 
 
+def cmd_lm_eval(a) -> None:
+    from . import assets
+    from .lmeval import run_tasks
+
+    model = a.model or str(assets.DEFAULT_MODEL)
+    res = run_tasks(model, a.tasks.split(","), a.include_path, a.batch_size, a.limit)
+    print(f"model  {model}")
+    for task, metrics in res.items():
+        print(f"{task:24s} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+
+
 def cmd_train_tiny(a) -> None:
     from . import assets
     from .train import TrainConfig, train_tiny
@@ -196,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("demo", help="evaluate and generate with the embedded default model")
+    s = sub.add_parser("demo", help="evaluate, prune (C_4^n 50%%) and generate with the embedded model")
     s.add_argument("--seqlen", type=int, default=256)
     s.add_argument("--max-windows", type=int, default=None)
     s.add_argument("-n", type=int, default=24, help="tokens to generate")
+    s.add_argument("--steps", type=int, default=100, help="sparse-learning steps")
+    s.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("eval", help="perplexity of a model on held-out text")
@@ -251,8 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, help="sparse-learning SGD learning rate (default 0.1)")
     s.add_argument("--row-block", type=int, help="rows sharing one n (1, 4 or 8)")
     s.add_argument("--recipe", help="TOML file with PruneConfig fields ([prune] and [prune.learn] tables)")
+    s.add_argument("--device", default="cpu", help="where to prune: cpu (default) or cuda")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_prune)
+
+    s = sub.add_parser(
+        "lm-eval", help="zero-shot tasks through lm-evaluation-harness (offline, local task files)"
+    )
+    s.add_argument("model", nargs="?", help="model directory (default: the embedded model)")
+    s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    s.add_argument("--include-path", help="folder of task YAML files with local data")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--limit", type=int, help="at most this many documents per task")
+    s.set_defaults(func=cmd_lm_eval)
 
     s = sub.add_parser("train-tiny", help="train the embedded model again from its text splits")
     s.add_argument("-o", "--output", required=True)

@@ -68,7 +68,9 @@ class LayerChoice:
 def make_choice(name: str, module: nn.Linear, block: int, scores: torch.Tensor) -> LayerChoice:
     gm = group_masks(scores)  # (5, out, in) bool, M_n
     keep_count = gm.sum(0).to(torch.uint8)
-    removed = torch.tensor([float(module.in_features - gm[n, 0].sum()) for n in range(5)])
+    removed = torch.tensor(
+        [float(module.in_features - gm[n, 0].sum()) for n in range(5)], device=scores.device
+    )
     sc = scores.float()
     lost = torch.stack([(sc * ~gm[n]).sum(1) for n in range(5)], 1)  # (out, 5): score removed at n
     prior = lost / (sc.sum() / sc.shape[0]).clamp_min(1e-30)

@@ -45,6 +45,9 @@ class PruneConfig:
     damp: float = 0.01  # SparseGPT's and the OBS score's damping
     compensate_damp: float = 0.001  # γ of compensation (the paper's ablation)
     include_lm_head: bool = False
+    true_sequential: bool = (
+        True  # gather each layer's statistics after the layers before it in its block are pruned
+    )
     learn: LearnConfig = field(default_factory=LearnConfig)
     debug: bool = False
 
@@ -124,7 +127,7 @@ def _latency_costs(choices: list[LayerChoice], table: dict) -> None:
     from .latency import row_costs
 
     for c in choices:
-        c.cost = row_costs(table, c.out, c.module.in_features)
+        c.cost = row_costs(table, c.out, c.module.in_features).to(c.module.weight.device)
 
 
 def _learn_structure(
@@ -218,8 +221,10 @@ def prune_model(
     for b, block in enumerate(
         tqdm(layers, desc="prune" + (" + compensate" if compensate else ""), disable=not progress)
     ):
-        stats = walker.stats(b, block)
+        stats = walker.stats(b, block) if not cfg.true_sequential else {}
         for name, mod in block:
+            if cfg.true_sequential:  # this layer's inputs as produced by the already pruned layers before it
+                stats.update(walker.stats(b, [(name, mod)]))
             W = mod.weight.detach()
             st = stats[name]
             if cfg.method == "sparsegpt":
@@ -233,7 +238,7 @@ def prune_model(
                     n = (
                         n_removed[name]
                         if pattern.kind == "c4"
-                        else torch.full((W.shape[0],), pattern.group - pattern.n_kept)
+                        else torch.full((W.shape[0],), 4 - pattern.n_kept, device=W.device)
                     )
                     _, mask = sparsegpt(W, st.H, "c4", n_removed_per_row=n, damp=cfg.damp)
                 elif pattern.kind == "c4":
@@ -244,9 +249,11 @@ def prune_model(
                     mask = mask_from_scores(sc, pattern)
                 new = W * mask
                 if compensate:
-                    new = compensate_weights(W, st.H, mask, damp=cfg.compensate_damp)
+                    new = compensate_weights(
+                        W, st.H, mask, damp=cfg.compensate_damp, debug=cfg.debug, name=name
+                    )
             errors[name] = reconstruction_error(W, new, st.H)
-            if cfg.debug:
+            if cfg.debug and not compensate:  # compensate prints its own before / after line
                 log(f"{name}: relative reconstruction error {errors[name]:.4e}")
             with torch.no_grad():
                 mod.weight.copy_(new.to(mod.weight.dtype))

@@ -1,0 +1,76 @@
+"""lm-eval scores a pruned model directory offline, from a task the test writes to local files."""
+
+import json
+
+import pytest
+
+from sparsamba.cli import main
+
+TASK = """task: toy_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_on_a_pruned_model(tiny_model_dir, tmp_path, capsys):
+    from sparsamba.lmeval import run_tasks
+
+    rows = [
+        {
+            "ctx": f"And it came to pass on day {i}, that the",
+            "choices": [" sower", " xylophone quantum"],
+            "label": 0,
+        }
+        for i in range(12)
+    ]
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "toy.yaml").write_text(TASK.format(data=data))
+    out = tmp_path / "pruned"
+    assert (
+        main(
+            [
+                "prune",
+                str(tiny_model_dir),
+                "--method",
+                "wanda",
+                "--pattern",
+                "2:4",
+                "--calib",
+                str(tiny_model_dir.parent / "text.txt"),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    res = run_tasks(out, ["toy_mc"], tasks, batch_size=4)
+    assert 0.0 <= res["toy_mc"]["acc"] <= 1.0 and res["toy_mc"]["acc"] * 12 == round(
+        res["toy_mc"]["acc"] * 12
+    )
+    capsys.readouterr()
+    assert main(["lm-eval", str(out), "--tasks", "toy_mc", "--include-path", str(tasks)]) == 0
+    assert "toy_mc" in capsys.readouterr().out
+
+
+def test_unknown_task_is_a_clear_error(tiny_model_dir, tmp_path):
+    from sparsamba import SparsambaError
+    from sparsamba.lmeval import run_tasks
+
+    with pytest.raises(SparsambaError, match="unknown lm-eval task"):
+        run_tasks(tiny_model_dir, ["no_such_task_xyz"], tmp_path)
