@@ -224,6 +224,18 @@ def cmd_train_tiny(a) -> None:
     train_tiny(a.data or assets.KJV_TEXT, a.output, tc, overwrite=a.overwrite, log=_log)
 
 
+def cmd_export_gguf(a) -> None:
+    import gguf
+
+    from . import assets
+    from .export_gguf import export_gguf
+
+    out = export_gguf(a.model or assets.DEFAULT_MODEL, a.output, dtype=a.dtype, overwrite=a.overwrite)
+    n = len(gguf.GGUFReader(out).tensors)
+    print(f"wrote       {out}")
+    print(f"size        {n} tensors, {out.stat().st_size / 1e6:.1f} MB ({a.dtype}; norms, conv, A, D in f32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsamba", description="Prune, compile and run Mamba language models.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -310,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_train_tiny)
+
+    s = sub.add_parser("export-gguf", help="write a model as a dense GGUF that llama.cpp runs (the baseline)")
+    s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
+    s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
+    s.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="dtype of the weight matrices")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export_gguf)
     return p
 
 
