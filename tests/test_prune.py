@@ -325,3 +325,20 @@ def test_prune_command_refuses_bad_input_and_writes_nothing(tiny_model_dir, tmp_
     )
     if what == "exists":
         assert not any(out.iterdir())
+
+
+def test_row_blocks_share_one_n():
+    m = _mamba1()
+    learn = LearnConfig(steps=4, batch_size=2, row_block=4)
+    prune_model(
+        m,
+        _windows(),
+        PruneConfig(method="c4", pattern="c4", sparsity=0.5, learn=learn),
+        progress=False,
+        log=lambda *_: None,
+    )
+    for block in prunable_layers(m):
+        for name, mod in block:
+            n = removed_per_row(mod.weight)
+            full = n[: len(n) // 4 * 4].view(-1, 4)
+            assert (full == full[:, :1]).all(), name
