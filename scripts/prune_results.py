@@ -176,13 +176,20 @@ def main() -> None:
     write(out, rows, a, steps)
 
 
-def write(out: Path, rows: list[dict], a, steps: int) -> None:
+def _commit() -> str:
     try:
-        commit = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
         ).stdout.strip()
     except OSError:
-        commit = ""
+        return ""
+
+
+COMMIT = _commit()  # the code the run started with
+
+
+def write(out: Path, rows: list[dict], a, steps: int) -> None:
+    commit = COMMIT
     meta = dict(
         machine=platform.machine(),
         processor=platform.processor(),
