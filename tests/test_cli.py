@@ -67,37 +67,39 @@ def test_debug_shows_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr and "SparsambaError" in r.stderr
 
 
-def test_train_tiny_writes_a_loadable_model(tmp_path, tiny_model_dir):
-    from sparsamba import load_model
-    from sparsamba.train import TrainConfig, train_tiny
-
+@pytest.fixture
+def train_data(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     data.mkdir()
     text = (tiny_model_dir.parent / "text.txt").read_text()
     (data / "train.txt").write_text(text)
     (data / "heldout.txt").write_text(text[:2000])
+    return data
+
+
+def test_train_tiny_writes_a_loadable_model(tmp_path, train_data):
+    from sparsamba import load_model
+    from sparsamba.train import TrainConfig, train_tiny
+
     tc = TrainConfig(
         vocab_size=300, hidden_size=16, num_hidden_layers=1, steps=3, batch=2, seqlen=16, warmup=1
     )
-    summary = train_tiny(data, tmp_path / "out", tc, log=lambda *_: None)
+    summary = train_tiny(train_data, tmp_path / "out", tc, log=lambda *_: None)
     m = load_model(tmp_path / "out")
     assert m.config.vocab_size == 300 and summary["history"][-1]["step"] == 3
     assert json.loads((tmp_path / "out" / "training.json").read_text())["train_config"]["steps"] == 3
 
 
-def test_train_tiny_is_deterministic(tmp_path, tiny_model_dir):
+def test_train_tiny_is_deterministic(tmp_path, train_data):
     from safetensors.torch import load_file
 
     from sparsamba.train import TrainConfig, train_tiny
 
-    data = tmp_path / "data"
-    data.mkdir()
-    text = (tiny_model_dir.parent / "text.txt").read_text()
-    (data / "train.txt").write_text(text)
-    (data / "heldout.txt").write_text(text[:2000])
-    tc = TrainConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, steps=4, batch=2, seqlen=16, warmup=1)
+    tc = TrainConfig(
+        vocab_size=300, hidden_size=16, num_hidden_layers=1, steps=4, batch=2, seqlen=16, warmup=1
+    )
     for run in ("a", "b"):
-        train_tiny(data, tmp_path / run, tc, log=lambda *_: None)
+        train_tiny(train_data, tmp_path / run, tc, log=lambda *_: None)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
