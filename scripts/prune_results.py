@@ -242,15 +242,16 @@ def svg_plot(rows: list[dict]) -> str:
     for r in rows:
         if r["method"] and r["pattern"] in ("unstructured", "c4"):
             series.setdefault(f"{r['model']}: {r['label']}", []).append((r["sparsity"], r["perplexity"]))
+    series = {k: v for k, v in series.items() if len(v) > 1}  # lines only: models run at several sparsities
     if not series:
         return "<svg xmlns='http://www.w3.org/2000/svg'/>"
-    W, H, L, B = 720, 420, 60, 40
+    W, H, L, B = 960, 420, 60, 40
     pts = [p for s in series.values() for p in s]
     ymin, ymax = math.log(min(p[1] for p in pts)), math.log(max(p[1] for p in pts))
     ymax = ymax if ymax > ymin else ymin + 1
 
     def xy(s, ppl):
-        return L + (s - 0.25) / 0.5 * (W - L - 250), H - B - (math.log(ppl) - ymin) / (ymax - ymin) * (
+        return L + (s - 0.25) / 0.5 * (W - L - 400), H - B - (math.log(ppl) - ymin) / (ymax - ymin) * (
             H - 2 * B
         )
 
@@ -284,7 +285,7 @@ def svg_plot(rows: list[dict]) -> str:
             el.append(
                 f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3' fill='{c}'><title>{name} {q[0]:.0%}: {q[1]:.2f}</title></circle>"
             )
-        el.append(f"<text x='{W - 240}' y='{40 + 15 * i}' fill='{c}'>{name}</text>")
+        el.append(f"<text x='{W - 380}' y='{40 + 15 * i}' fill='{c}'>{name}</text>")
     el.append("</svg>")
     return "\n".join(el)
 
