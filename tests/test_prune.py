@@ -342,3 +342,28 @@ def test_row_blocks_share_one_n():
             n = removed_per_row(mod.weight)
             full = n[: len(n) // 4 * 4].view(-1, 4)
             assert (full == full[:, :1]).all(), name
+
+
+def test_generate_works_for_models_without_a_recurrent_step():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsamba.generate import generate
+    from sparsamba.model.hf import LogitsOnly
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    m = LogitsOnly(LlamaForCausalLM(cfg).eval())
+    out = generate(m, [1, 2, 3], 5)
+    ids = [1, 2, 3]
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[3:]

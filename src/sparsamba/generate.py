@@ -29,8 +29,13 @@ def generate(
     if bad:
         raise SparsambaError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
     g = torch.Generator().manual_seed(seed)
-    logits, state = model(torch.tensor([prompt_ids]), return_state=True)
-    logits = logits[:, -1]
+    recurrent = hasattr(model, "step")  # our Mamba references; others (transformers) re-run the prefix
+    ids = list(prompt_ids)
+    if recurrent:
+        logits, state = model(torch.tensor([ids]), return_state=True)
+        logits = logits[:, -1]
+    else:
+        logits = model(torch.tensor([ids]))[:, -1]
     out: list[int] = []
     for _ in range(max_new_tokens):
         if temperature <= 0:
@@ -44,5 +49,9 @@ def generate(
         out.append(tok)
         if eos_token_id is not None and tok == eos_token_id:
             break
-        logits, state = model.step(torch.tensor([tok]), state)
+        ids.append(tok)
+        if recurrent:
+            logits, state = model.step(torch.tensor([tok]), state)
+        else:
+            logits = model(torch.tensor([ids]))[:, -1]
     return out
