@@ -216,7 +216,8 @@ def test_nan_weight_is_refused_before_any_change():
     assert torch.equal(before, m.backbone.layers[0].mixer.in_proj.weight)
 
 
-def test_llama_style_model_from_transformers():
+def _llama(layers: int):
+    """A random LLaMA-style transformers model behind the ids -> logits adapter."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sparsamba.model.hf import LogitsOnly
@@ -226,12 +227,16 @@ def test_llama_style_model_from_transformers():
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    m = LogitsOnly(LlamaForCausalLM(cfg).eval())
+    return LogitsOnly(LlamaForCausalLM(cfg).eval())
+
+
+def test_llama_style_model_from_transformers():
+    m = _llama(2)
     w = _windows()
     dense = m(w)
     rep = prune_model(m, w, PruneConfig(method="sparsegpt", pattern="2:4"), progress=False)
@@ -345,22 +350,9 @@ def test_row_blocks_share_one_n():
 
 
 def test_generate_works_for_models_without_a_recurrent_step():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from sparsamba.generate import generate
-    from sparsamba.model.hf import LogitsOnly
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    m = LogitsOnly(LlamaForCausalLM(cfg).eval())
+    m = _llama(1)
     out = generate(m, [1, 2, 3], 5)
     ids = [1, 2, 3]
     with torch.no_grad():
