@@ -52,3 +52,23 @@ def tiny_model_dir(tmp_path_factory):
     model = Mamba1LM(Mamba1Config(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2))
     (root / "text.txt").write_text(SAMPLE_TEXT)
     return save_model(model, root / "model", tokenizer_dir=tok_dir)
+
+
+def quick_prune_args(model, calib, out, seqlen: int = 32) -> list[str]:
+    """`sparsamba prune` arguments for a fast Wanda 2:4 run on a few short calibration windows."""
+    return [
+        "prune",
+        str(model),
+        "--method",
+        "wanda",
+        "--pattern",
+        "2:4",
+        "--calib",
+        str(calib),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        str(seqlen),
+        "-o",
+        str(out),
+    ]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import quick_prune_args
 
 from sparsamba.cli import main
 
@@ -38,27 +39,7 @@ def test_lm_eval_on_a_pruned_model(tiny_model_dir, tmp_path, capsys):
     tasks.mkdir()
     (tasks / "toy.yaml").write_text(TASK.format(data=data))
     out = tmp_path / "pruned"
-    assert (
-        main(
-            [
-                "prune",
-                str(tiny_model_dir),
-                "--method",
-                "wanda",
-                "--pattern",
-                "2:4",
-                "--calib",
-                str(tiny_model_dir.parent / "text.txt"),
-                "--nsamples",
-                "4",
-                "--seqlen",
-                "32",
-                "-o",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(quick_prune_args(tiny_model_dir, tiny_model_dir.parent / "text.txt", out)) == 0
     res = run_tasks(out, ["toy_mc"], tasks, batch_size=4)
     assert 0.0 <= res["toy_mc"]["acc"] <= 1.0 and res["toy_mc"]["acc"] * 12 == round(
         res["toy_mc"]["acc"] * 12

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import quick_prune_args
 
 from sparsamba import SparsambaError, load_model
 from sparsamba.model.mamba1 import Mamba1Config, Mamba1LM
@@ -307,23 +308,7 @@ def test_prune_command_refuses_bad_input_and_writes_nothing(tiny_model_dir, tmp_
         rec = tmp_path / "r.toml"
         rec.write_text('[prune]\nmethod = "wanda"\npatern = "2:4"\n')
         extra, expect = ["--recipe", str(rec)], "unknown recipe keys"
-    r = _cli(
-        "prune",
-        str(tiny_model_dir),
-        "--method",
-        "wanda",
-        "--pattern",
-        "2:4",
-        "--calib",
-        str(calib),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "64",
-        "-o",
-        str(out),
-        *extra,
-    )
+    r = _cli(*quick_prune_args(tiny_model_dir, calib, out, seqlen=64), *extra)
     assert r.returncode == 1 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["calib.txt", "r.toml"][: 2 if what == "bad_recipe" else 1] + (["out"] if what == "exists" else [])
