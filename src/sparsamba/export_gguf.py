@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,53 @@ def _add_bos_eos(model_dir: Path) -> tuple[bool, bool]:
     return bool(tc.get("add_bos_token", False)), bool(tc.get("add_eos_token", False))
 
 
+@dataclass
+class GGUFTokenizer:
+    """The tokenizer section of a GGUF: llama.cpp's ``tokenizer.ggml.*`` keys, and the HF tokenizer.json
+    text (``tokenizer.huggingface.json``) where the file carries it."""
+
+    tokens: list[str]  # one per embedding row
+    types: list[int]  # gguf.TokenType of each
+    merges: list[str]  # "left right"
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    add_bos: bool
+    add_eos: bool
+    hf_json: str | None = None
+
+
+def read_tokenizer(model_dir: Path, cfg) -> GGUFTokenizer:
+    """The tokenizer section for ``model_dir`` (tokenizer.json, tokenizer_config.json, ids from ``cfg``)."""
+    tokens, types, merges = _read_vocab(model_dir, cfg.vocab_size)
+    add_bos, add_eos = _add_bos_eos(model_dir)
+    ids = {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id}
+    for what, tid in ids.items():
+        if tid is not None and not 0 <= tid < len(tokens):
+            raise SparsambaError(f"{model_dir / 'config.json'}: {what}_token_id {tid} is outside the vocabulary")
+    return GGUFTokenizer(tokens, types, merges, ids["bos"], ids["eos"], ids["pad"], add_bos, add_eos)
+
+
+def add_tokenizer(w, tok: GGUFTokenizer) -> None:
+    """Write ``tok`` into the ``gguf.GGUFWriter`` ``w``."""
+    w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    w.add_tokenizer_pre(TOKENIZER_PRE)
+    w.add_token_list(tok.tokens)
+    w.add_token_types(tok.types)
+    w.add_token_merges(tok.merges)
+    for add, tid in (
+        (w.add_bos_token_id, tok.bos_token_id),
+        (w.add_eos_token_id, tok.eos_token_id),
+        (w.add_pad_token_id, tok.pad_token_id),
+    ):
+        if tid is not None:
+            add(tid)
+    w.add_add_bos_token(tok.add_bos)
+    w.add_add_eos_token(tok.add_eos)
+    if tok.hf_json is not None:
+        w.add_string("tokenizer.huggingface.json", tok.hf_json)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tensors: the name map, HF names on the left, llama.cpp's on the right
 
@@ -215,16 +263,12 @@ def export_gguf(
     if dtype not in DTYPES:
         raise SparsambaError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     out = Path(out_path)
-    if out.is_dir():
-        raise SparsambaError(f"{out}: is a directory; give the path of the .gguf file to write")
-    if out.exists() and not overwrite:
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
+    check_output_path(out, overwrite)
     d = resolve(model_dir)
     cfg = read_config(d)
     arch = cfg.model_type
     _check_runnable(cfg, d)  # refuse before reading any weights
-    tokens, types, merges = _read_vocab(d, cfg.vocab_size)
-    add_bos, add_eos = _add_bos_eos(d)
+    tok = read_tokenizer(d, cfg)
     model = build_model(cfg)
     load_state(model, read_weights(d), d)  # every name and shape checked against config.json
     tensors = _gguf_tensors(model, dtype)
@@ -251,26 +295,23 @@ def export_gguf(
     w.add_file_type(int(ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    w.add_tokenizer_pre(TOKENIZER_PRE)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    for add, tid, what in (
-        (w.add_bos_token_id, cfg.bos_token_id, "bos"),
-        (w.add_eos_token_id, cfg.eos_token_id, "eos"),
-        (w.add_pad_token_id, cfg.pad_token_id, "pad"),
-    ):
-        if tid is None:
-            continue
-        if not 0 <= tid < len(tokens):
-            raise SparsambaError(f"{d / 'config.json'}: {what}_token_id {tid} is outside the vocabulary")
-        add(tid)
-    w.add_add_bos_token(add_bos)
-    w.add_add_eos_token(add_eos)
+    add_tokenizer(w, tok)
     for name, arr in tensors:
         w.add_tensor(name, arr)
+    return write_gguf_atomically(w, out)
 
+
+def check_output_path(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that is a folder or that exists without ``overwrite``."""
+    if out.is_dir():
+        raise SparsambaError(f"{out}: is a directory; give the path of the .gguf file to write")
+    if out.exists() and not overwrite:
+        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
+
+
+def write_gguf_atomically(w, out: Path) -> Path:
+    """Write the filled ``gguf.GGUFWriter`` ``w`` to a temporary file beside ``out`` and rename it into
+    place when complete, so a failure leaves nothing behind (and an old file untouched)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -1,0 +1,221 @@
+"""Write and read the packed model file, ``sparsamba.mamba`` GGUF v3 (docs/packed-format.md).
+
+The writer takes a packed plan and stores exactly its tensors; the reader gives back a plan (no π:
+the stored order is the only one the file knows) that ``plan_forward`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SparsambaError
+from .plan import LINEARS, BlockPlan, Dims, LinearPlan, Plan, RowClass
+
+ARCH = "sparsamba.mamba"
+FORMAT_VERSION = 1
+ALIGNMENT = 64
+_K = ARCH + "."
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.uint8:  # codes: stored as I8, read as bytes
+        return t.contiguous().numpy().view(np.int8)
+    return t.contiguous().numpy()
+
+
+def tensors_of(plan: Plan) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, array) of every tensor the file holds, in file order."""
+    out: list[tuple[str, np.ndarray]] = []
+
+    def matrix(name: str, lp: LinearPlan) -> None:
+        if lp.dense:
+            out.append((f"{name}.weight", _np(lp.weight)))
+            if lp.scale is not None:
+                out.append((f"{name}.scale", _np(lp.scale)))
+            return
+        for c in lp.classes:
+            p = f"{name}.c{c.n}"
+            out.append((f"{p}.values", _np(c.values)))
+            if c.codes is not None:
+                out.append((f"{p}.codes", _np(c.codes)))
+            out.append((f"{p}.rows", _np(c.rows)))
+            if c.scale is not None:
+                out.append((f"{p}.scale", _np(c.scale)))
+
+    matrix("token_embd", plan.token_embd)
+    for i, b in enumerate(plan.blocks):
+        p = f"blk.{i}."
+        t = b.tensors
+        if "attn_norm.weight" in t:
+            out.append((p + "attn_norm.weight", _np(t["attn_norm.weight"])))
+        matrix(p + "ssm_in", b.linears["ssm_in"])
+        if "ssm_in.bias" in t:
+            out.append((p + "ssm_in.bias", _np(t["ssm_in.bias"])))
+        out.append((p + "ssm_conv1d.weight", _np(t["ssm_conv1d.weight"])))
+        out.append((p + "ssm_conv1d.bias", _np(t["ssm_conv1d.bias"])))
+        matrix(p + "ssm_x", b.linears["ssm_x"])
+        matrix(p + "ssm_dt", b.linears["ssm_dt"])
+        out.append((p + "ssm_dt.bias", _np(t["ssm_dt.bias"])))
+        out.append((p + "ssm_a", _np(t["ssm_a"])))
+        out.append((p + "ssm_d", _np(t["ssm_d"])))
+        matrix(p + "ssm_out", b.linears["ssm_out"])
+        if "ssm_out.bias" in t:
+            out.append((p + "ssm_out.bias", _np(t["ssm_out.bias"])))
+    out.append(("output_norm.weight", _np(plan.output_norm)))
+    if plan.output is not None:
+        matrix("output", plan.output)
+    return out
+
+
+def write_packed(plan: Plan, out_path: str | Path, overwrite: bool = False) -> Path:
+    """Write a packed plan (after ``pack``) as ``out_path``, atomically (temporary file + rename)."""
+    import gguf
+
+    from ..export_gguf import add_tokenizer, check_output_path, write_gguf_atomically
+
+    out = Path(out_path)
+    check_output_path(out, overwrite)
+    if plan.dtype is None:
+        raise SparsambaError("write_packed needs a packed plan: run the pack pass first")
+    dm = plan.dims
+    w = gguf.GGUFWriter(None, ARCH)  # writes general.architecture
+    w.add_custom_alignment(ALIGNMENT)  # general.alignment, and the writer pads every tensor to it
+    w.add_name(plan.name)
+    w.add_uint32("sparsamba.format_version", FORMAT_VERSION)
+    w.add_string("sparsamba.compile.dtype", plan.dtype)
+    w.add_string("sparsamba.compile.options", json.dumps({"passes": plan.passes, **plan.options}))
+    for key, val in (
+        ("vocab_size", dm.vocab_size),
+        ("embedding_length", dm.d_model),
+        ("block_count", dm.n_layer),
+        ("ssm.inner_size", dm.d_inner),
+        ("ssm.state_size", dm.d_state),
+        ("ssm.time_step_rank", dm.dt_rank),
+        ("ssm.conv_kernel", dm.d_conv),
+    ):
+        w.add_uint32(_K + key, val)
+    w.add_float32(_K + "attention.layer_norm_rms_epsilon", dm.eps)
+    w.add_bool(_K + "norm_folded", plan.norm_folded)
+    if plan.tokenizer is not None:
+        add_tokenizer(w, plan.tokenizer)
+    for name, arr in tensors_of(plan):
+        w.add_tensor(name, arr)
+    return write_gguf_atomically(w, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_packed(path: str | Path) -> Plan:
+    """A file written by ``write_packed`` -> its plan (packed, perm None), tensors as stored."""
+    import gguf
+
+    from ..export_gguf import GGUFTokenizer
+
+    path = Path(path)
+    try:
+        r = gguf.GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise SparsambaError(f"{path}: cannot read as GGUF ({e})") from None
+
+    def kv(key: str, required: bool = True):
+        f = r.fields.get(key)
+        if f is None and required:
+            raise SparsambaError(f"{path}: metadata key {key} is missing; not a complete packed model")
+        return None if f is None else f.contents()
+
+    if kv("general.architecture") != ARCH:
+        raise SparsambaError(f"{path}: architecture {kv('general.architecture')!r}, not {ARCH!r}")
+    if kv("sparsamba.format_version") != FORMAT_VERSION:
+        raise SparsambaError(f"{path}: format version {kv('sparsamba.format_version')}, this reader knows 1")
+    t = {x.name: torch.from_numpy(np.array(x.data)) for x in r.tensors}  # copy out of the mmap
+    # stored as float32: 1e-5 comes back as 9.99999975e-06; 7 digits give the decimal it was written from
+    eps = float(f"{kv(_K + 'attention.layer_norm_rms_epsilon'):.7g}")
+    dims = Dims(
+        vocab_size=kv(_K + "vocab_size"),
+        d_model=kv(_K + "embedding_length"),
+        n_layer=kv(_K + "block_count"),
+        d_inner=kv(_K + "ssm.inner_size"),
+        d_state=kv(_K + "ssm.state_size"),
+        dt_rank=kv(_K + "ssm.time_step_rank"),
+        d_conv=kv(_K + "ssm.conv_kernel"),
+        eps=eps,
+        tied="output.weight" not in t,
+        use_bias="blk.0.ssm_in.bias" in t,
+    )
+
+    def take(name: str) -> torch.Tensor:
+        if name not in t:
+            raise SparsambaError(f"{path}: tensor {name} is missing; not a complete packed model")
+        x = t.pop(name)
+        return x.view(torch.uint8) if name.endswith(".codes") else x
+
+    def matrix(name: str, out: int, n_in: int) -> LinearPlan:
+        if f"{name}.weight" in t:
+            return LinearPlan(out, n_in, weight=take(f"{name}.weight"), scale=t.pop(f"{name}.scale", None))
+        from .passes import unpack_codes
+
+        G = (n_in + 3) // 4
+        classes = []
+        for n in range(4):
+            p = f"{name}.c{n}"
+            if f"{p}.values" not in t:
+                continue
+            values, rows = take(f"{p}.values"), take(f"{p}.rows")
+            codes = take(f"{p}.codes") if n >= 1 else None
+            keep = unpack_codes(codes, G) if codes is not None else torch.ones(len(rows), 4 * G, dtype=torch.bool)
+            classes.append(RowClass(n, rows, keep, values=values, codes=codes, scale=t.pop(f"{p}.scale", None)))
+        if not classes:
+            raise SparsambaError(f"{path}: tensor {name}.weight (or its classes {name}.c{{n}}.*) is missing")
+        return LinearPlan(out, n_in, classes=classes)
+
+    emb = matrix("token_embd", dims.vocab_size, dims.d_model)
+    blocks = []
+    for i in range(dims.n_layer):
+        p = f"blk.{i}."
+        tensors = {}
+        for k in ("attn_norm.weight", "ssm_in.bias", "ssm_out.bias"):
+            if p + k in t:
+                tensors[k] = take(p + k)
+        for k in ("ssm_conv1d.weight", "ssm_conv1d.bias", "ssm_a", "ssm_d", "ssm_dt.bias"):
+            tensors[k] = take(p + k)
+        lin = {k: matrix(p + k, *dims.linear_shape(k)) for k in LINEARS}
+        blocks.append(BlockPlan(tensors, lin))
+    output_norm = take("output_norm.weight")
+    head = None if dims.tied else matrix("output", dims.vocab_size, dims.d_model)
+    if t:
+        raise SparsambaError(f"{path}: unexpected tensors {sorted(t)[:3]}")
+
+    tok = None
+    if kv("tokenizer.ggml.tokens", required=False) is not None:
+        tok = GGUFTokenizer(
+            tokens=list(kv("tokenizer.ggml.tokens")),
+            types=[int(x) for x in kv("tokenizer.ggml.token_type")],
+            merges=list(kv("tokenizer.ggml.merges")),
+            bos_token_id=kv("tokenizer.ggml.bos_token_id", required=False),
+            eos_token_id=kv("tokenizer.ggml.eos_token_id", required=False),
+            pad_token_id=kv("tokenizer.ggml.padding_token_id", required=False),
+            add_bos=bool(kv("tokenizer.ggml.add_bos_token")),
+            add_eos=bool(kv("tokenizer.ggml.add_eos_token")),
+            hf_json=kv("tokenizer.huggingface.json", required=False),
+        )
+    opts = json.loads(kv("sparsamba.compile.options"))
+    passes = opts.pop("passes", [])
+    return Plan(
+        dims=dims,
+        name=kv("general.name"),
+        token_embd=emb,
+        output=head,
+        output_norm=output_norm,
+        blocks=blocks,
+        tokenizer=tok,
+        norm_folded=bool(kv(_K + "norm_folded")),
+        dtype=kv("sparsamba.compile.dtype"),
+        passes=passes,
+        options=opts,
+    )

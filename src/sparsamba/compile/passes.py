@@ -1,0 +1,273 @@
+"""The compiler's passes, each a function Plan -> Plan, run in this order (DESIGN.md §6):
+
+    reorder        group each layer's rows by n; rows of n = 4 vanish
+    fold_layouts   one channel order π per block, applied to every d_inner tensor at compile time
+    fuse           fold RMSNorm's weight into ssm_in; record the fusions the engine's loops do
+    pack(dtype)    values (+ int8 scales) and 4-bit codes, as docs/packed-format.md stores them
+
+Each returns a new plan computing the same function (``verify`` checks it between passes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import SparsambaError
+from .plan import BlockPlan, LinearPlan, Plan, RowClass, classify_rows, dense_rows, with_pass
+
+DTYPES = ("f32", "f16", "int8")
+PASSES = ("reorder", "fold", "fuse", "pack")
+
+
+# ----------------------------------------------------------------------------------------------
+# reorder
+
+
+def classes_of(W: Tensor) -> list[RowClass] | None:
+    """W (out, in) fp32 -> its row classes, n ascending, rows ascending; None when the layer stays dense.
+
+    Dense: no row removes a real weight (every n is what the padding alone gives, 0 when in >= 4), or
+    every row is zero (a packed layer with no class would look like a missing tensor to the engine).
+    """
+    n, keep = classify_rows(W)
+    n_pad = max(0, 4 - W.shape[1])  # a dense row of in < 4 reads as n = 4 - in
+    if bool((n == n_pad).all()) or bool((n == 4).all()):
+        return None
+    classes = []
+    for c in range(4):
+        rows = (n == c).nonzero().flatten()
+        if len(rows):
+            w = W[rows] * keep[rows, : W.shape[1]]  # zero already off `keep`; masking keeps it exact
+            classes.append(RowClass(c, rows.to(torch.int32), keep[rows], weight=w))
+    return classes
+
+
+def reorder(plan: Plan) -> Plan:
+    """Group each prunable layer's rows by n (one loop per class, no per-row branch in the engine)."""
+    p = plan.copy()
+    hist = {}
+    for i, b in enumerate(p.blocks):
+        for k, lp in b.linears.items():
+            if lp.dense:
+                cl = classes_of(lp.weight)
+                if cl is not None:
+                    b.linears[k] = replace(lp, weight=None, classes=cl)
+            h = [0] * 5
+            for c in b.linears[k].classes or []:
+                h[c.n] = len(c.rows)
+            if b.linears[k].dense:
+                h = "dense"
+            else:
+                h[4] = lp.out_features - sum(h)
+            hist[f"blk.{i}.{k}"] = h
+    return with_pass(p, "reorder", rows_by_n=hist)
+
+
+# ----------------------------------------------------------------------------------------------
+# fold_layouts
+
+
+def _class_order(lp: LinearPlan, di: int) -> Tensor | None:
+    """π from ssm_in: the x-half rows (output < di) class by class, n ascending, index ascending, then
+    the removed ones (n = 4) ascending. None when ssm_in is dense (the identity)."""
+    if lp.dense:
+        return None
+    seen = [c.rows.long()[c.rows < di] for c in lp.classes]
+    order = torch.cat(seen)
+    rest = torch.ones(di, dtype=torch.bool)
+    rest[order] = False
+    return torch.cat([order, rest.nonzero().flatten()])
+
+
+def _permute_rows(lp: LinearPlan, new_index: Tensor, src: Tensor) -> LinearPlan:
+    """Rows renamed: output r becomes new_index[r]; ``src`` (out,) = the old row of each new one (dense)."""
+    if lp.dense:
+        return replace(lp, weight=lp.weight[src])
+    classes = []
+    for c in lp.classes:
+        rows = new_index[c.rows.long()]
+        o = rows.argsort()  # keep every class's rows ascending
+        classes.append(
+            replace(c, rows=rows[o].to(torch.int32), keep=c.keep[o], weight=None if c.weight is None else c.weight[o])
+        )
+    return replace(lp, classes=classes)
+
+
+def _permute_cols(lp: LinearPlan, perm: Tensor) -> LinearPlan:
+    if lp.dense:
+        return replace(lp, weight=lp.weight[:, perm])
+    return replace(lp, classes=classes_of(dense_rows(lp)[:, perm]))
+
+
+def _keeps_groups(lp: LinearPlan, perm: Tensor) -> bool:
+    """Whether permuting the columns leaves every row's n as it is (else packing would store zeros)."""
+    if lp.dense:
+        return True
+    before = classify_rows(dense_rows(lp))[0]
+    return bool((classify_rows(dense_rows(lp)[:, perm])[0] == before).all())
+
+
+def fold_layouts(plan: Plan) -> Plan:
+    """Choose π_i per block and store every d_inner tensor of the block in that order.
+
+    π_i = the order of ssm_in's x rows after reorder, so each class of ssm_in writes its x outputs to
+    one contiguous range. Columns of ssm_x and ssm_out are permuted too, which moves weights between
+    groups of 4: π_i is used only when that keeps the n of every row of both layers (true when ssm_in's
+    rows were pruned in aligned blocks of 4 sharing n, ``prune --row-block 4``); otherwise the block
+    keeps the identity and ssm_in writes through its row index, which costs no activation movement.
+    """
+    if plan.dtype is not None:
+        raise SparsambaError("fold_layouts runs before pack: the packed codes would have to be rebuilt")
+    p = plan.copy()
+    di = p.dims.d_inner
+    choice = {}
+    for i, b in enumerate(p.blocks):
+        perm = _class_order(b.linears["ssm_in"], di)
+        name = f"blk.{i}"
+        if perm is None or bool((perm == torch.arange(di)).all()):
+            choice[name] = "identity (ssm_in's x rows already in class order)"
+            continue
+        if not (_keeps_groups(b.linears["ssm_x"], perm) and _keeps_groups(b.linears["ssm_out"], perm)):
+            choice[name] = "identity (the class order would break the groups of 4 of ssm_x / ssm_out)"
+            continue
+        p.blocks[i] = permute_block(b, perm, di)
+        choice[name] = "class order of ssm_in's x rows"
+    return with_pass(p, "fold", pi=choice)
+
+
+def permute_block(b: BlockPlan, perm: Tensor, di: int) -> BlockPlan:
+    """The block with every d_inner tensor in channel order ``perm`` (stored c = source perm[c])."""
+    inv = perm.argsort()  # source channel -> stored position
+    t = dict(b.tensors)
+    for k in ("ssm_conv1d.weight", "ssm_conv1d.bias", "ssm_a", "ssm_d", "ssm_dt.bias"):
+        t[k] = t[k][perm]
+    both = torch.cat([perm, perm + di])  # x and z halves of ssm_in, each in π order
+    if "ssm_in.bias" in t:
+        t["ssm_in.bias"] = t["ssm_in.bias"][both]
+    lin = dict(b.linears)
+    lin["ssm_in"] = _permute_rows(lin["ssm_in"], torch.cat([inv, inv + di]), both)
+    lin["ssm_dt"] = _permute_rows(lin["ssm_dt"], inv, perm)
+    lin["ssm_x"] = _permute_cols(lin["ssm_x"], perm)
+    lin["ssm_out"] = _permute_cols(lin["ssm_out"], perm)
+    total = perm if b.perm is None else b.perm[perm]
+    return BlockPlan(t, lin, total)
+
+
+# ----------------------------------------------------------------------------------------------
+# fuse
+
+
+def fuse(plan: Plan) -> Plan:
+    """ssm_in(w ⊙ û) = (ssm_in · diag(w)) û: the RMSNorm weight becomes ssm_in's column scale. Exact
+    zeros stay zeros, so the classes hold. The other fusions are loops of the engine, recorded here."""
+    if plan.dtype is not None:
+        raise SparsambaError("fuse runs before pack: it changes ssm_in's values")
+    if plan.norm_folded:
+        return with_pass(plan, "fuse", note="norm already folded")
+    p = plan.copy()
+    for b in p.blocks:
+        w = b.tensors.pop("attn_norm.weight")  # (d,)
+        lp = b.linears["ssm_in"]
+        if lp.dense:
+            b.linears["ssm_in"] = replace(lp, weight=lp.weight * w)
+        else:
+            b.linears["ssm_in"] = replace(lp, classes=[replace(c, weight=c.weight * w) for c in lp.classes])
+    p.norm_folded = True
+    return with_pass(
+        p,
+        "fuse",
+        folded=["attn_norm.weight -> ssm_in columns"],
+        engine_loops=["conv1d + silu", "ssm_dt + softplus", "scan + D skip + silu(z) gate", "ssm_out + residual"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# pack
+
+
+def _to_dtype(w: Tensor, dtype: str, what: str) -> tuple[Tensor, Tensor | None]:
+    """fp32 rows (r, k) -> (values in dtype, int8 scale (r,) or None)."""
+    if dtype == "f32":
+        return w.float().contiguous(), None
+    if dtype == "f16":
+        if w.numel() and w.abs().max() > float(np.finfo(np.float16).max):
+            raise SparsambaError(f"{what} has values beyond the fp16 range; compile with --dtype f32")
+        return w.half().contiguous(), None
+    # int8: symmetric per row over the values stored; an all-zero row takes scale 1 (not 0/127)
+    amax = w.abs().amax(1) if w.shape[1] else torch.zeros(w.shape[0])
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).float()
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def pack_codes(keep: Tensor) -> Tensor:
+    """keep (rows, 4G) bool -> (rows, ceil(G/2)) uint8: group g in byte g/2, low nibble for even g,
+    bit j = position 4g + j kept; an odd G leaves the last high nibble 0."""
+    r, p = keep.shape
+    G = p // 4
+    nib = (keep.view(r, G, 4).to(torch.uint8) << torch.arange(4, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    if G % 2:
+        nib = torch.cat([nib, torch.zeros(r, 1, dtype=torch.uint8)], 1)
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
+
+
+def unpack_codes(codes: Tensor, G: int) -> Tensor:
+    """(rows, ceil(G/2)) uint8 -> keep (rows, 4G) bool, the inverse of ``pack_codes``."""
+    nib = torch.stack([codes & 0xF, codes >> 4], 2).reshape(codes.shape[0], -1)[:, :G]  # (rows, G)
+    bits = (nib[..., None] >> torch.arange(4, dtype=torch.uint8)) & 1
+    return bits.bool().reshape(codes.shape[0], 4 * G)
+
+
+def _pack_linear(lp: LinearPlan, dtype: str, what: str) -> LinearPlan:
+    if lp.dense:
+        w, s = _to_dtype(lp.weight, dtype, what)
+        return replace(lp, weight=w, scale=s)
+    G = lp.groups
+    classes = []
+    for c in lp.classes:
+        full = torch.nn.functional.pad(c.weight, (0, 4 * G - lp.in_features))  # (rows_n, 4G)
+        kept = full[c.keep].view(len(c.rows), G * (4 - c.n))  # row-major: group by group, ascending
+        v, s = _to_dtype(kept, dtype, what)
+        codes = pack_codes(c.keep) if c.n >= 1 else None
+        classes.append(replace(c, weight=None, values=v, codes=codes, scale=s))
+    return replace(lp, classes=classes)
+
+
+def pack(plan: Plan, dtype: str = "f16") -> Plan:
+    """Store every matrix in ``dtype`` (f32, f16, int8 with per-row scales): dense layers as they are,
+    packed layers as values + codes per class; token_embd and output take the dtype too."""
+    if dtype not in DTYPES:
+        raise SparsambaError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if plan.dtype is not None:
+        raise SparsambaError(f"the plan is already packed ({plan.dtype})")
+    p = plan.copy()
+    p.token_embd = _pack_linear(p.token_embd, dtype, "token_embd.weight")
+    if p.output is not None:
+        p.output = _pack_linear(p.output, dtype, "output.weight")
+    for i, b in enumerate(p.blocks):
+        for k, lp in b.linears.items():
+            b.linears[k] = _pack_linear(lp, dtype, f"blk.{i}.{k}")
+    p.dtype = dtype
+    fmt = {
+        f"blk.{i}.{k}": "dense" if lp.dense else "+".join(f"c4n{c.n}_{dtype}" for c in lp.classes)
+        for i, b in enumerate(p.blocks)
+        for k, lp in b.linears.items()
+    }
+    scale = "per-row max|kept w| / 127, 1 for a zero row" if dtype == "int8" else None
+    return with_pass(p, "pack", dtype=dtype, formats=fmt, int8_scale=scale, codes="4-bit mask per group")
+
+
+def run_pass(plan: Plan, name: str, dtype: str = "f16") -> Plan:
+    if name == "reorder":
+        return reorder(plan)
+    if name == "fold":
+        return fold_layouts(plan)
+    if name == "fuse":
+        return fuse(plan)
+    if name == "pack":
+        return pack(plan, dtype)
+    raise SparsambaError(f"unknown pass {name!r}; the passes are {', '.join(PASSES)}")

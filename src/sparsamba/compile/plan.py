@@ -1,0 +1,262 @@
+"""The plan: everything the compiler knows about a model between two passes.
+
+A plan starts as the HF model's tensors in fp32 (``plan_from_model``) and ends as exactly what
+``docs/packed-format.md`` stores (``passes.pack``). Names follow the file: ``token_embd``, ``blk.i.ssm_in``…
+Letters in shape comments: V vocabulary, d d_model, di d_inner, N d_state, R dt_rank, K conv width,
+G = ceil(in / 4) groups of a row.
+
+Passes never modify a tensor in place: they build new tensors and share the rest (``Plan.copy``), so
+a plan stays valid after the next pass ran (the verifier compares them).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import SparsambaError
+
+# prunable linear layers of a block: GGUF name -> HF name
+LINEARS = {"ssm_in": "in_proj", "ssm_x": "x_proj", "ssm_dt": "dt_proj", "ssm_out": "out_proj"}
+
+
+@dataclass(frozen=True)
+class Dims:
+    vocab_size: int  # V
+    d_model: int  # d
+    n_layer: int  # L
+    d_inner: int  # di
+    d_state: int  # N
+    dt_rank: int  # R
+    d_conv: int  # K
+    eps: float  # RMSNorm epsilon
+    tied: bool  # the head is token_embd
+    use_bias: bool  # ssm_in / ssm_out have biases
+
+    def linear_shape(self, name: str) -> tuple[int, int]:
+        """(out, in) of a prunable layer."""
+        d, di, N, R = self.d_model, self.d_inner, self.d_state, self.dt_rank
+        return {"ssm_in": (2 * di, d), "ssm_x": (R + 2 * N, di), "ssm_dt": (di, R), "ssm_out": (d, di)}[name]
+
+
+@dataclass
+class RowClass:
+    """The rows of one layer that share n (weights removed per group of 4)."""
+
+    n: int  # 0..3
+    rows: Tensor  # (rows_n,) int32: the output index each row writes, ascending
+    keep: Tensor  # (rows_n, 4G) bool: kept positions, exactly 4 - n per group (padding past `in` may be kept)
+    weight: Tensor | None = None  # (rows_n, in) fp32, zero where not kept; None once packed
+    values: Tensor | None = None  # (rows_n, G·(4-n)) in W (f32 / f16 / int8): kept values, group by group
+    codes: Tensor | None = None  # (rows_n, ceil(G/2)) uint8, n >= 1: 4-bit keep mask per group, low nibble first
+    scale: Tensor | None = None  # (rows_n,) fp32, int8 only: w = q · scale
+
+    @property
+    def packed(self) -> bool:
+        return self.values is not None
+
+
+@dataclass
+class LinearPlan:
+    """One matrix: dense (``weight``), or packed into row classes (``classes``)."""
+
+    out_features: int
+    in_features: int
+    weight: Tensor | None = None  # (out, in) dense: fp32 before pack, W after
+    scale: Tensor | None = None  # (out,) fp32, dense int8 only
+    classes: list[RowClass] | None = None  # None: dense; rows in no class are removed (n = 4)
+
+    @property
+    def dense(self) -> bool:
+        return self.classes is None
+
+    @property
+    def groups(self) -> int:  # G
+        return math.ceil(self.in_features / 4)
+
+
+@dataclass
+class BlockPlan:
+    # dense per-block tensors, fp32, by their GGUF suffix: attn_norm.weight (d,) until folded,
+    # ssm_conv1d.weight (di, K), ssm_conv1d.bias (di,), ssm_a (di, N), ssm_d (di,), ssm_dt.bias (di,),
+    # and with use_bias ssm_in.bias (2·di,), ssm_out.bias (d,)
+    tensors: dict[str, Tensor]
+    linears: dict[str, LinearPlan]  # ssm_in, ssm_x, ssm_dt, ssm_out
+    # π: stored channel c is source channel perm[c]; None = identity or unknown (a plan read from a file)
+    perm: Tensor | None = None  # (di,) int64
+
+
+@dataclass
+class Plan:
+    dims: Dims
+    name: str  # the source model's folder name
+    token_embd: LinearPlan  # (V, d), always dense
+    output: LinearPlan | None  # (V, d) when the head is not tied
+    output_norm: Tensor  # (d,) fp32
+    blocks: list[BlockPlan]
+    tokenizer: object | None = None  # export_gguf.GGUFTokenizer
+    norm_folded: bool = False
+    dtype: str | None = None  # set by pack: "f32" | "f16" | "int8"
+    passes: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # the passes' choices, written as JSON
+
+    def copy(self) -> Plan:
+        """A new plan sharing every tensor: containers copied, tensors not (passes never edit them)."""
+        memo = {id(t): t for t in _tensors(self)}
+        return copy.deepcopy(self, memo)
+
+    def linears(self):
+        """(GGUF name, LinearPlan) of every matrix: token_embd, the blocks' layers, output."""
+        yield "token_embd", self.token_embd
+        for i, b in enumerate(self.blocks):
+            for k, lp in b.linears.items():
+                yield f"blk.{i}.{k}", lp
+        if self.output is not None:
+            yield "output", self.output
+
+
+def _tensors(obj) -> list[Tensor]:
+    """Every tensor reachable from a plan (for Plan.copy's memo)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors(v)]
+    if hasattr(obj, "__dataclass_fields__"):
+        return [t for f in obj.__dataclass_fields__ for t in _tensors(getattr(obj, f))]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# Row classification: which n a row is stored at and which positions it keeps
+
+
+def classify_rows(W: Tensor) -> tuple[Tensor, Tensor]:
+    """W (out, in) dense with exact zeros -> n (out,) int64 and keep (out, 4G) bool.
+
+    n of a row = the fewest zeros in any of its groups of 4, the padding past ``in`` counting as zeros
+    (= ``prune.pattern.removed_per_row``): every row follows C_4^n for that n, pattern or not. The kept
+    positions of a group are its non-zeros and, when there are fewer than 4 - n, its lowest-index zeros,
+    so ``keep`` has exactly 4 - n per group and W is zero off it: the packed row computes exactly W x.
+    """
+    out, n_in = W.shape
+    G = math.ceil(n_in / 4)
+    nz = torch.nn.functional.pad(W != 0, (0, 4 * G - n_in)).view(out, G, 4)  # (out, G, 4)
+    n = 4 - nz.sum(-1).amax(1)  # (out,)
+    # rank the positions of each group: non-zeros first, then zeros, each by index; keep the first 4 - n
+    key = (~nz).long() * 4 + torch.arange(4)
+    rank = key.argsort(-1).argsort(-1)
+    keep = rank < (4 - n).view(out, 1, 1)
+    return n, keep.view(out, 4 * G)
+
+
+def dense_rows(lp: LinearPlan) -> Tensor:
+    """The fp32 (out, in) matrix a layer computes, whatever its form (packed values dequantized)."""
+    if lp.dense:
+        w = lp.weight.float()
+        return w * lp.scale[:, None] if lp.scale is not None else w
+    W = torch.zeros(lp.out_features, lp.in_features)
+    for c in lp.classes:
+        W[c.rows.long()] = class_weight(c, lp.in_features)
+    return W
+
+
+def class_weight(c: RowClass, n_in: int) -> Tensor:
+    """(rows_n, in) fp32 weights of one class, from ``weight`` or from the packed values."""
+    if not c.packed:
+        return c.weight
+    vals = c.values.float()
+    if c.scale is not None:
+        vals = vals * c.scale[:, None]
+    full = torch.zeros(c.keep.shape)
+    full[c.keep] = vals.reshape(-1)  # row-major: group by group, ascending position, as stored
+    return full[:, :n_in]
+
+
+# ----------------------------------------------------------------------------------------------
+# From an HF directory
+
+
+def plan_from_model(model_dir: str | Path) -> Plan:
+    """The plan of an HF-format Mamba-1 directory (dense or pruned): fp32 tensors, every layer dense."""
+    from ..export_gguf import read_tokenizer
+    from ..model.hf import build_model, load_state, read_config, read_weights, resolve
+
+    d = resolve(model_dir)
+    cfg = read_config(d)
+    if cfg.model_type != "mamba":
+        raise SparsambaError(
+            f"{d}: a {cfg.model_type} model; the packed engine supports Mamba-1 (model_type 'mamba') only. "
+            "For llama.cpp, write it with `sparsamba export-gguf`"
+        )
+    model = build_model(cfg)
+    load_state(model, read_weights(d), d)  # every name and shape checked against config.json
+    tok = None
+    if (d / "tokenizer.json").is_file():
+        tok = read_tokenizer(d, cfg)
+        tok.hf_json = (d / "tokenizer.json").read_text(encoding="utf-8")
+    return plan_from_state(model, d.resolve().name, tok)
+
+
+def plan_from_state(model, name: str, tokenizer=None) -> Plan:
+    """The plan of a loaded ``Mamba1LM``."""
+    cfg = model.config
+    sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    for k, v in sd.items():
+        if not torch.isfinite(v).all():
+            raise SparsambaError(f"{name}: tensor {k} holds inf or NaN; the model cannot be compiled")
+    di = cfg.intermediate_size
+    dims = Dims(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.hidden_size,
+        n_layer=cfg.num_hidden_layers,
+        d_inner=di,
+        d_state=cfg.state_size,
+        dt_rank=cfg.time_step_rank,
+        d_conv=cfg.conv_kernel,
+        eps=float(cfg.layer_norm_epsilon),
+        tied=bool(cfg.tie_word_embeddings),
+        use_bias=bool(cfg.use_bias),
+    )
+    blocks = []
+    for i in range(dims.n_layer):
+        p = f"backbone.layers.{i}."
+        m = p + "mixer."
+        t = {
+            "attn_norm.weight": sd[p + "norm.weight"],
+            "ssm_conv1d.weight": sd[m + "conv1d.weight"][:, 0, :].contiguous(),  # (di, 1, K) -> (di, K)
+            "ssm_conv1d.bias": sd.get(m + "conv1d.bias", torch.zeros(di)),  # none = zeros, as the file says
+            "ssm_a": -torch.exp(sd[m + "A_log"]),  # the engine needs A itself
+            "ssm_d": sd[m + "D"],
+            "ssm_dt.bias": sd[m + "dt_proj.bias"],
+        }
+        if dims.use_bias:
+            t["ssm_in.bias"] = sd[m + "in_proj.bias"]
+            t["ssm_out.bias"] = sd[m + "out_proj.bias"]
+        lin = {}
+        for k, hf in LINEARS.items():
+            w = sd[m + hf + ".weight"]
+            lin[k] = LinearPlan(w.shape[0], w.shape[1], weight=w)
+        blocks.append(BlockPlan(t, lin))
+    embd = sd["backbone.embeddings.weight"]
+    out = None if dims.tied else LinearPlan(*sd["lm_head.weight"].shape, weight=sd["lm_head.weight"])
+    return Plan(
+        dims=dims,
+        name=name,
+        token_embd=LinearPlan(*embd.shape, weight=embd),
+        output=out,
+        output_norm=sd["backbone.norm_f.weight"],
+        blocks=blocks,
+        tokenizer=tokenizer,
+    )
+
+
+def with_pass(plan: Plan, name: str, **options) -> Plan:
+    """``plan`` with pass ``name`` appended to its history and its choices recorded."""
+    return replace(plan, passes=[*plan.passes, name], options={**plan.options, name: options})

@@ -1,0 +1,77 @@
+"""Bytes of every prunable layer in three formats, for the same weights in the same dtype W:
+
+    dense  out·in·bytes(W)
+    CSR    nnz·(bytes(W) + 4) + (out + 1)·4        int32 column indices, int32 row pointers
+    ours   values + codes + rows (+ scales), as write_packed stores them (alignment padding not counted)
+
+With int8 every format also needs its per-row scales, out·4 bytes, added to dense and CSR alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import LinearPlan, Plan
+
+_BYTES = {None: 4, "f32": 4, "f16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    name: str  # blk.i.ssm_in
+    kind: str  # ssm_in
+    out_features: int
+    in_features: int
+    nnz: int  # non-zero weights (as stored: int8 may round a tiny weight to 0)
+    dense: int
+    csr: int
+    ours: int
+
+
+def _nbytes(t) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def layer_size(name: str, kind: str, lp: LinearPlan, dtype: str | None) -> LayerSize:
+    bw = _BYTES[dtype]
+    out, n_in = lp.out_features, lp.in_features
+    scales = out * 4 if dtype == "int8" else 0
+    if lp.dense:
+        nnz = int((lp.weight != 0).sum())
+        ours = out * n_in * bw + scales
+    else:
+        nnz = sum(int((c.values != 0).sum()) if c.packed else int((c.weight != 0).sum()) for c in lp.classes)
+        if all(c.packed for c in lp.classes):
+            ours = sum(_nbytes(c.values) + _nbytes(c.codes) + _nbytes(c.rows) + _nbytes(c.scale) for c in lp.classes)
+        else:  # before pack: what pack would write
+            G = lp.groups
+            ours = sum(
+                len(c.rows) * (G * (4 - c.n) * bw + (0 if c.n == 0 else (G + 1) // 2) + 4 + (4 if dtype == "int8" else 0))
+                for c in lp.classes
+            )
+    return LayerSize(name, kind, out, n_in, nnz, out * n_in * bw + scales, nnz * (bw + 4) + (out + 1) * 4 + scales, ours)
+
+
+def plan_sizes(plan: Plan) -> list[LayerSize]:
+    """One LayerSize per prunable layer (blk.i.ssm_in, ssm_x, ssm_dt, ssm_out)."""
+    return [
+        layer_size(f"blk.{i}.{k}", k, lp, plan.dtype)
+        for i, b in enumerate(plan.blocks)
+        for k, lp in b.linears.items()
+    ]
+
+
+def size_table(sizes: list[LayerSize]) -> str:
+    """The table the CLI prints: each layer kind summed over the blocks, then the total."""
+    kinds: dict[str, list[LayerSize]] = {}
+    for s in sizes:
+        kinds.setdefault(s.kind, []).append(s)
+    rows = [(k, v) for k, v in kinds.items()] + [("total", sizes)]
+    lines = [f"{'layers':10s} {'sparsity':>8s} {'dense':>12s} {'CSR':>12s} {'ours':>12s} {'dense/ours':>10s} {'CSR/ours':>9s}"]
+    for k, v in rows:
+        w = sum(s.out_features * s.in_features for s in v)
+        nnz, dense, csr, ours = (sum(getattr(s, f) for s in v) for f in ("nnz", "dense", "csr", "ours"))
+        lines.append(
+            f"{k:10s} {1 - nnz / w:8.1%} {dense:12,d} {csr:12,d} {ours:12,d} {dense / ours:9.2f}x {csr / ours:8.2f}x"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""The verifier run between passes, and ``plan_forward``: the Python reference of the packed format.
+
+``plan_forward`` follows "What the engine computes" in docs/packed-format.md line by line, one token at
+a time, reading packed layers the way the engine does (positions from the codes, values, scales), so a
+plan read back from a file (``read_packed``) is the golden model the C engine is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import SparsambaError
+from .passes import unpack_codes
+from .plan import LinearPlan, Plan
+
+# max |plan - source| / max |source| over the logits, per stage. Before pack (and packed in f32) only
+# float rounding differs; f16 rounds every weight to 11 bits (2^-11 ≈ 5e-4 relative), int8 to 1/254
+# of the row's largest weight, both compounded over the blocks.
+TOLERANCE = {None: 1e-5, "f32": 1e-5, "f16": 1e-2, "int8": 1e-1}
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward
+
+
+def linear(lp: LinearPlan, x: Tensor) -> Tensor:
+    """y = W x for x (b, in) -> (b, out), fp32, in whatever form the layer is stored."""
+    if lp.dense:
+        w = lp.weight.float()
+        if lp.scale is not None:
+            w = w * lp.scale[:, None]
+        return x @ w.T
+    y = x.new_zeros(x.shape[0], lp.out_features)
+    G = lp.groups
+    xp = F.pad(x, (0, 4 * G - lp.in_features))  # (b, 4G): inputs are zero on the padding
+    for c in lp.classes:
+        rows = c.rows.long()
+        if not c.packed:
+            y[:, rows] = x @ c.weight.T
+            continue
+        keep = unpack_codes(c.codes, G) if c.codes is not None else torch.ones(len(rows), 4 * G, dtype=torch.bool)
+        pos = torch.arange(4 * G).expand(len(rows), -1)[keep].view(len(rows), -1)  # (rows_n, G·(4-n))
+        vals = c.values.float()
+        acc = (xp[:, pos] * vals).sum(-1)  # (b, rows_n): Σ values · x[position]
+        y[:, rows] = acc * c.scale if c.scale is not None else acc
+    return y
+
+
+def _rmsnorm(h: Tensor, eps: float) -> Tensor:
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@torch.no_grad()
+def plan_forward(plan: Plan, ids: Tensor) -> Tensor:
+    """Logits (b, l, V) of token ids (b, l) (or (l,) -> (l, V)), computed from the plan token by token."""
+    squeeze = ids.ndim == 1
+    ids = ids.view(1, -1) if squeeze else ids
+    dm = plan.dims
+    b, L = ids.shape
+    di, N, R, K = dm.d_inner, dm.d_state, dm.dt_rank, dm.d_conv
+    embd = plan.token_embd
+    head = plan.output or embd
+    conv = [torch.zeros(b, di, K - 1) for _ in plan.blocks]  # the last K-1 inputs of conv1d
+    ssm = [torch.zeros(b, di, N) for _ in plan.blocks]  # s
+    out = []
+    for t in range(L):
+        e = embd.weight[ids[:, t]].float()  # (b, d)
+        h = e * embd.scale[ids[:, t], None] if embd.scale is not None else e
+        for i, blk in enumerate(plan.blocks):
+            T, lin = blk.tensors, blk.linears
+            un = _rmsnorm(h, dm.eps)
+            if not plan.norm_folded:
+                un = un * T["attn_norm.weight"]
+            xz = linear(lin["ssm_in"], un)
+            if "ssm_in.bias" in T:
+                xz = xz + T["ssm_in.bias"]
+            x, z = xz[:, :di], xz[:, di:]
+            window = torch.cat([conv[i], x[:, :, None]], 2)  # (b, di, K), oldest first
+            conv[i] = window[:, :, 1:]
+            xc = F.silu((window * T["ssm_conv1d.weight"]).sum(-1) + T["ssm_conv1d.bias"])
+            dbc = linear(lin["ssm_x"], xc)
+            dr, B, C = dbc[:, :R], dbc[:, R : R + N], dbc[:, R + N :]
+            delta = F.softplus(linear(lin["ssm_dt"], dr) + T["ssm_dt.bias"])  # softplus(v) = v for v > 20
+            ssm[i] = torch.exp(delta[:, :, None] * T["ssm_a"]) * ssm[i] + (delta * xc)[:, :, None] * B[:, None, :]
+            y = ((ssm[i] * C[:, None, :]).sum(-1) + T["ssm_d"] * xc) * F.silu(z)
+            h = h + linear(lin["ssm_out"], y)
+            if "ssm_out.bias" in T:
+                h = h + T["ssm_out.bias"]
+        out.append(linear(head, _rmsnorm(h, dm.eps) * plan.output_norm))
+    logits = torch.stack(out, 1)  # (b, l, V)
+    return logits[0] if squeeze else logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Structural checks
+
+
+def _fail(stage: str, what: str) -> None:
+    raise SparsambaError(f"compile verifier, after {stage}: {what} (a compiler bug; please report it)")
+
+
+def check_linear(name: str, lp: LinearPlan, dtype: str | None, stage: str) -> None:
+    out, n_in, G = lp.out_features, lp.in_features, lp.groups
+    want = {None: (torch.float32,), "f32": (torch.float32,), "f16": (torch.float16,), "int8": (torch.int8,)}[dtype]
+    if lp.dense:
+        if lp.weight is None or tuple(lp.weight.shape) != (out, n_in) or lp.weight.dtype not in want:
+            _fail(stage, f"{name}.weight is not a ({out}, {n_in}) {want[0]} matrix")
+        if (dtype == "int8") != (lp.scale is not None):
+            _fail(stage, f"{name}.scale present {lp.scale is not None} for dtype {dtype}")
+        return
+    seen = torch.zeros(out, dtype=torch.bool)
+    for c in lp.classes:
+        tag = f"{name}.c{c.n}"
+        r = len(c.rows)
+        if not 0 <= c.n <= 3 or r == 0:
+            _fail(stage, f"{tag}: n must be 0..3 and the class non-empty")
+        if c.rows.dtype != torch.int32 or int(c.rows.min()) < 0 or int(c.rows.max()) >= out:
+            _fail(stage, f"{tag}.rows out of range [0, {out}) or not int32")
+        if seen[c.rows.long()].any() or len(set(c.rows.tolist())) != r:
+            _fail(stage, f"{tag}.rows repeats an output row")
+        seen[c.rows.long()] = True
+        if tuple(c.keep.shape) != (r, 4 * G) or not bool((c.keep.view(r, G, 4).sum(-1) == 4 - c.n).all()):
+            _fail(stage, f"{tag}: the keep mask does not keep exactly {4 - c.n} of every group of 4")
+        if c.packed:
+            if tuple(c.values.shape) != (r, G * (4 - c.n)) or c.values.dtype not in want:
+                _fail(stage, f"{tag}.values is not ({r}, {G * (4 - c.n)}) {want[0]}")
+            if c.n >= 1:
+                if c.codes is None or tuple(c.codes.shape) != (r, (G + 1) // 2) or c.codes.dtype != torch.uint8:
+                    _fail(stage, f"{tag}.codes is not ({r}, {(G + 1) // 2}) bytes")
+                if not torch.equal(unpack_codes(c.codes, G), c.keep):
+                    _fail(stage, f"{tag}.codes do not encode the kept positions")
+                if G % 2 and bool((c.codes[:, -1] >> 4).any()):
+                    _fail(stage, f"{tag}.codes: the unused high nibble of an odd G is not 0")
+            elif c.codes is not None:
+                _fail(stage, f"{tag}: n = 0 has no codes")
+            if (dtype == "int8") != (c.scale is not None):
+                _fail(stage, f"{tag}.scale present {c.scale is not None} for dtype {dtype}")
+            if c.scale is not None and not bool((torch.isfinite(c.scale) & (c.scale > 0)).all()):
+                _fail(stage, f"{tag}.scale has a value that is not finite and positive")
+            pos = torch.arange(4 * G).expand(r, -1)[c.keep].view(r, -1)
+            if bool((c.values[pos >= n_in] != 0).any()):
+                _fail(stage, f"{tag}.values: a value on the padding past in = {n_in} is not 0")
+        else:
+            if c.weight is None or tuple(c.weight.shape) != (r, n_in):
+                _fail(stage, f"{tag}.weight is not ({r}, {n_in})")
+            if bool((c.weight[~c.keep[:, :n_in]] != 0).any()):
+                _fail(stage, f"{tag}.weight is non-zero off its kept positions")
+
+
+def check_plan(plan: Plan, stage: str) -> None:
+    """Structure: shapes, dtypes, classes, codes, π; raises SparsambaError naming the tensor."""
+    dm = plan.dims
+    if len(plan.blocks) != dm.n_layer:
+        _fail(stage, f"{len(plan.blocks)} blocks for block_count {dm.n_layer}")
+    emb_dtype = plan.dtype
+    check_linear("token_embd", plan.token_embd, emb_dtype, stage)
+    if not plan.token_embd.dense or (plan.output is not None and not plan.output.dense):
+        _fail(stage, "token_embd / output must stay dense")
+    if (plan.output is None) != dm.tied:
+        _fail(stage, "output.weight must exist exactly when the head is untied")
+    if plan.output is not None:
+        check_linear("output", plan.output, emb_dtype, stage)
+    di = dm.d_inner
+    for i, b in enumerate(plan.blocks):
+        for k, lp in b.linears.items():
+            if (lp.out_features, lp.in_features) != dm.linear_shape(k):
+                _fail(stage, f"blk.{i}.{k} has shape {(lp.out_features, lp.in_features)}")
+            check_linear(f"blk.{i}.{k}", lp, plan.dtype, stage)
+        if ("attn_norm.weight" in b.tensors) == plan.norm_folded:
+            _fail(stage, f"blk.{i}.attn_norm.weight present although norm_folded = {plan.norm_folded}")
+        if ("ssm_in.bias" in b.tensors) != dm.use_bias:
+            _fail(stage, f"blk.{i}.ssm_in.bias present although use_bias = {dm.use_bias}")
+        if b.perm is not None and not torch.equal(b.perm.sort().values, torch.arange(di)):
+            _fail(stage, f"blk.{i}: π is not a permutation of 0..{di - 1}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional check
+
+
+def sample_ids(vocab_size: int, batch: int = 2, length: int = 6, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=g)
+
+
+def verify(plan: Plan, stage: str, ids: Tensor, ref_logits: Tensor) -> float:
+    """Structural checks, then the plan's logits on ``ids`` against the source model's ``ref_logits``;
+    returns max |Δ| / max |ref| and raises SparsambaError above ``TOLERANCE[plan.dtype]``."""
+    check_plan(plan, stage)
+    got = plan_forward(plan, ids)
+    d = (got - ref_logits).abs()
+    err = (d.max() / ref_logits.abs().max()).item()
+    tol = TOLERANCE[plan.dtype]
+    if not err <= tol:  # NaN fails too
+        _fail(stage, f"logits differ from the source model's by {err:.3g} (max relative), over {tol:g}; mean |Δ| {d.mean():.3g}")
+    return err
