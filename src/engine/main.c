@@ -1,0 +1,90 @@
+/* sparsamba-run: the engine with no Python. Loads a packed GGUF and continues a prompt of token
+ * ids greedily, printing the new ids; the same core the Python package loads, for a phone or a
+ * sanitizer build. Exit status 0 on success, 1 with one line on stderr otherwise. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sparsamba.h"
+
+static int usage(const char *argv0) {
+    fprintf(stderr,
+            "usage: %s MODEL.gguf [--tokens \"ID ID ...\"] [-n N] [-t THREADS] [--isa auto|scalar|avx2] [--info]\n"
+            "  continues the prompt token ids greedily for N tokens (default 16) and prints the new ids\n",
+            argv0);
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    const char *path = NULL, *toks = "0", *isa = "auto";
+    int n = 16, threads = 0, info = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--tokens") && i + 1 < argc) toks = argv[++i];
+        else if (!strcmp(argv[i], "-n") && i + 1 < argc) n = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--isa") && i + 1 < argc) isa = argv[++i];
+        else if (!strcmp(argv[i], "--info")) info = 1;
+        else if (argv[i][0] == '-' || path) return usage(argv[0]);
+        else path = argv[i];
+    }
+    if (!path) return usage(argv[0]);
+    if (n <= 0) {
+        fprintf(stderr, "sparsamba-run: error: -n must be positive (got %d)\n", n);
+        return 1;
+    }
+    sb_set_threads(threads);
+    sb_set_isa(!strcmp(isa, "scalar") ? SB_ISA_SCALAR : !strcmp(isa, "avx2") ? SB_ISA_AVX2 : SB_ISA_AUTO);
+    char err[1024];
+    sb_model *m;
+    sb_state *s;
+    if (sb_model_load(path, &m, err, sizeof err)) {
+        fprintf(stderr, "sparsamba-run: error: %s\n", err);
+        return 1;
+    }
+    sb_info I;
+    sb_model_info(m, &I);
+    if (info)
+        printf("vocab %d d_model %d layers %d d_inner %d d_state %d dt_rank %d conv %d dtype %d tied %d kernels %s\n",
+               I.vocab_size, I.d_model, I.n_layer, I.d_inner, I.d_state, I.dt_rank, I.d_conv, I.dtype, I.tied_head,
+               sb_isa_name());
+    int cap = (int)strlen(toks) / 2 + 2, count = 0;
+    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)cap);
+    float *logits = malloc(sizeof(float) * (size_t)I.vocab_size);
+    int rc = 1;
+    if (!prompt || !logits || sb_state_new(m, &s, err, sizeof err)) {
+        fprintf(stderr, "sparsamba-run: error: out of memory\n");
+        goto out;
+    }
+    for (char *p = (char *)toks, *end; *p;) {
+        long v = strtol(p, &end, 10);
+        if (end == p) {
+            if (*p == ' ' || *p == ',') { p++; continue; }
+            fprintf(stderr, "sparsamba-run: error: --tokens: '%s' is not a list of integers\n", toks);
+            goto out_state;
+        }
+        if (count < cap) prompt[count++] = (int32_t)(v < -1 ? -1 : v > 0x7fffffff ? 0x7fffffff : v);
+        p = end;
+    }
+    if (sb_forward(m, s, prompt, count, logits, 1, err, sizeof err)) {
+        fprintf(stderr, "sparsamba-run: error: %s\n", err);
+        goto out_state;
+    }
+    for (int g = 0; g < n; g++) {
+        int32_t best = 0;
+        for (int v = 1; v < I.vocab_size; v++)
+            if (logits[v] > logits[best]) best = v;
+        printf("%d%c", best, g + 1 < n ? ' ' : '\n');
+        if (g + 1 < n && sb_forward(m, s, &best, 1, logits, 1, err, sizeof err)) {
+            fprintf(stderr, "sparsamba-run: error: %s\n", err);
+            goto out_state;
+        }
+    }
+    rc = 0;
+out_state:
+    sb_state_free(s);
+out:
+    free(prompt);
+    free(logits);
+    sb_model_free(m);
+    return rc;
+}

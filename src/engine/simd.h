@@ -1,0 +1,55 @@
+/* The small mapping from what the kernels need to AVX2 intrinsics: 8 fp32 lanes, loads of fp32 /
+ * fp16 / int8 values widened to fp32, a horizontal sum and expf. Another family (NEON, AVX-512)
+ * maps the same names in its own file; the kernels above this header do not change. */
+#ifndef SB_SIMD_H
+#define SB_SIMD_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef __m256 f32x8;
+
+static inline f32x8 v_zero(void) { return _mm256_setzero_ps(); }
+static inline f32x8 v_set1(float a) { return _mm256_set1_ps(a); }
+static inline f32x8 v_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void v_store(float *p, f32x8 a) { _mm256_storeu_ps(p, a); }
+static inline f32x8 v_add(f32x8 a, f32x8 b) { return _mm256_add_ps(a, b); }
+static inline f32x8 v_mul(f32x8 a, f32x8 b) { return _mm256_mul_ps(a, b); }
+static inline f32x8 v_fma(f32x8 a, f32x8 b, f32x8 c) { return _mm256_fmadd_ps(a, b, c); }
+
+/* 8 consecutive values of a row, any stored type, widened to fp32 */
+static inline f32x8 v_load_f16(const void *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline f32x8 v_load_i8(const void *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline float v_hsum(f32x8 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* expf for x <= 0 (the scan's exp(Δ·A)): x = k·ln2 + r, a degree-6 polynomial for e^r, 2^k built
+ * in the exponent bits. Relative error about 2e-7; below -87 the result flushes to 0. */
+static inline f32x8 v_exp_neg(f32x8 x) {
+    const f32x8 lo = v_set1(-87.0f);
+    f32x8 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    f32x8 k = _mm256_round_ps(v_mul(x, v_set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    f32x8 r = v_fma(k, v_set1(-0.693359375f), x); /* ln2 split in two for an exact reduction */
+    r = v_fma(k, v_set1(2.12194440e-4f), r);
+    f32x8 p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    p = v_fma(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    f32x8 res = v_mul(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, res);
+}
+
+#endif

@@ -1,0 +1,76 @@
+/* sparsamba engine: the plain C ABI that Python (ctypes) and the standalone program call.
+ *
+ * A model is a packed GGUF (docs/packed-format.md), mapped read-only and validated completely
+ * at load; a state holds one sequence's recurrent state (conv window and SSM state per layer).
+ * Every function that can fail returns 0 on success and a nonzero SB_ERR_* code on failure, with
+ * a one-line message in the caller's buffer (what was wrong, where). Nothing here aborts. */
+#ifndef SPARSAMBA_H
+#define SPARSAMBA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define SB_API __declspec(dllexport)
+#else
+#define SB_API __attribute__((visibility("default")))
+#endif
+
+enum {
+    SB_OK = 0,
+    SB_ERR_IO = 1,      /* cannot open / map / read the file */
+    SB_ERR_FORMAT = 2,  /* not a valid packed GGUF: magic, version, offsets, shapes, types, codes */
+    SB_ERR_NOMEM = 3,   /* an allocation failed (model too large for memory) */
+    SB_ERR_ARG = 4,     /* a bad argument: token outside the vocabulary, empty input, n <= 0 */
+};
+
+/* Which kernels run: SB_ISA_AUTO picks the best the CPU has; the others force one (tests). */
+enum { SB_ISA_AUTO = 0, SB_ISA_SCALAR = 1, SB_ISA_AVX2 = 2 };
+
+typedef struct sb_model sb_model;
+typedef struct sb_state sb_state;
+
+typedef struct {
+    int32_t vocab_size, d_model, n_layer, d_inner, d_state, dt_rank, d_conv;
+    int32_t dtype;          /* 0 f32, 1 f16, 24 int8: the packed matrices' type */
+    int32_t tied_head;      /* 1: the head is the embedding */
+    int32_t norm_folded;
+    int32_t format_version;
+    int64_t file_bytes;     /* size of the mapped file */
+    int64_t weight_bytes;   /* bytes of matrix data read per decoded token (values+codes+rows+scales) */
+} sb_info;
+
+SB_API int sb_model_load(const char *path, sb_model **out, char *err, size_t errlen);
+SB_API void sb_model_free(sb_model *m);
+SB_API void sb_model_info(const sb_model *m, sb_info *out);
+
+SB_API int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen);
+SB_API void sb_state_reset(sb_state *s);
+SB_API void sb_state_free(sb_state *s);
+
+/* Run tokens[0..n) through the model from the state it is in (a prompt at once: prefill when
+ * n > 1, decode when n == 1), leaving the state after the last token. logits_mode: 0 none, 1 the
+ * last position's (vocab_size floats), 2 every position's (n * vocab_size floats, row-major). */
+SB_API int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n,
+                      float *logits, int32_t logits_mode, char *err, size_t errlen);
+
+/* Threads for the next calls (OpenMP); <= 0 means all cores. Returns the count in effect. */
+SB_API int32_t sb_set_threads(int32_t n);
+/* Force a kernel family; returns the one in effect (an unavailable ISA falls back to scalar). */
+SB_API int32_t sb_set_isa(int32_t isa);
+SB_API const char *sb_isa_name(void);
+
+/* llama-bench's protocol, timed here to keep Python out of it: prefill n_prompt tokens from a
+ * fresh state, then decode n_gen tokens (greedy would need logits; the tokens are fixed), reps
+ * times. pp_ts / tg_ts receive tokens per second for each repetition. */
+SB_API int sb_bench(const sb_model *m, int32_t n_prompt, int32_t n_gen, int32_t reps, double *pp_ts,
+                    double *tg_ts, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

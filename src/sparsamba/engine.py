@@ -1,0 +1,307 @@
+"""The native engine from Python: a thin ctypes layer over the C ABI in ``src/engine/sparsamba.h``.
+
+``Engine(path)`` maps a packed GGUF (``sparsamba compile``), validates it in C and keeps one
+sequence's recurrent state. Errors from the C side (a bad file, a token outside the vocabulary)
+arrive as :class:`EngineError` with the C side's message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import SparsambaError
+
+LIB_NAME = {"darwin": "libsparsamba_engine.dylib", "win32": "sparsamba_engine.dll"}.get(
+    sys.platform, "libsparsamba_engine.so"
+)
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2}
+_DTYPES = {0: "f32", 1: "f16", 24: "int8"}
+
+
+class EngineError(SparsambaError):
+    """An error reported by the native engine."""
+
+
+class _Info(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_int32)
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layer",
+            "d_inner",
+            "d_state",
+            "dt_rank",
+            "d_conv",
+            "dtype",
+            "tied_head",
+            "norm_folded",
+            "format_version",
+        )
+    ] + [("file_bytes", ctypes.c_int64), ("weight_bytes", ctypes.c_int64)]
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    d_inner: int
+    d_state: int
+    dt_rank: int
+    d_conv: int
+    dtype: str
+    tied_head: bool
+    norm_folded: bool
+    format_version: int
+    file_bytes: int
+    weight_bytes: int  # matrix bytes read per decoded token
+
+
+def _candidates() -> list[Path]:
+    env = os.environ.get("SPARSAMBA_ENGINE_LIB")
+    if env:
+        return [Path(env)]
+    import sparsamba
+
+    # an installed wheel keeps the library inside the package; an editable install may spread the
+    # package over several folders (its __path__), and a source checkout built by hand keeps it
+    # in build/engine
+    dirs = [Path(p) for p in getattr(sparsamba, "__path__", [])] + [Path(__file__).parent]
+    root = Path(__file__).resolve().parents[2]
+    return [d / LIB_NAME for d in dirs] + [root / "build" / "engine" / LIB_NAME]
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded engine library (loaded once)."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    tried = _candidates()
+    path = next((p for p in tried if p.is_file()), None)
+    if path is None:
+        raise SparsambaError(
+            f"the native engine ({LIB_NAME}) is not built: looked in {', '.join(str(p.parent) for p in tried)}. "
+            "Reinstall the package (pip install -e .), which builds it with CMake, or set SPARSAMBA_ENGINE_LIB"
+        )
+    lib = ctypes.CDLL(str(path))
+    P, c_int, c_char_p, c_size = ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t
+    lib.sb_model_load.argtypes = [c_char_p, ctypes.POINTER(P), c_char_p, c_size]
+    lib.sb_model_load.restype = ctypes.c_int
+    lib.sb_model_free.argtypes = [P]
+    lib.sb_model_free.restype = None
+    lib.sb_model_info.argtypes = [P, ctypes.POINTER(_Info)]
+    lib.sb_model_info.restype = None
+    lib.sb_state_new.argtypes = [P, ctypes.POINTER(P), c_char_p, c_size]
+    lib.sb_state_new.restype = ctypes.c_int
+    lib.sb_state_reset.argtypes = [P]
+    lib.sb_state_reset.restype = None
+    lib.sb_state_free.argtypes = [P]
+    lib.sb_state_free.restype = None
+    lib.sb_forward.argtypes = [P, P, P, c_int, P, c_int, c_char_p, c_size]
+    lib.sb_forward.restype = ctypes.c_int
+    lib.sb_set_threads.argtypes = [c_int]
+    lib.sb_set_threads.restype = c_int
+    lib.sb_set_isa.argtypes = [c_int]
+    lib.sb_set_isa.restype = c_int
+    lib.sb_isa_name.argtypes = []
+    lib.sb_isa_name.restype = c_char_p
+    dp = ctypes.POINTER(ctypes.c_double)
+    lib.sb_bench.argtypes = [P, c_int, c_int, c_int, dp, dp, c_char_p, c_size]
+    lib.sb_bench.restype = ctypes.c_int
+    _lib = lib
+    return lib
+
+
+def set_isa(isa: str) -> str:
+    """Force a kernel family ("auto", "scalar", "avx2"); returns the name of the one in effect
+    (a family the CPU lacks falls back to scalar). Process-wide, as in the C library."""
+    if isa not in ISAS:
+        raise SparsambaError(f"unknown kernel family {isa!r}; use one of {', '.join(ISAS)}")
+    lib = library()
+    lib.sb_set_isa(ISAS[isa])
+    return lib.sb_isa_name().decode()
+
+
+def _err() -> ctypes.Array:
+    return ctypes.create_string_buffer(1024)
+
+
+class Engine:
+    """A packed model and one sequence's state.
+
+    ``logits(tokens)`` scores a sequence from a fresh state; ``prefill`` / ``decode`` continue the
+    state; ``generate`` continues a prompt. ``threads`` (default: all cores) is process-wide, as
+    OpenMP's setting is."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        lib = library()
+        self._lib = lib
+        self.path = Path(path)
+        if threads is not None and threads <= 0:
+            raise SparsambaError(f"threads must be positive, got {threads}")
+        self.threads = lib.sb_set_threads(threads or 0)
+        err = _err()
+        model = ctypes.c_void_p()
+        if lib.sb_model_load(os.fsencode(self.path), ctypes.byref(model), err, len(err)):
+            raise EngineError(err.value.decode(errors="replace"))
+        self._model = model
+        state = ctypes.c_void_p()
+        if lib.sb_state_new(model, ctypes.byref(state), err, len(err)):
+            lib.sb_model_free(model)
+            raise EngineError(err.value.decode(errors="replace"))
+        self._state = state
+        raw = _Info()
+        lib.sb_model_info(model, ctypes.byref(raw))
+        fields = {k: getattr(raw, k) for k, _ in _Info._fields_}
+        fields["dtype"] = _DTYPES.get(fields["dtype"], str(fields["dtype"]))
+        fields["tied_head"] = bool(fields["tied_head"])
+        fields["norm_folded"] = bool(fields["norm_folded"])
+        self.info = EngineInfo(**fields)
+        self._tokenizer = None
+
+    @property
+    def kernels(self) -> str:
+        return self._lib.sb_isa_name().decode()
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        if getattr(self, "_state", None):
+            self._lib.sb_state_free(self._state)
+            self._state = None
+        if getattr(self, "_model", None):
+            self._lib.sb_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ compute
+    def _forward(self, tokens: Sequence[int], mode: int) -> np.ndarray | None:
+        if self._model is None:
+            raise SparsambaError("the engine is closed")
+        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+        if ids.ndim != 1:
+            raise SparsambaError(f"tokens must be a 1-D sequence of ids, got shape {ids.shape}")
+        if ids.size == 0:
+            raise SparsambaError("no tokens given; the prompt must hold at least one token")
+        if ids.min() < -(2**31) or ids.max() >= 2**31:
+            raise SparsambaError(f"token ids must fit in int32 (vocabulary size {self.info.vocab_size})")
+        ids32 = ids.astype(np.int32)
+        V = self.info.vocab_size
+        out = None if mode == 0 else np.empty((ids.size if mode == 2 else 1, V), dtype=np.float32)
+        err = _err()
+        rc = self._lib.sb_forward(
+            self._model,
+            self._state,
+            ids32.ctypes.data,
+            ids32.size,
+            None if out is None else out.ctypes.data,
+            mode,
+            err,
+            len(err),
+        )
+        if rc:
+            raise EngineError(err.value.decode(errors="replace"))
+        return out
+
+    def reset(self) -> None:
+        """Back to the empty state (before any token)."""
+        self._lib.sb_state_reset(self._state)
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run ``tokens`` from the current state; the last position's logits, (V,)."""
+        return self._forward(tokens, 1)[0]
+
+    def decode(self, token: int) -> np.ndarray:
+        """One more token; its logits, (V,)."""
+        return self._forward([token], 1)[0]
+
+    def logits(self, tokens: Sequence[int], all_positions: bool = True) -> np.ndarray:
+        """Logits from a fresh state: (T, V) for every position, or (V,) for the last one."""
+        self.reset()
+        return self._forward(tokens, 2) if all_positions else self._forward(tokens, 1)[0]
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        eos_token_id: int | None = None,
+    ) -> list[int]:
+        """New token ids after ``prompt`` (fresh state): greedy when ``temperature`` is 0, else
+        sampled from softmax(logits / temperature), over the ``top_k`` most likely if top_k > 0."""
+        if max_new_tokens <= 0:
+            raise SparsambaError(f"number of tokens to generate must be positive, got {max_new_tokens}")
+        rng = np.random.default_rng(seed)
+        self.reset()
+        logits = self.prefill(prompt)
+        out: list[int] = []
+        for i in range(max_new_tokens):
+            tok = _pick(logits, temperature, top_k, rng)
+            out.append(tok)
+            if (eos_token_id is not None and tok == eos_token_id) or i + 1 == max_new_tokens:
+                break
+            logits = self.decode(tok)
+        return out
+
+    def bench(self, n_prompt: int = 128, n_gen: int = 64, reps: int = 5) -> dict[str, list[float]]:
+        """llama-bench's pp / tg protocol timed inside the engine: tokens/s for each repetition."""
+        pp = (ctypes.c_double * reps)()
+        tg = (ctypes.c_double * reps)()
+        err = _err()
+        if self._lib.sb_bench(self._model, n_prompt, n_gen, reps, pp, tg, err, len(err)):
+            raise EngineError(err.value.decode(errors="replace"))
+        return {"pp": list(pp), "tg": list(tg)}
+
+    # ------------------------------------------------------------------ text
+    def tokenizer(self):
+        """The model's tokenizer, rebuilt from the tokenizer.json the compiler stored in the file."""
+        if self._tokenizer is None:
+            self._tokenizer = read_tokenizer(self.path)
+        return self._tokenizer
+
+
+def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    lg = logits.astype(np.float64) / temperature
+    if top_k > 0 and top_k < lg.size:
+        kth = np.partition(lg, -top_k)[-top_k]
+        lg = np.where(lg < kth, -np.inf, lg)
+    p = np.exp(lg - lg.max())
+    return int(rng.choice(lg.size, p=p / p.sum()))
+
+
+def read_tokenizer(path: str | os.PathLike):
+    """A ``tokenizers.Tokenizer`` from a packed GGUF's ``tokenizer.huggingface.json``."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises assorted errors on bad files
+        raise SparsambaError(f"{path}: cannot read the GGUF ({e})") from None
+    field = reader.fields.get("tokenizer.huggingface.json")
+    if field is None:
+        raise SparsambaError(f"{path}: holds no tokenizer (tokenizer.huggingface.json); pass token ids instead")
+    text = bytes(field.parts[field.data[0]]).decode()
+    return Tokenizer.from_str(text)
