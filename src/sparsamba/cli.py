@@ -236,6 +236,22 @@ def cmd_export_gguf(a) -> None:
     print(f"size        {n} tensors, {out.stat().st_size / 1e6:.1f} MB ({a.dtype}; norms, conv, A, D in f32)")
 
 
+def cmd_compile(a) -> None:
+    from .compile import compile_model, size_table
+
+    rep = compile_model(
+        a.model, a.output, dtype=a.dtype, dump_after=a.dump_after, overwrite=a.overwrite, log=_log
+    )
+    if rep.dump is not None:
+        print(rep.dump)
+        print(f"stopped after {a.dump_after}; nothing written (drop --dump-after to write {a.output})")
+        return
+    print(size_table(rep.sizes))
+    worst = max(v for k, v in rep.errors.items() if k != "load")
+    print(f"wrote       {rep.path} ({rep.path.stat().st_size:,} bytes, {a.dtype}, {rep.seconds:.1f} s)")
+    print(f"verified    max relative logit error vs the source model {worst:.2g}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsamba", description="Prune, compile and run Mamba language models.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -329,6 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="dtype of the weight matrices")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export_gguf)
+
+    s = sub.add_parser("compile", help="compile a (pruned) Mamba-1 into the packed GGUF the native engine runs")
+    s.add_argument("model", help="HF-format Mamba-1 directory (dense, or pruned with exact zeros)")
+    s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
+    s.add_argument("--dtype", choices=("f32", "f16", "int8"), default="f16", help="dtype of the weight matrices")
+    s.add_argument(
+        "--dump-after",
+        choices=("reorder", "fold", "fuse", "pack"),
+        help="print the plan after this pass and stop without writing",
+    )
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_compile)
     return p
 
 

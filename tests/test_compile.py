@@ -1,0 +1,324 @@
+"""The compiler: passes that keep the function, the packed GGUF of docs/packed-format.md written and read
+back exactly, the bytes table, clear errors, and `sparsamba compile`.
+
+Models are small random Mamba-1s with odd shapes (d_inner not a multiple of 16 or of 4, dt_rank below 4
+or not a multiple of 4, tied and untied heads, with and without biases) whose prunable rows follow
+random C_4^n masks, n = 0..4 mixed per row (or per aligned block of 4 rows, as `prune --row-block 4`)."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from sparsamba.cli import main
+from sparsamba.compile import (
+    compile_model,
+    fold_layouts,
+    fuse,
+    pack,
+    plan_forward,
+    plan_from_model,
+    read_packed,
+    reorder,
+    write_packed,
+)
+from sparsamba.compile.packed_gguf import tensors_of
+from sparsamba.compile.passes import pack_codes, unpack_codes
+from sparsamba.compile.plan import classify_rows, dense_rows
+from sparsamba.compile.verify import check_plan, sample_ids
+from sparsamba.errors import SparsambaError
+from sparsamba.model.hf import load_model, save_model
+from sparsamba.model.mamba1 import Mamba1Config, Mamba1LM
+from sparsamba.model.mamba2 import Mamba2Config, Mamba2LM
+from sparsamba.prune.pattern import group_masks, removed_per_row
+
+CONFIGS = {
+    # d_inner 72 (not a multiple of 16), dt_rank 3 (< 4: one padded group), tied, biases, no conv bias
+    "d24": dict(hidden_size=24, expand=3, time_step_rank=3, state_size=6, use_bias=True, use_conv_bias=False),
+    # d_inner 80, dt_rank 5, untied head
+    "d40": dict(hidden_size=40, expand=2, time_step_rank=5, state_size=4, tie_word_embeddings=False),
+    # d_inner 54: ssm_x / ssm_out rows end in a padded group; untied, biases
+    "d18": dict(
+        hidden_size=18, expand=3, time_step_rank=2, state_size=5, tie_word_embeddings=False, use_bias=True
+    ),
+}
+
+
+def random_pruned(out_dir, seed: int = 0, row_block: int = 1, vocab: int = 61, **cfg_kw):
+    """A random Mamba-1 whose prunable rows follow C_4^n with n drawn from 0..4 per row (or block)."""
+    torch.manual_seed(seed)
+    m = Mamba1LM(Mamba1Config(vocab_size=vocab, num_hidden_layers=2, **cfg_kw))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim == 1 or name.endswith("A_log"):  # off their init values, so a mixed-up channel shows
+                p.add_(0.3 * torch.randn_like(p))
+        for name, mod in m.named_modules():
+            if name.endswith(("in_proj", "x_proj", "dt_proj", "out_proj")):
+                W = mod.weight
+                out = W.shape[0]
+                n = torch.randint(0, 5, (-(-out // row_block),)).repeat_interleave(row_block)[:out]
+                W.mul_(group_masks(torch.randn_like(W))[n, torch.arange(out)])
+    return save_model(m, out_dir)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile")
+    return {k: random_pruned(root / k, seed=i, **kw) for i, (k, kw) in enumerate(CONFIGS.items())}
+
+
+def reference(model_dir, ids):
+    with torch.no_grad():
+        return load_model(model_dir)(ids)
+
+
+def max_rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# rows and codes
+
+
+def test_classify_rows_is_exact_for_any_zeros():
+    torch.manual_seed(0)
+    W = torch.randn(64, 10)  # in = 10: the last group has 2 real positions and 2 of padding
+    W[torch.rand_like(W) < 0.4] = 0  # zeros anywhere, no pattern
+    W[3] = 0  # an all-zero row: n = 4
+    n, keep = classify_rows(W)
+    assert torch.equal(n, removed_per_row(W))
+    G = 3
+    groups = keep.view(64, G, 4)
+    assert torch.equal(groups.sum(-1), (4 - n)[:, None].expand(64, G))  # exactly 4 - n kept per group
+    assert not (W != 0)[~keep[:, :10]].any()  # every non-zero is kept, so the packed row is exactly W x
+    # kept zeros are the lowest-index zeros of their group
+    row = torch.tensor([[0.0, 0.0, 5.0, 0.0, 1.0, 2.0, 0.0, 0.0]])  # group 0 has 1 non-zero, group 1 two
+    n, keep = classify_rows(row)
+    assert n.item() == 2 and keep.tolist() == [[True, False, True, False, True, True, False, False]]
+
+
+def test_codes_round_trip_and_nibble_order():
+    keep = torch.tensor([[1, 0, 0, 0, 0, 1, 0, 0, 1, 1, 0, 1]], dtype=torch.bool)  # G = 3 (odd)
+    codes = pack_codes(keep)
+    assert codes.tolist() == [[0x1 | (0x2 << 4), 0xB]]  # group 0 low nibble, group 1 high; last high = 0
+    assert torch.equal(unpack_codes(codes, 3), keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# passes keep the function
+
+
+@pytest.mark.parametrize("which", list(CONFIGS))
+def test_each_pass_keeps_the_function(models, which):
+    d = models[which]
+    ids = sample_ids(61, batch=2, length=5)
+    ref = reference(d, ids)
+    p = plan_from_model(d)
+    errs = {"load": max_rel(plan_forward(p, ids), ref)}
+    for name, f in (("reorder", reorder), ("fold", fold_layouts), ("fuse", fuse), ("pack", lambda q: pack(q, "f32"))):
+        p = f(p)
+        check_plan(p, name)
+        errs[name] = max_rel(plan_forward(p, ids), ref)
+    assert max(errs.values()) <= 1e-5, errs
+    assert p.norm_folded and all("attn_norm.weight" not in b.tensors for b in p.blocks)
+    assert all(not lp.dense for b in p.blocks for lp in b.linears.values())  # every pruned layer packed
+    # rows of n = 4 vanished, the others are stored once
+    for b in p.blocks:
+        lp = b.linears["ssm_out"]
+        assert sum(len(c.rows) for c in lp.classes) == int((dense_rows(lp).abs().sum(1) > 0).sum())
+
+
+def test_dense_model_stays_dense(tiny_model_dir, tmp_path):
+    rep = compile_model(tiny_model_dir, tmp_path / "m.gguf", dtype="f32")
+    assert rep.errors["file"] <= 1e-5
+    back = read_packed(rep.path)
+    assert all(lp.dense for _, lp in back.linears())
+    assert all(s.ours == s.dense for s in rep.sizes)
+
+
+def test_fold_permutes_when_blocks_of_4_share_n(tmp_path):
+    d = random_pruned(tmp_path / "rb4", seed=5, row_block=4, **CONFIGS["d40"])
+    ids = sample_ids(61, batch=2, length=5)
+    ref = reference(d, ids)
+    p = fold_layouts(reorder(plan_from_model(d)))
+    di = p.dims.d_inner
+    assert all(b.perm is not None and not torch.equal(b.perm, torch.arange(di)) for b in p.blocks)
+    assert max_rel(plan_forward(p, ids), ref) <= 1e-5
+    for b in p.blocks:
+        # ssm_in's classes now write their x outputs to consecutive channels: 0, 1, 2, ... in class order
+        xs = torch.cat([c.rows[c.rows < di] for c in b.linears["ssm_in"].classes])
+        assert torch.equal(xs.long(), torch.arange(len(xs)))
+        for c in b.linears["ssm_in"].classes:
+            assert torch.equal(c.rows, c.rows.sort().values)
+    # rows pruned one by one: π would break ssm_x / ssm_out's groups of 4, so it stays the identity
+    q = fold_layouts(reorder(plan_from_model(random_pruned(tmp_path / "rb1", seed=5, **CONFIGS["d40"]))))
+    assert all(b.perm is None for b in q.blocks)
+    assert "groups of 4" in json.dumps(q.options["fold"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the file
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "int8"])
+def test_write_read_round_trips_exactly(models, tmp_path, dtype):
+    d = models["d18"]
+    p = pack(fuse(fold_layouts(reorder(plan_from_model(d)))), dtype)
+    path = write_packed(p, tmp_path / "m.gguf")
+    back = read_packed(path)
+    a, b = tensors_of(p), tensors_of(back)
+    assert [n for n, _ in a] == [n for n, _ in b]
+    for (name, x), (_, y) in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), name
+    assert (back.dims, back.norm_folded, back.dtype, back.passes) == (p.dims, True, dtype, p.passes)
+    ids = sample_ids(61)
+    assert torch.equal(plan_forward(back, ids), plan_forward(p, ids))
+    bound = {"f32": 1e-5, "f16": 1e-2, "int8": 1e-1}[dtype]
+    assert max_rel(plan_forward(back, ids), reference(d, ids)) <= bound
+
+
+def test_file_layout_follows_the_format(models, tmp_path):
+    d = models["d24"]
+    path = compile_model(d, tmp_path / "m.gguf", dtype="int8").path
+    r = gguf.GGUFReader(path)
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    assert f["general.architecture"] == "sparsamba.mamba" and f["general.alignment"] == 64
+    assert f["sparsamba.format_version"] == 1 and f["sparsamba.compile.dtype"] == "int8"
+    assert json.loads(f["sparsamba.compile.options"])["passes"] == ["reorder", "fold", "fuse", "pack"]
+    K = "sparsamba.mamba."
+    assert [f[K + k] for k in ("vocab_size", "embedding_length", "block_count", "ssm.inner_size")] == [61, 24, 2, 72]
+    assert [f[K + k] for k in ("ssm.state_size", "ssm.time_step_rank", "ssm.conv_kernel")] == [6, 3, 4]
+    assert f[K + "norm_folded"] is True and abs(f[K + "attention.layer_norm_rms_epsilon"] - 1e-5) < 1e-10
+    assert not any(k.startswith("tokenizer.") for k in f)  # the model folder has no tokenizer.json
+    assert r.data_offset % 64 == 0 and all(t.data_offset % 64 == 0 for t in r.tensors)
+    T = gguf.GGMLQuantizationType
+    t = {x.name: x for x in r.tensors}
+    assert "output.weight" not in t and "blk.0.attn_norm.weight" not in t  # tied; norm folded
+    assert t["token_embd.weight"].tensor_type == T.I8 and t["token_embd.scale"].tensor_type == T.F32
+    assert t["blk.1.ssm_conv1d.bias"].data.tolist() == [0.0] * 72  # no conv bias: zeros
+    assert list(t["blk.0.ssm_in.bias"].data.shape) == [144]
+    n_codes = 0
+    for name, x in t.items():
+        if not name.endswith(".codes"):
+            continue
+        n_codes += 1
+        layer, cls = name.rsplit(".", 2)[:2]
+        n = int(cls[1])
+        in_f = {"ssm_in": 24, "ssm_x": 72, "ssm_dt": 3, "ssm_out": 72}[layer.split(".")[-1]]
+        G = -(-in_f // 4)
+        assert x.tensor_type == T.I8 and x.data.shape[1] == (G + 1) // 2
+        keep = unpack_codes(torch.from_numpy(np.array(x.data)).view(torch.uint8), G)
+        assert (keep.view(-1, G, 4).sum(-1) == 4 - n).all(), name  # exactly 4 - n bits per group
+        if G % 2:
+            assert not (np.array(x.data).view(np.uint8)[:, -1] >> 4).any()
+        vals = np.array(t[name.replace(".codes", ".values")].data)
+        assert vals.shape == (keep.shape[0], G * (4 - n)) and t[name.replace(".codes", ".values")].tensor_type == T.I8
+        pos = torch.arange(4 * G).expand(keep.shape[0], -1)[keep].view(keep.shape[0], -1)
+        assert not vals[(pos >= in_f).numpy()].any()  # padding values are 0
+        rows = np.array(t[name.replace(".codes", ".rows")].data)
+        assert rows.dtype == np.int32 and len(set(rows.tolist())) == len(rows)
+    assert n_codes > 0
+
+
+def test_int8_scales():
+    from sparsamba.compile.passes import _to_dtype
+
+    w = torch.tensor([[0.5, -1.27, 0.0], [0.0, 0.0, 0.0]])
+    q, s = _to_dtype(w, "int8", "w")
+    assert s.tolist() == pytest.approx([1.27 / 127, 1.0])  # a zero row takes scale 1
+    assert q.tolist() == [[50, -127, 0], [0, 0, 0]]
+
+
+def test_tokenizer_is_carried(tiny_model_dir, tmp_path):
+    path = compile_model(tiny_model_dir, tmp_path / "m.gguf", dtype="f16").path
+    f = {k: v.contents() for k, v in gguf.GGUFReader(path).fields.items()}
+    assert f["tokenizer.huggingface.json"] == (tiny_model_dir / "tokenizer.json").read_text()
+    assert f["tokenizer.ggml.model"] == "gpt2" and len(f["tokenizer.ggml.tokens"]) == f["sparsamba.mamba.vocab_size"]
+    back = read_packed(path)
+    assert back.tokenizer.hf_json == f["tokenizer.huggingface.json"]
+
+
+# ----------------------------------------------------------------------------------------------
+# sizes
+
+
+def test_sizes(models, tmp_path):
+    rep = compile_model(models["d40"], tmp_path / "m.gguf", dtype="f16")
+    r = gguf.GGUFReader(rep.path)
+    for s in rep.sizes:
+        parts = [t for t in r.tensors if t.name.startswith(s.name + ".") and not t.name.endswith(".bias")]
+        stored = sum(int(t.n_bytes) for t in parts)
+        assert s.ours == stored, s.name  # ours = what the file holds (without alignment padding)
+        assert s.dense == s.out_features * s.in_features * 2
+        assert s.csr == s.nnz * (2 + 4) + (s.out_features + 1) * 4
+        if s.kind in ("ssm_in", "ssm_out"):  # ~50 % sparse: far below CSR, below dense
+            assert s.ours < s.csr and s.ours < s.dense, s
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+
+
+def test_mamba2_is_refused_with_a_pointer(tmp_path):
+    cfg = Mamba2Config(vocab_size=50, hidden_size=32, state_size=8, num_hidden_layers=1, head_dim=8, num_heads=8)
+    d = save_model(Mamba2LM(cfg), tmp_path / "m2")
+    with pytest.raises(SparsambaError, match="Mamba-1.*export-gguf"):
+        compile_model(d, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bad_paths_and_nothing_half_written(models, tmp_path, monkeypatch):
+    with pytest.raises(SparsambaError, match="no such directory"):
+        compile_model(tmp_path / "missing", tmp_path / "x.gguf")
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(SparsambaError, match="already exists"):
+        compile_model(models["d24"], out)
+
+    def boom(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(SparsambaError, match="cannot write"):
+        compile_model(models["d24"], out, overwrite=True)
+    with pytest.raises(SparsambaError, match="cannot write"):
+        compile_model(models["d24"], tmp_path / "new.gguf")
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_verifier_catches_a_broken_plan(models):
+    p = reorder(plan_from_model(models["d24"]))
+    lp = p.blocks[0].linears["ssm_out"]
+    c = lp.classes[-1]
+    c.rows = c.rows.clone()
+    c.rows[0] = lp.classes[0].rows[0]  # two classes writing one output
+    with pytest.raises(SparsambaError, match="repeats an output row"):
+        check_plan(p, "test")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_prints_the_table(models, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["compile", str(models["d40"]), "-o", str(out), "--dtype", "int8"]) == 0
+    text = capsys.readouterr().out
+    for word in ("ssm_in", "ssm_x", "ssm_dt", "ssm_out", "total", "dense", "CSR", "ours", "wrote"):
+        assert word in text
+    assert out.is_file()
+    assert main(["compile", str(models["d40"]), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sparsamba compile: error:") and "already exists" in err[-1]
+
+
+def test_cli_dump_after_writes_nothing(models, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["compile", str(models["d24"]), "-o", str(out), "--dump-after", "reorder"]) == 0
+    text = capsys.readouterr().out
+    assert "blk.1" in text and "ssm_in" in text and "n=4 (removed)" in text and "π identity" in text
+    assert not out.exists()
