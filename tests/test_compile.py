@@ -246,15 +246,17 @@ def test_tokenizer_is_carried(tiny_model_dir, tmp_path):
 # sizes
 
 
-def test_sizes(models, tmp_path):
-    rep = compile_model(models["d40"], tmp_path / "m.gguf", dtype="f16")
+@pytest.mark.parametrize("dtype", ["f16", "int8"])
+def test_sizes(models, tmp_path, dtype):
+    rep = compile_model(models["d40"], tmp_path / "m.gguf", dtype=dtype)
+    bw, scales = (2, 0) if dtype == "f16" else (1, 4)
     r = gguf.GGUFReader(rep.path)
     for s in rep.sizes:
         parts = [t for t in r.tensors if t.name.startswith(s.name + ".") and not t.name.endswith(".bias")]
         stored = sum(int(t.n_bytes) for t in parts)
         assert s.ours == stored, s.name  # ours = what the file holds (without alignment padding)
-        assert s.dense == s.out_features * s.in_features * 2
-        assert s.csr == s.nnz * (2 + 4) + (s.out_features + 1) * 4
+        assert s.dense == s.out_features * (s.in_features * bw + scales)
+        assert s.csr == s.nnz * (bw + 4) + (s.out_features + 1) * 4 + s.out_features * scales
         if s.kind in ("ssm_in", "ssm_out"):  # ~50 % sparse: far below CSR, below dense
             assert s.ours < s.csr and s.ours < s.dense, s
 
@@ -322,3 +324,22 @@ def test_cli_dump_after_writes_nothing(models, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "blk.1" in text and "ssm_in" in text and "n=4 (removed)" in text and "π identity" in text
     assert not out.exists()
+
+
+def test_a_model_written_by_prune(tiny_model_dir, tmp_path, capsys):
+    """The real pipeline: `sparsamba prune` (Wanda 2:4) writes dense-with-zeros, compile packs it as c4n2."""
+    from conftest import quick_prune_args
+
+    pruned = tmp_path / "pruned"
+    assert main(quick_prune_args(tiny_model_dir, tiny_model_dir.parent / "text.txt", pruned)) == 0
+    out = tmp_path / "m.gguf"
+    assert main(["compile", str(pruned), "-o", str(out), "--dtype", "f16"]) == 0
+    capsys.readouterr()
+    back = read_packed(out)
+    assert back.dims.dt_rank == 2  # ssm_dt's rows have 2 weights, which 2:4 keeps: the layer stays dense
+    for b in back.blocks:
+        assert b.linears["ssm_dt"].dense
+        for k in ("ssm_in", "ssm_x", "ssm_out"):
+            lp = b.linears[k]
+            assert [c.n for c in lp.classes] == [2], k  # 2:4 = C_4^2 in every row
+            assert len(lp.classes[0].rows) == lp.out_features

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import SparsambaError
 from .passes import DTYPES, PASSES, run_pass
-from .plan import Plan, plan_from_state
+from .plan import Plan, load_source, plan_from_state
 from .sizes import LayerSize, plan_sizes
 from .verify import TOLERANCE, check_plan, sample_ids, verify
 
@@ -70,8 +70,7 @@ def compile_model(
     source model's on a few random tokens). ``dump_after`` = a pass name: summarize the plan after that
     pass (``CompileReport.dump``) and stop there, writing nothing. The file is written atomically.
     """
-    from ..export_gguf import check_output_path, read_tokenizer
-    from ..model.hf import build_model, load_state, read_config, read_weights, resolve
+    from ..export_gguf import check_output_path
     from .packed_gguf import read_packed, write_packed
 
     t0 = time.time()
@@ -83,20 +82,8 @@ def compile_model(
     out = Path(out_path)
     if dump_after is None:
         check_output_path(out, overwrite)  # before any work, not after it
-    d = resolve(model_dir)
-    cfg = read_config(d)
-    if cfg.model_type != "mamba":
-        raise SparsambaError(
-            f"{d}: a {cfg.model_type} model; the packed engine supports Mamba-1 (model_type 'mamba') only. "
-            "For llama.cpp, write it as a dense GGUF with `sparsamba export-gguf`"
-        )
-    model = build_model(cfg)
-    load_state(model, read_weights(d), d)
-    model.eval()
-    tok = None
-    if (d / "tokenizer.json").is_file():
-        tok = read_tokenizer(d, cfg)
-        tok.hf_json = (d / "tokenizer.json").read_text(encoding="utf-8")
+    d, model, tok = load_source(model_dir)
+    cfg = model.config
     plan = plan_from_state(model, d.resolve().name, tok)
     ids = sample_ids(cfg.vocab_size)
     with torch.no_grad():

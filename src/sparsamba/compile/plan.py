@@ -108,6 +108,7 @@ class Plan:
     def copy(self) -> Plan:
         """A new plan sharing every tensor: containers copied, tensors not (passes never edit them)."""
         memo = {id(t): t for t in _tensors(self)}
+        memo[id(self.tokenizer)] = self.tokenizer  # read-only too, and large (one string per token)
         return copy.deepcopy(self, memo)
 
     def linears(self):
@@ -183,8 +184,9 @@ def class_weight(c: RowClass, n_in: int) -> Tensor:
 # From an HF directory
 
 
-def plan_from_model(model_dir: str | Path) -> Plan:
-    """The plan of an HF-format Mamba-1 directory (dense or pruned): fp32 tensors, every layer dense."""
+def load_source(model_dir: str | Path):
+    """An HF-format Mamba-1 directory -> (its directory, our Mamba1LM in eval mode, its GGUF tokenizer
+    section or None when it has no tokenizer.json). Refuses Mamba-2 before reading any weights."""
     from ..export_gguf import read_tokenizer
     from ..model.hf import build_model, load_state, read_config, read_weights, resolve
 
@@ -193,7 +195,7 @@ def plan_from_model(model_dir: str | Path) -> Plan:
     if cfg.model_type != "mamba":
         raise SparsambaError(
             f"{d}: a {cfg.model_type} model; the packed engine supports Mamba-1 (model_type 'mamba') only. "
-            "For llama.cpp, write it with `sparsamba export-gguf`"
+            "For llama.cpp, write it as a dense GGUF with `sparsamba export-gguf`"
         )
     model = build_model(cfg)
     load_state(model, read_weights(d), d)  # every name and shape checked against config.json
@@ -201,6 +203,12 @@ def plan_from_model(model_dir: str | Path) -> Plan:
     if (d / "tokenizer.json").is_file():
         tok = read_tokenizer(d, cfg)
         tok.hf_json = (d / "tokenizer.json").read_text(encoding="utf-8")
+    return d, model.eval(), tok
+
+
+def plan_from_model(model_dir: str | Path) -> Plan:
+    """The plan of an HF-format Mamba-1 directory (dense or pruned): fp32 tensors, every layer dense."""
+    d, model, tok = load_source(model_dir)
     return plan_from_state(model, d.resolve().name, tok)
 
 
