@@ -319,8 +319,13 @@ int sb_model_load(const char *path, sb_model **out, char *err, size_t errlen) {
     void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (map == MAP_FAILED) {
-        snprintf(err, errlen, "%s: cannot map (%s)", path, strerror(errno));
-        return errno == ENOMEM ? SB_ERR_NOMEM : SB_ERR_IO;
+        int e = errno;
+        if (e == ENOMEM)
+            snprintf(err, errlen, "%s: cannot map the %lld-byte model (%s): it does not fit in this process's memory",
+                     path, (long long)st.st_size, strerror(e));
+        else
+            snprintf(err, errlen, "%s: cannot map (%s)", path, strerror(e));
+        return e == ENOMEM ? SB_ERR_NOMEM : SB_ERR_IO;
     }
     sb_model *m = calloc(1, sizeof *m);
     if (!m) {

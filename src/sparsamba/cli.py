@@ -252,6 +252,51 @@ def cmd_compile(a) -> None:
     print(f"verified    max relative logit error vs the source model {worst:.2g}")
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise SparsambaError(f"--tokens {text!r}: give token ids as integers separated by spaces") from None
+
+
+def cmd_run(a) -> None:
+    from .engine import Engine
+
+    with Engine(a.model, threads=a.threads) as eng:
+        if a.tokens is not None:
+            ids = _parse_ids(a.tokens)
+            out = eng.generate(ids, a.n, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
+            print(" ".join(map(str, out)))
+        else:
+            tok = eng.tokenizer()
+            ids = tok.encode(a.prompt).ids
+            if not ids:
+                raise SparsambaError("the prompt is empty; give some text (or --tokens)")
+            t0 = time.time()
+            out = eng.generate(ids, a.n, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
+            print(a.prompt + tok.decode(out))
+            _log(f"{len(out)} tokens in {time.time() - t0:.2f} s ({eng.kernels}, {eng.threads} threads)")
+
+
+def cmd_bench(a) -> None:
+    import statistics
+
+    from .engine import Engine
+
+    print(f"| model | kernels | threads | size MB | pp{a.n_prompt} t/s | tg{a.n_gen} t/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for path in a.models:
+        for th in [int(t) for t in a.threads.split(",")]:
+            with Engine(path, threads=th) as eng:
+                r = eng.bench(a.n_prompt, a.n_gen, a.reps)
+                pp, tg = statistics.median(r["pp"]), statistics.median(r["tg"])
+                print(
+                    f"| {Path(path).name} | {eng.kernels} | {th} | {eng.info.file_bytes / 1e6:.1f} "
+                    f"| {pp:.1f} | {tg:.1f} |",
+                    flush=True,
+                )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsamba", description="Prune, compile and run Mamba language models.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -357,6 +402,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("run", help="generate with the native engine from a packed GGUF (sparsamba compile)")
+    s.add_argument("model", help="packed .gguf file")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="text, tokenized with the file's tokenizer")
+    g.add_argument("--tokens", help="prompt as token ids (\"1 2 3\"); prints the new ids")
+    s.add_argument("-n", type=int, default=64, help="tokens to generate")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0 = all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=None, help="default: all cores")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("bench", help="prefill / decode speed of packed models (llama-bench's pp / tg)")
+    s.add_argument("models", nargs="+", help="packed .gguf files")
+    s.add_argument("-p", "--n-prompt", type=int, default=128)
+    s.add_argument("-n", "--n-gen", type=int, default=64)
+    s.add_argument("-r", "--reps", type=int, default=5)
+    s.add_argument("-t", "--threads", default="1,2", help="comma-separated thread counts")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -302,6 +302,8 @@ def read_tokenizer(path: str | os.PathLike):
         raise SparsambaError(f"{path}: cannot read the GGUF ({e})") from None
     field = reader.fields.get("tokenizer.huggingface.json")
     if field is None:
-        raise SparsambaError(f"{path}: holds no tokenizer (tokenizer.huggingface.json); pass token ids instead")
+        raise SparsambaError(
+            f"{path}: holds no tokenizer (tokenizer.huggingface.json); pass token ids instead"
+        )
     text = bytes(field.parts[field.data[0]]).decode()
     return Tokenizer.from_str(text)

@@ -1,0 +1,268 @@
+"""Bad packed files: the engine answers every one with a clear error naming the file and what is wrong,
+never a crash or a read out of bounds. Each case runs in-process through Python and, in a separate
+AddressSanitizer + UndefinedBehaviorSanitizer build of the standalone `sparsamba-run` (built here by
+CMake), where any invalid read or undefined behaviour would abort with a report."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import shutil
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from conftest import PRUNED_CONFIGS, random_pruned
+
+from sparsamba.compile import compile_model
+from sparsamba.engine import Engine, EngineError
+from sparsamba.export_gguf import export_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    """A small valid int8 packed file: classes with codes, rows and scales."""
+    root = tmp_path_factory.mktemp("files")
+    src = random_pruned(root / "m", seed=7, **PRUNED_CONFIGS["d24"])
+    return compile_model(src, root / "good.gguf", dtype="int8").path
+
+
+@pytest.fixture(scope="module")
+def asan_run(tmp_path_factory) -> Path:
+    """`sparsamba-run` built with ASan + UBSan (the same sources as the package's engine)."""
+    cmake = shutil.which("cmake")
+    assert cmake, "cmake is needed to build the sanitizer build of the engine (pip install cmake)"
+    build = tmp_path_factory.mktemp("asan")
+    cfg = [cmake, "-S", str(ROOT), "-B", str(build), "-DSPARSAMBA_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=Debug"]
+    subprocess.run(cfg, check=True, capture_output=True)
+    subprocess.run(
+        [cmake, "--build", str(build), "--target", "sparsamba-run", "-j2"], check=True, capture_output=True
+    )
+    return build / "sparsamba-run"
+
+
+def sanitized(asan_run: Path, path: Path, *args: str, limit_as: int | None = None):
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+
+    def limit() -> None:
+        if limit_as:
+            resource.setrlimit(resource.RLIMIT_AS, (limit_as, limit_as))
+
+    p = subprocess.run(
+        [str(asan_run), str(path), "-n", "2", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=limit,
+    )
+    assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr, p.stderr[-3000:]
+    return p
+
+
+def expect_error(path: Path, asan_run: Path, *needles: str) -> str:
+    with pytest.raises(EngineError) as e:
+        Engine(path, threads=1)
+    msg = str(e.value)
+    assert msg.startswith(str(path)), msg
+    for n in needles:
+        assert n in msg, msg
+    p = sanitized(asan_run, path)
+    assert p.returncode == 1 and "sparsamba-run: error:" in p.stderr and needles[0] in p.stderr, p.stderr
+    return msg
+
+
+def mutated(good: Path, tmp: Path, edits: list[tuple[int, bytes]], name: str = "bad.gguf") -> Path:
+    data = bytearray(good.read_bytes())
+    for off, b in edits:
+        data[off : off + len(b)] = b
+    out = tmp / name
+    out.write_bytes(bytes(data))
+    return out
+
+
+def offsets(path: Path):
+    """File offsets of metadata values and tensor infos, from the gguf package's memory-mapped reader."""
+    r = gguf.GGUFReader(path)
+    base = r.data.ctypes.data
+
+    def at(part) -> int:
+        return part.ctypes.data - base
+
+    kv = {k: at(f.parts[-1]) for k, f in r.fields.items()}
+    # tensor info parts: name length, name, n_dims, dims, type, offset
+    ti = {
+        t.name: dict(
+            dims=at(t.field.parts[3]),
+            type=at(t.field.parts[4]),
+            offset=at(t.field.parts[5]),
+            data=t.data_offset,
+            nbytes=t.n_bytes,
+        )
+        for t in r.tensors
+    }
+    return kv, ti
+
+
+def test_the_good_file_runs_clean_under_the_sanitizers(good, asan_run):
+    p = sanitized(asan_run, good, "--tokens", "1 2 3 4 5 6 7 8 9")
+    assert p.returncode == 0, p.stderr
+    assert [int(t) for t in p.stdout.split()] == Engine(good, threads=1).generate(list(range(1, 10)), 2)
+    scalar = sanitized(asan_run, good, "--tokens", "1 2 3 4 5 6 7 8 9", "--isa", "scalar")
+    assert scalar.stdout == p.stdout
+
+
+def test_container_errors(good, asan_run, tmp_path):
+    data = good.read_bytes()
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    expect_error(tmp_path / "empty.gguf", asan_run, "not a GGUF file")
+    expect_error(mutated(good, tmp_path, [(0, b"GGML")]), asan_run, "not a GGUF file (wrong magic")
+    expect_error(mutated(good, tmp_path, [(4, (2).to_bytes(4, "little"))]), asan_run, "GGUF version 2")
+    expect_error(mutated(good, tmp_path, [(8, (2**40).to_bytes(8, "little"))]), asan_run, "do not fit")
+    # a key whose string length runs past the end of the file
+    expect_error(
+        mutated(good, tmp_path, [(24, (2**50).to_bytes(8, "little"))]), asan_run, "truncated key-value"
+    )
+    kv, ti = offsets(good)
+    header_end = min(t["data"] for t in ti.values())
+    data_end = max(t["data"] + t["nbytes"] for t in ti.values())  # past it: alignment padding only
+    for cut in sorted({30, 100, 400, header_end // 2, header_end - 5, data_end - 3}):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        expect_error(tmp_path / "cut.gguf", asan_run, "")
+
+
+def test_tensor_info_errors(good, asan_run, tmp_path):
+    _, ti = offsets(good)
+    t = ti["blk.0.ssm_in.c2.values"]
+    expect_error(
+        mutated(good, tmp_path, [(t["type"], (2).to_bytes(4, "little"))]),
+        asan_run,
+        "'blk.0.ssm_in.c2.values': type 2 is not one this engine reads",
+    )
+    expect_error(
+        mutated(good, tmp_path, [(t["type"], (1).to_bytes(4, "little"))]),
+        asan_run,
+        "'blk.0.ssm_in.c2.values' has type F16, expected I8",
+    )
+    expect_error(
+        mutated(good, tmp_path, [(t["dims"], (2**62).to_bytes(8, "little"))]),
+        asan_run,
+        "dimension 0",
+        "out of range",
+    )
+    expect_error(
+        mutated(good, tmp_path, [(t["dims"], (4).to_bytes(8, "little"))]),
+        asan_run,
+        "'blk.0.ssm_in.c2.values' has shape",
+    )
+    expect_error(
+        mutated(good, tmp_path, [(t["offset"], (2**40).to_bytes(8, "little"))]), asan_run, "outside the"
+    )
+    expect_error(mutated(good, tmp_path, [(t["offset"], (3).to_bytes(8, "little"))]), asan_run, "misaligned")
+
+
+def test_model_level_errors(good, asan_run, tmp_path):
+    kv, ti = offsets(good)
+    expect_error(
+        mutated(good, tmp_path, [(kv["sparsamba.format_version"], (9).to_bytes(4, "little"))]),
+        asan_run,
+        "packed format version 9 is not supported",
+    )
+    # 'f16' -> 'f17': an unknown dtype enum
+    expect_error(mutated(good, tmp_path, [(kv["sparsamba.compile.dtype"], b"f17\0")]), asan_run, "")
+    codes = ti["blk.1.ssm_out.c2.codes"]
+    expect_error(
+        mutated(good, tmp_path, [(codes["data"], b"\xff")]),
+        asan_run,
+        "'blk.1.ssm_out.c2.codes': row 0 group 0 keeps 4 weights, class c2 keeps 2",
+    )
+    rows = ti["blk.0.ssm_x.c1.rows"]
+    expect_error(
+        mutated(good, tmp_path, [(rows["data"], (10**6).to_bytes(4, "little"))]),
+        asan_run,
+        "writes output 1000000, which is out of range",
+    )
+    first = good.read_bytes()[rows["data"] : rows["data"] + 4]
+    expect_error(
+        mutated(good, tmp_path, [(rows["data"] + 4, first)]), asan_run, "already written by another row"
+    )
+    scale = (
+        ti["blk.0.ssm_dt.c3.scale"]
+        if "blk.0.ssm_dt.c3.scale" in ti
+        else next(v for k, v in ti.items() if k.endswith(".scale"))
+    )
+    expect_error(
+        mutated(good, tmp_path, [(scale["data"], np.float32(np.nan).tobytes())]), asan_run, "is not finite"
+    )
+
+
+def test_a_llama_cpp_file_is_pointed_to_compile(tiny_model_dir, asan_run, tmp_path):
+    plain = export_gguf(tiny_model_dir, tmp_path / "plain.gguf")
+    expect_error(plain, asan_run, "architecture 'mamba' is not a sparsamba packed model", "sparsamba compile")
+
+
+def test_missing_and_stray_tensors(good, asan_run, tmp_path):
+    _, ti = offsets(good)
+    data = good.read_bytes()
+    # rename a tensor in place (same length): one expected tensor goes missing, one unknown appears
+    name = b"blk.1.ssm_d"
+    name_at = data.index(len(name).to_bytes(8, "little") + name) + 8
+    bad = mutated(good, tmp_path, [(name_at, b"blk.1.ssm_q")])
+    expect_error(bad, asan_run, "missing tensor 'blk.1.ssm_d'")
+    # a misnamed optional tensor (the in_proj bias) would silently drop out: it is refused as unknown
+    assert "blk.0.ssm_in.bias" in ti
+    name = b"blk.0.ssm_in.bias"
+    name_at = data.index(len(name).to_bytes(8, "little") + name) + 8
+    bad = mutated(good, tmp_path, [(name_at, b"blk.0.ssm_in.biaz")])
+    expect_error(bad, asan_run, "tensor 'blk.0.ssm_in.biaz' is not part of a sparsamba.mamba model")
+
+
+def test_random_header_corruption_never_crashes(good, asan_run, tmp_path):
+    """Flip bytes anywhere in the header and the checked arrays: every load either succeeds or fails
+    with an EngineError; the sanitizer build sees no invalid access."""
+    kv, ti = offsets(good)
+    header_end = min(t["data"] for t in ti.values())
+    rng = random.Random(0)
+    data = good.read_bytes()
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(240):
+        buf = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            buf[rng.randrange(header_end)] = rng.randrange(256)
+        path = tmp_path / "fuzz.gguf"
+        path.write_bytes(bytes(buf))
+        try:
+            Engine(path, threads=1).logits([1, 2, 3])
+            outcomes["ok"] += 1
+        except EngineError:
+            outcomes["error"] += 1
+        if i % 8 == 0:
+            assert sanitized(asan_run, path).returncode in (0, 1)
+    assert outcomes["error"] > 50
+
+
+def test_a_model_larger_than_the_address_space_limit(good, asan_run, tmp_path):
+    """A file that cannot be mapped within the process's memory limit: a clear error, no crash. (The
+    plain build: sanitizers reserve terabytes of address space and cannot run under RLIMIT_AS.)"""
+    big = tmp_path / "big.gguf"
+    shutil.copy(good, big)
+    with open(big, "r+b") as f:  # trailing bytes after the data are allowed; a hole costs no disk
+        f.truncate(3 << 30)
+    run = Path(__import__("sparsamba").__path__[0]) / "bin" / "sparsamba-run"
+    runs = [
+        p
+        for p in [run, *(Path(x) / "bin" / "sparsamba-run" for x in __import__("sparsamba").__path__)]
+        if p.is_file()
+    ]
+    assert runs, "the package's sparsamba-run was not installed"
+    p = subprocess.run(
+        [str(runs[0]), str(big), "-n", "1"],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)),
+    )
+    assert p.returncode == 1 and "cannot map" in p.stderr and "memory" in p.stderr, p.stderr
