@@ -13,6 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import PRUNED_CONFIGS, random_pruned
 
 from sparsamba.cli import main
 from sparsamba.compile import (
@@ -32,37 +33,10 @@ from sparsamba.compile.plan import classify_rows, dense_rows
 from sparsamba.compile.verify import check_plan, sample_ids
 from sparsamba.errors import SparsambaError
 from sparsamba.model.hf import load_model, save_model
-from sparsamba.model.mamba1 import Mamba1Config, Mamba1LM
 from sparsamba.model.mamba2 import Mamba2Config, Mamba2LM
-from sparsamba.prune.pattern import group_masks, removed_per_row
+from sparsamba.prune.pattern import removed_per_row
 
-CONFIGS = {
-    # d_inner 72 (not a multiple of 16), dt_rank 3 (< 4: one padded group), tied, biases, no conv bias
-    "d24": dict(hidden_size=24, expand=3, time_step_rank=3, state_size=6, use_bias=True, use_conv_bias=False),
-    # d_inner 80, dt_rank 5, untied head
-    "d40": dict(hidden_size=40, expand=2, time_step_rank=5, state_size=4, tie_word_embeddings=False),
-    # d_inner 54: ssm_x / ssm_out rows end in a padded group; untied, biases
-    "d18": dict(
-        hidden_size=18, expand=3, time_step_rank=2, state_size=5, tie_word_embeddings=False, use_bias=True
-    ),
-}
-
-
-def random_pruned(out_dir, seed: int = 0, row_block: int = 1, vocab: int = 61, **cfg_kw):
-    """A random Mamba-1 whose prunable rows follow C_4^n with n drawn from 0..4 per row (or block)."""
-    torch.manual_seed(seed)
-    m = Mamba1LM(Mamba1Config(vocab_size=vocab, num_hidden_layers=2, **cfg_kw))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.ndim == 1 or name.endswith("A_log"):  # off their init values, so a mixed-up channel shows
-                p.add_(0.3 * torch.randn_like(p))
-        for name, mod in m.named_modules():
-            if name.endswith(("in_proj", "x_proj", "dt_proj", "out_proj")):
-                W = mod.weight
-                out = W.shape[0]
-                n = torch.randint(0, 5, (-(-out // row_block),)).repeat_interleave(row_block)[:out]
-                W.mul_(group_masks(torch.randn_like(W))[n, torch.arange(out)])
-    return save_model(m, out_dir)
+CONFIGS = PRUNED_CONFIGS
 
 
 @pytest.fixture(scope="module")
