@@ -60,6 +60,9 @@ typedef struct {
                  void *scratch);
     void (*scan_step)(int N, const float *A, float dt, float dtx, const float *B, const float *C,
                       float *s, float *yc); /* s = exp(dt*A)*s + dtx*B ; *yc = s . C */
+    void (*silu)(float *x, int n);                   /* x = x * sigmoid(x), in place */
+    void (*softplus)(float *x, int n);               /* x = log(1 + e^x) (x above 20 stays x) */
+    void (*mul_silu)(float *y, const float *z, int n); /* y = y * silu(z): the gate */
 } sb_kernels;
 
 #define SB_GEMM_ROWS 8 /* rows decoded at once by gemm */

@@ -122,9 +122,6 @@ static void linear_mat(const sb_kernels *k, const sb_linear *lin, const float *X
 
 /* ---------------------------------------------------------------- small ops */
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
-static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); } /* torch's threshold */
-
 /* y[i] = bias[i] (or 0): the kernels accumulate, and removed rows must read as the bias alone */
 static void fill_bias(float *y, const float *bias, int n) {
     if (bias) memcpy(y, bias, sizeof(float) * (size_t)n);
@@ -248,21 +245,24 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
         for (int j = 0; j < K - 1; j++) acc += w[j] * st[j];
         for (int j = 0; j + 1 < K - 1; j++) st[j] = st[j + 1];
         if (K > 1) st[K - 2] = x;
-        s->xc[c] = silu(acc);
+        s->xc[c] = acc;
     }
+    k->silu(s->xc, di);
     memset(s->xdbl, 0, sizeof(float) * (size_t)(R + 2 * N));
     linear_vec(k, &ly->x, s->xc, s->xdbl);
     memcpy(s->dtin, s->xdbl, sizeof(float) * (size_t)R);
     fill_bias(s->dt, ly->dt_bias, di);
     linear_vec(k, &ly->dt, s->dtin, s->dt);
+    k->softplus(s->dt, di);
     const float *B = s->xdbl + R, *C = s->xdbl + R + N;
     float *ssm = s->ssm + (size_t)i * di * N;
 #pragma omp parallel for schedule(static) if (di * N > 8192)
-    for (int c = 0; c < di; c++) { /* softplus + scan step + D skip + SiLU(z) gate */
-        float dt = softplus(s->dt[c]), x = s->xc[c], yc;
+    for (int c = 0; c < di; c++) { /* scan step + D skip */
+        float dt = s->dt[c], x = s->xc[c], yc;
         k->scan_step(N, ly->A + (size_t)c * N, dt, dt * x, B, C, ssm + (size_t)c * N, &yc);
-        s->y[c] = (yc + ly->D[c] * x) * silu(s->xz[di + c]);
+        s->y[c] = yc + ly->D[c] * x;
     }
+    k->mul_silu(s->y, s->xz + di, di); /* the SiLU(z) gate */
     if (ly->out.bias)
         for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
     linear_vec(k, &ly->out, s->y, s->h); /* out_proj accumulates into the residual */
@@ -310,8 +310,9 @@ static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, in
                     int src = t - (K - 1) + j; /* < 0: from the carried window */
                     acc += w[j] * (src >= 0 ? x[src] : st[K - 1 + src]);
                 }
-                xc[t] = silu(acc);
+                xc[t] = acc;
             }
+            k->silu(xc, T);
             for (int j = 0; j < K - 1; j++) { /* the new window: the last K-1 inputs */
                 int src = T - (K - 1) + j;
                 st[j] = src >= 0 ? x[src] : st[src + T];
@@ -333,11 +334,13 @@ static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, in
         for (int c = 0; c < di; c++) {
             const float *A = ly->A + (size_t)c * N, *xc = s->XC + (size_t)c * ldx, *z = s->XZ + (size_t)(di + c) * ldx;
             float *dtr = s->DT + (size_t)c * ldx, *y = s->Y + (size_t)c * ldx, *h = ssm + (size_t)c * N;
+            k->softplus(dtr, T);
             for (int t = 0; t < T; t++) {
-                float dt = softplus(dtr[t]), yc;
+                float dt = dtr[t], yc;
                 k->scan_step(N, A, dt, dt * xc[t], s->BT + (size_t)t * N, s->CT + (size_t)t * N, h, &yc);
-                y[t] = (yc + ly->D[c] * xc[t]) * silu(z[t]);
+                y[t] = yc + ly->D[c] * xc[t];
             }
+            k->mul_silu(y, z, T);
         }
         if (ly->out.bias)
             for (int c = 0; c < d; c++)

@@ -33,17 +33,25 @@ static inline __m256i first_lanes(int lanes) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* `cnt` (<= 8) consecutive values of type dt at p, widened to fp32, zeros in the other lanes */
-static inline f32x8 load_few(const uint8_t *p, int dt, int cnt) {
+/* `cnt` (<= 8) consecutive values of type dt at p, widened to fp32, zeros in the other lanes; no
+ * byte past p + cnt is read (masked loads, or a narrow copy at the very end of the values) */
+static inline f32x8 load_few(const uint8_t *p, const uint8_t *end, int dt, int cnt) {
     if (dt == GG_F32) return _mm256_maskload_ps((const float *)p, first_lanes(cnt));
     if (dt == GG_F16) {
+        if (!(cnt & 1)) /* an even count is cnt/2 whole dwords: a masked 128-bit load */
+            return _mm256_cvtph_ps(_mm_maskload_epi32((const int *)p, _mm256_castsi256_si128(first_lanes(cnt / 2))));
         uint16_t h[8] = {0};
         memcpy(h, p, 2 * (size_t)cnt);
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
     }
-    int8_t q[8] = {0};
-    memcpy(q, p, (size_t)cnt);
-    return v_load_i8(q);
+    uint64_t u = 0;
+    if (p + 8 <= end) {
+        memcpy(&u, p, 8); /* one 8-byte load, the bytes past cnt masked off */
+        if (cnt < 8) u &= (1ULL << (8 * cnt)) - 1;
+    } else {
+        memcpy(&u, p, (size_t)cnt);
+    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128((long long)u)));
 }
 
 static inline float dense_row(const sb_class *c, int r, const float *x) {
@@ -77,7 +85,7 @@ static inline float dense_row(const sb_class *c, int r, const float *x) {
         }
         for (; j + 8 <= len; j += 8) a0 = v_fma(v_load_i8(v + j), v_load(x + j), a0);
     }
-    if (j < len) a1 = v_fma(load_few(v + j * ts, c->dtype, len - j), v_load(x + j), a1);
+    if (j < len) a1 = v_fma(load_few(v + j * ts, c->vend, c->dtype, len - j), v_load(x + j), a1);
     float acc = v_hsum(v_add(v_add(a0, a1), v_add(a2, a3)));
     return c->scale ? acc * c->scale[r] : acc;
 }
@@ -90,7 +98,7 @@ static inline float sparse_row(const sb_class *c, int r, const float *x, int k) 
     f32x8 a0 = v_zero(), a1 = v_zero();
     int g2 = 0;
     for (; g2 + 2 <= G / 2; g2 += 2) {
-        f32x8 w0 = load_few(v, dt, 2 * k), w1 = load_few(v + 2 * k * ts, dt, 2 * k);
+        f32x8 w0 = load_few(v, c->vend, dt, 2 * k), w1 = load_few(v + 2 * k * ts, c->vend, dt, 2 * k);
         w0 = _mm256_permutevar8x32_ps(w0, _mm256_loadu_si256((const __m256i *)g_perm[code[g2]]));
         w1 = _mm256_permutevar8x32_ps(w1, _mm256_loadu_si256((const __m256i *)g_perm[code[g2 + 1]]));
         a0 = v_fma(w0, v_load(x + 8 * g2), a0);
@@ -99,7 +107,7 @@ static inline float sparse_row(const sb_class *c, int r, const float *x, int k) 
     }
     for (; g2 < (G + 1) / 2; g2++) { /* the last pair, or a lone last group (high nibble 0) */
         int cnt = 2 * g2 + 1 < G ? 2 * k : k;
-        f32x8 w = load_few(v, dt, cnt);
+        f32x8 w = load_few(v, c->vend, dt, cnt);
         w = _mm256_permutevar8x32_ps(w, _mm256_loadu_si256((const __m256i *)g_perm[code[g2]]));
         a0 = v_fma(w, v_load(x + 8 * g2), a0);
         v += cnt * ts;
@@ -148,42 +156,63 @@ static int decode_rows(const sb_class *c, int r0, int r1, int32_t *cols, float *
     return stride;
 }
 
+/* Y tile (64 tokens) of one row += its entries [e0, e1) against X rows col[e] */
+static inline void tile64(const int32_t *col, const float *w, int e0, int e1, const float *X, int ldx, float *yp) {
+    f32x8 a0 = v_load(yp), a1 = v_load(yp + 8), a2 = v_load(yp + 16), a3 = v_load(yp + 24);
+    f32x8 a4 = v_load(yp + 32), a5 = v_load(yp + 40), a6 = v_load(yp + 48), a7 = v_load(yp + 56);
+    for (int e = e0; e < e1; e++) {
+        f32x8 wv = v_set1(w[e]);
+        const float *xp = X + (size_t)col[e] * ldx;
+        a0 = v_fma(wv, v_load(xp), a0);
+        a1 = v_fma(wv, v_load(xp + 8), a1);
+        a2 = v_fma(wv, v_load(xp + 16), a2);
+        a3 = v_fma(wv, v_load(xp + 24), a3);
+        a4 = v_fma(wv, v_load(xp + 32), a4);
+        a5 = v_fma(wv, v_load(xp + 40), a5);
+        a6 = v_fma(wv, v_load(xp + 48), a6);
+        a7 = v_fma(wv, v_load(xp + 56), a7);
+    }
+    v_store(yp, a0), v_store(yp + 8, a1), v_store(yp + 16, a2), v_store(yp + 24, a3);
+    v_store(yp + 32, a4), v_store(yp + 40, a5), v_store(yp + 48, a6), v_store(yp + 56, a7);
+}
+
+static inline void tile8(const int32_t *col, const float *w, int e0, int e1, const float *X, int ldx, float *yp) {
+    f32x8 a0 = v_load(yp), a1 = v_zero();
+    int e = e0;
+    for (; e + 2 <= e1; e += 2) {
+        a0 = v_fma(v_set1(w[e]), v_load(X + (size_t)col[e] * ldx), a0);
+        a1 = v_fma(v_set1(w[e + 1]), v_load(X + (size_t)col[e + 1] * ldx), a1);
+    }
+    if (e < e1) a0 = v_fma(v_set1(w[e]), v_load(X + (size_t)col[e] * ldx), a0);
+    v_store(yp, v_add(a0, a1));
+}
+
+/* KB input columns at a time: the X slab a block of rows reads (KB x 64 tokens x 4 bytes = 16 KB)
+ * stays in L1 while every row of the block passes over it */
+#define KB 64
+
 static void gemm_avx2(const sb_class *c, const float *X, int ldx, int T, float *Y, int ldy, int r0, int r1,
                       void *scratch) {
     int stride = 4 * c->G + 16, count[SB_GEMM_ROWS];
     int32_t *cols = (int32_t *)scratch;
     float *ws = (float *)(cols + (size_t)SB_GEMM_ROWS * stride);
     decode_rows(c, r0, r1, cols, ws, count);
-    int Tp = (T + 7) / 8 * 8; /* ldx is a multiple of 8: the padding columns are scratch */
-    int t0 = 0;
-    for (; t0 + 32 <= Tp; t0 += 32) {
-        for (int r = r0; r < r1; r++) {
-            const int32_t *col = cols + (size_t)(r - r0) * stride;
-            const float *w = ws + (size_t)(r - r0) * stride;
-            f32x8 a0 = v_zero(), a1 = v_zero(), a2 = v_zero(), a3 = v_zero();
-            for (int e = 0; e < count[r - r0]; e++) {
-                f32x8 wv = v_set1(w[e]);
-                const float *xp = X + (size_t)col[e] * ldx + t0;
-                a0 = v_fma(wv, v_load(xp), a0);
-                a1 = v_fma(wv, v_load(xp + 8), a1);
-                a2 = v_fma(wv, v_load(xp + 16), a2);
-                a3 = v_fma(wv, v_load(xp + 24), a3);
+    int k = c->codes ? 4 - c->n : 4; /* entries per group of 4 columns: column j's entries start at j/4*k */
+    int Tp = (T + 7) / 8 * 8;        /* ldx is a multiple of 8: the padding columns are scratch */
+    for (int kb = 0; kb < 4 * c->G; kb += KB) {
+        for (int t0 = 0; t0 < Tp;) {
+            int wide = t0 + 64 <= Tp;
+            for (int r = r0; r < r1; r++) {
+                int e0 = kb / 4 * k, e1 = (kb + KB) / 4 * k;
+                if (e1 > count[r - r0]) e1 = count[r - r0];
+                if (e0 >= e1) continue;
+                const int32_t *col = cols + (size_t)(r - r0) * stride;
+                const float *w = ws + (size_t)(r - r0) * stride;
+                float *yp = Y + (size_t)(c->idx ? c->idx[r] : r) * ldy + t0;
+                if (wide) tile64(col, w, e0, e1, X + t0, ldx, yp);
+                else tile8(col, w, e0, e1, X + t0, ldx, yp);
             }
-            float *yp = Y + (size_t)(c->idx ? c->idx[r] : r) * ldy + t0;
-            v_store(yp, v_add(v_load(yp), a0));
-            v_store(yp + 8, v_add(v_load(yp + 8), a1));
-            v_store(yp + 16, v_add(v_load(yp + 16), a2));
-            v_store(yp + 24, v_add(v_load(yp + 24), a3));
-        }
-    }
-    for (; t0 < Tp; t0 += 8) {
-        for (int r = r0; r < r1; r++) {
-            const int32_t *col = cols + (size_t)(r - r0) * stride;
-            const float *w = ws + (size_t)(r - r0) * stride;
-            f32x8 a0 = v_zero();
-            for (int e = 0; e < count[r - r0]; e++) a0 = v_fma(v_set1(w[e]), v_load(X + (size_t)col[e] * ldx + t0), a0);
-            float *yp = Y + (size_t)(c->idx ? c->idx[r] : r) * ldy + t0;
-            v_store(yp, v_add(v_load(yp), a0));
+            t0 += wide ? 64 : 8;
         }
     }
 }
@@ -205,4 +234,36 @@ static void scan_step_avx2(int N, const float *A, float dt, float dtx, const flo
     *yc = v_hsum(acc) + tail;
 }
 
-const sb_kernels sb_kernels_avx2 = {"avx2", gemv_avx2, gemm_avx2, scan_step_avx2};
+static void silu_avx2(float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        f32x8 v = v_load(x + i);
+        v_store(x + i, _mm256_div_ps(v, v_add(v_set1(1.0f), v_exp(_mm256_sub_ps(v_zero(), v)))));
+    }
+    for (; i < n; i++) x[i] = x[i] / (1.0f + expf(-x[i]));
+}
+
+static void softplus_avx2(float *x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        /* log1p(u) = log(w) * u / (w - 1) with w = 1 + u: exact to float rounding even when u is tiny */
+        f32x8 v = v_load(x + i), u = v_exp(v), w = v_add(v_set1(1.0f), u), wm1 = _mm256_sub_ps(w, v_set1(1.0f));
+        f32x8 r = _mm256_div_ps(v_mul(v_log(w), u), wm1);
+        r = _mm256_blendv_ps(r, u, _mm256_cmp_ps(wm1, v_zero(), _CMP_EQ_OQ));
+        v_store(x + i, _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v_set1(20.0f), _CMP_GT_OQ)));
+    }
+    for (; i < n; i++) x[i] = x[i] > 20.0f ? x[i] : log1pf(expf(x[i]));
+}
+
+static void mul_silu_avx2(float *y, const float *z, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        f32x8 v = v_load(z + i);
+        f32x8 sv = _mm256_div_ps(v, v_add(v_set1(1.0f), v_exp(_mm256_sub_ps(v_zero(), v))));
+        v_store(y + i, v_mul(v_load(y + i), sv));
+    }
+    for (; i < n; i++) y[i] *= z[i] / (1.0f + expf(-z[i]));
+}
+
+const sb_kernels sb_kernels_avx2 = {"avx2",   gemv_avx2,     gemm_avx2,    scan_step_avx2,
+                                    silu_avx2, softplus_avx2, mul_silu_avx2};

@@ -44,4 +44,16 @@ static void scan_step_ref(int N, const float *A, float dt, float dtx, const floa
     *yc = acc;
 }
 
-const sb_kernels sb_kernels_ref = {"scalar", gemv_ref, gemm_ref, scan_step_ref};
+static void silu_ref(float *x, int n) {
+    for (int i = 0; i < n; i++) x[i] = x[i] / (1.0f + expf(-x[i]));
+}
+
+static void softplus_ref(float *x, int n) { /* torch's threshold: above 20, softplus(x) = x */
+    for (int i = 0; i < n; i++) x[i] = x[i] > 20.0f ? x[i] : log1pf(expf(x[i]));
+}
+
+static void mul_silu_ref(float *y, const float *z, int n) {
+    for (int i = 0; i < n; i++) y[i] *= z[i] / (1.0f + expf(-z[i]));
+}
+
+const sb_kernels sb_kernels_ref = {"scalar", gemv_ref, gemm_ref, scan_step_ref, silu_ref, softplus_ref, mul_silu_ref};

@@ -52,4 +52,33 @@ static inline f32x8 v_exp_neg(f32x8 x) {
     return _mm256_andnot_ps(under, res);
 }
 
+/* expf on the whole float range (clamped to [-87, 88]: below it the result is 0, above it inf is
+ * not needed by silu / softplus) */
+static inline f32x8 v_exp(f32x8 x) { return v_exp_neg(_mm256_min_ps(x, v_set1(88.0f))); }
+
+/* natural log for x > 0 (Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a degree-9
+ * polynomial in m - 1); relative error about 1e-7 */
+static inline f32x8 v_log(f32x8 x) {
+    __m256i xi = _mm256_castps_si256(x);
+    f32x8 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
+    f32x8 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)),
+                                                  _mm256_set1_epi32(0x3f000000))); /* [0.5, 1) */
+    f32x8 small = _mm256_cmp_ps(m, v_set1(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm256_sub_ps(e, _mm256_and_ps(small, v_set1(1.0f)));
+    m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), v_set1(1.0f));
+    f32x8 z = v_mul(m, m), p = v_set1(7.0376836292e-2f);
+    p = v_fma(p, m, v_set1(-1.1514610310e-1f));
+    p = v_fma(p, m, v_set1(1.1676998740e-1f));
+    p = v_fma(p, m, v_set1(-1.2420140846e-1f));
+    p = v_fma(p, m, v_set1(1.4249322787e-1f));
+    p = v_fma(p, m, v_set1(-1.6668057665e-1f));
+    p = v_fma(p, m, v_set1(2.0000714765e-1f));
+    p = v_fma(p, m, v_set1(-2.4999993993e-1f));
+    p = v_fma(p, m, v_set1(3.3333331174e-1f));
+    f32x8 y = v_mul(v_mul(p, m), z);
+    y = v_fma(e, v_set1(-2.12194440e-4f), y);
+    y = v_fma(z, v_set1(-0.5f), y);
+    return v_add(v_add(m, y), v_mul(e, v_set1(0.693359375f)));
+}
+
 #endif
