@@ -196,7 +196,10 @@ static int grow_prefill(sb_state *s, int T) {
     free_prefill(s);
     const sb_info *I = &s->m->info;
     int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank;
+    /* rows a multiple of 8 floats apart, but not of 64: a power-of-two stride would put every
+     * channel row of a GEMM slab in the same few L1 sets */
     size_t ldx = (size_t)(T + 7) / 8 * 8;
+    if (ldx % 64 == 0) ldx += 8;
     /* calloc: padding rows must read as zeros, and padding columns must hold numbers */
     s->H = calloc((size_t)pad16(d) * ldx, sizeof(float));
     s->HN = calloc((size_t)pad16(d) * ldx, sizeof(float));

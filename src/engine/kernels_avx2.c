@@ -14,16 +14,18 @@
 #include "engine.h"
 #include "simd.h"
 
-static int32_t g_perm[256][8];
+/* For a code byte (two groups, 8 inputs): g_perm sends packed value lanes to input positions
+ * (lane 7, always zero, where nothing was kept); g_pos lists the kept positions in order. */
+static int32_t g_perm[256][8], g_pos[256][8];
 static int g_ready;
 
 static void init_tables(void) {
-    if (g_ready) return;
+    if (__atomic_load_n(&g_ready, __ATOMIC_ACQUIRE)) return;
     for (int b = 0; b < 256; b++) {
         int lane = 0;
-        for (int j = 0; j < 8; j++) g_perm[b][j] = 7;
+        for (int j = 0; j < 8; j++) g_perm[b][j] = 7, g_pos[b][j] = 0;
         for (int j = 0; j < 8; j++)
-            if (b >> j & 1) g_perm[b][j] = lane++;
+            if (b >> j & 1) g_pos[b][lane] = j, g_perm[b][j] = lane++;
     }
     __atomic_store_n(&g_ready, 1, __ATOMIC_RELEASE);
 }
@@ -129,31 +131,38 @@ static void gemv_avx2(const sb_class *c, const float *x, float *y, int r0, int r
 #undef ROWS
 }
 
-/* decode rows [r0, r1) into (column, weight) pairs: cols/ws hold SB_GEMM_ROWS rows of 4G + 16 */
-static int decode_rows(const sb_class *c, int r0, int r1, int32_t *cols, float *ws, int *count) {
-    int stride = 4 * c->G + 16;
+/* decode rows [r0, r1) into (column, weight) pairs: cols/ws hold SB_GEMM_ROWS rows of 4G + 16.
+ * Vectorised: weights widen 8 at a time, columns come 2 groups at a time from g_pos; stores may
+ * run up to 8 entries past a row's end, into its slack. */
+static void decode_rows(const sb_class *c, int r0, int r1, int32_t *cols, float *ws, int *count) {
+    int stride = 4 * c->G + 16, len = c->len, dt = c->dtype;
+    size_t ts = dt == GG_F32 ? 4 : dt == GG_F16 ? 2 : 1;
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int r = r0; r < r1; r++) {
         int32_t *col = cols + (size_t)(r - r0) * stride;
-        float *w = ws + (size_t)(r - r0) * stride, s = c->scale ? c->scale[r] : 1.0f;
-        int e = 0;
+        float *w = ws + (size_t)(r - r0) * stride;
+        const uint8_t *v = c->values + (size_t)r * len * ts;
+        f32x8 s = v_set1(c->scale ? c->scale[r] : 1.0f);
+        int j = 0;
+        for (; j + 8 <= len; j += 8) {
+            f32x8 x = dt == GG_F32 ? v_load((const float *)v + j) : dt == GG_F16 ? v_load_f16(v + 2 * j) : v_load_i8(v + j);
+            v_store(w + j, v_mul(x, s));
+        }
+        if (j < len) v_store(w + j, v_mul(load_few(v + j * ts, c->vend, dt, len - j), s));
         if (!c->codes) {
-            for (int j = 0; j < c->len; j++) col[j] = j, w[j] = sb_value(c, r, j) * s;
-            e = c->len;
+            for (int e = 0; e < len; e += 8)
+                _mm256_storeu_si256((__m256i *)(col + e), _mm256_add_epi32(iota, _mm256_set1_epi32(e)));
         } else {
             const uint8_t *code = c->codes + (size_t)r * c->cb;
-            for (int g = 0; g < c->G; g++) {
-                int mask = (code[g >> 1] >> ((g & 1) * 4)) & 15;
-                for (int j = 0; j < 4; j++)
-                    if (mask >> j & 1) {
-                        col[e] = 4 * g + j;
-                        w[e] = sb_value(c, r, e) * s;
-                        e++;
-                    }
+            int e = 0;
+            for (int g2 = 0; g2 < c->cb; g2++) {
+                __m256i pos = _mm256_loadu_si256((const __m256i *)g_pos[code[g2]]);
+                _mm256_storeu_si256((__m256i *)(col + e), _mm256_add_epi32(pos, _mm256_set1_epi32(8 * g2)));
+                e += __builtin_popcount(code[g2]);
             }
         }
-        count[r - r0] = e;
+        count[r - r0] = len;
     }
-    return stride;
 }
 
 /* Y tile (64 tokens) of one row += its entries [e0, e1) against X rows col[e] */
@@ -196,6 +205,7 @@ static void gemm_avx2(const sb_class *c, const float *X, int ldx, int T, float *
     int stride = 4 * c->G + 16, count[SB_GEMM_ROWS];
     int32_t *cols = (int32_t *)scratch;
     float *ws = (float *)(cols + (size_t)SB_GEMM_ROWS * stride);
+    init_tables();
     decode_rows(c, r0, r1, cols, ws, count);
     int k = c->codes ? 4 - c->n : 4; /* entries per group of 4 columns: column j's entries start at j/4*k */
     int Tp = (T + 7) / 8 * 8;        /* ldx is a multiple of 8: the padding columns are scratch */
