@@ -108,8 +108,41 @@ def cmd_demo(a) -> None:
     )
     _, r = _eval_text(path, m, tok, None, a.seqlen, a.max_windows, 8)
     print(f"sparse      perplexity {r.perplexity:.2f}")
-    print(f"generate    {DEFAULT_PROMPT}{_generate_text(m, tok, DEFAULT_PROMPT, a.n, 0.0, 0)}")
-    print(f"done in {time.time() - t0:.1f} s (sparsamba prune -o DIR writes such a model; see the README)")
+    t1 = time.time()
+    ref_text = _generate_text(m, tok, DEFAULT_PROMPT, a.n, 0.0, 0)
+    t_ref = time.time() - t1
+    print(f"generate    {DEFAULT_PROMPT}{ref_text}")
+    _demo_engine(m, path, tok, a.n, ref_text, t_ref)
+    print(f"done in {time.time() - t0:.1f} s (sparsamba prune / compile / run do each step; see the README)")
+
+
+def _demo_engine(m, path, tok, n: int, ref_text: str, t_ref: float) -> None:
+    """Compile the pruned model (f16) and generate with the native engine."""
+    import tempfile
+
+    from .compile import compile_model
+    from .engine import Engine
+    from .model.hf import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = save_model(m, Path(tmp) / "pruned", tokenizer_dir=path)
+        rep = compile_model(pruned, Path(tmp) / "model.gguf", dtype="f16")
+        dense_bytes = sum(p.numel() * 4 for p in m.parameters())
+        with Engine(rep.path) as eng:
+            t1 = time.time()
+            out = eng.generate(tok.encode(DEFAULT_PROMPT).ids, n)
+            t_eng = time.time() - t1
+            text = tok.decode(out)
+            print(
+                f"compiled    packed f16 GGUF {rep.path.stat().st_size / 1e6:.2f} MB "
+                f"(dense f32 weights {dense_bytes / 1e6:.2f} MB)"
+            )
+            same = "same text as the torch reference" if text == ref_text else "differs from the f32 reference"
+            print(f"engine      {DEFAULT_PROMPT}{text}")
+            print(
+                f"            {same}; {n} tokens in {t_eng * 1e3:.0f} ms with the native engine "
+                f"({eng.kernels}, {eng.threads} threads) vs {t_ref * 1e3:.0f} ms with the torch reference"
+            )
 
 
 def cmd_prune(a) -> None:

@@ -23,6 +23,9 @@ LIB_NAME = {"darwin": "libsparsamba_engine.dylib", "win32": "sparsamba_engine.dl
 )
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2}
 _DTYPES = {0: "f32", 1: "f16", 24: "int8"}
+# below this many bytes of weights per token, the default is one thread: OpenMP's fork and barriers
+# cost more than they save (and a busy second core makes them cost milliseconds)
+SMALL_MODEL_BYTES = 16 << 20
 
 
 class EngineError(SparsambaError):
@@ -141,8 +144,8 @@ class Engine:
     """A packed model and one sequence's state.
 
     ``logits(tokens)`` scores a sequence from a fresh state; ``prefill`` / ``decode`` continue the
-    state; ``generate`` continues a prompt. ``threads`` (default: all cores) is process-wide, as
-    OpenMP's setting is."""
+    state; ``generate`` continues a prompt. ``threads`` (default: all cores, or 1 for a model under
+    16 MiB) is process-wide, as OpenMP's setting is."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         lib = library()
@@ -150,7 +153,6 @@ class Engine:
         self.path = Path(path)
         if threads is not None and threads <= 0:
             raise SparsambaError(f"threads must be positive, got {threads}")
-        self.threads = lib.sb_set_threads(threads or 0)
         err = _err()
         model = ctypes.c_void_p()
         if lib.sb_model_load(os.fsencode(self.path), ctypes.byref(model), err, len(err)):
@@ -168,6 +170,9 @@ class Engine:
         fields["tied_head"] = bool(fields["tied_head"])
         fields["norm_folded"] = bool(fields["norm_folded"])
         self.info = EngineInfo(**fields)
+        if threads is None:  # a model of a few MB is done before a second thread has started
+            threads = 0 if self.info.weight_bytes >= SMALL_MODEL_BYTES else 1
+        self.threads = lib.sb_set_threads(threads)
         self._tokenizer = None
 
     @property
