@@ -14,18 +14,32 @@
 #include "engine.h"
 #include "simd.h"
 
+/* the kernels below are specialised by inlining (k and the loop shapes become constants) */
+#define SB_INLINE __attribute__((always_inline))
+
 /* For a code byte (two groups, 8 inputs): g_perm sends packed value lanes to input positions
  * (lane 7, always zero, where nothing was kept); g_pos lists the kept positions in order. */
-static int32_t g_perm[256][8], g_pos[256][8];
+static _Alignas(32) int32_t g_perm[256][8];
+static _Alignas(32) int32_t g_pos[256][8];
+static _Alignas(32) int32_t g_mask[256][8];
+/* in-lane (vpermilps) indices: each 128-bit half (one group of 4 inputs) moves its kept inputs to
+ * its front; cross-lane permutes are several uops on some x86 cores, in-lane ones are one */
+static _Alignas(32) int32_t g_front[256][8];
 static int g_ready;
 
 static void init_tables(void) {
     if (__atomic_load_n(&g_ready, __ATOMIC_ACQUIRE)) return;
     for (int b = 0; b < 256; b++) {
         int lane = 0;
-        for (int j = 0; j < 8; j++) g_perm[b][j] = 7, g_pos[b][j] = 0;
+        for (int j = 0; j < 8; j++) g_perm[b][j] = 7, g_pos[b][j] = 0, g_mask[b][j] = 0;
         for (int j = 0; j < 8; j++)
-            if (b >> j & 1) g_pos[b][lane] = j, g_perm[b][j] = lane++;
+            if (b >> j & 1) g_pos[b][lane] = j, g_mask[b][j] = -1, g_perm[b][j] = lane++;
+        for (int h = 0; h < 2; h++) {
+            int at = 0;
+            for (int j = 0; j < 4; j++) g_front[b][4 * h + j] = 0;
+            for (int j = 0; j < 4; j++)
+                if (b >> (4 * h + j) & 1) g_front[b][4 * h + at++] = j;
+        }
     }
     __atomic_store_n(&g_ready, 1, __ATOMIC_RELEASE);
 }
@@ -37,7 +51,7 @@ static inline __m256i first_lanes(int lanes) {
 
 /* `cnt` (<= 8) consecutive values of type dt at p, widened to fp32, zeros in the other lanes; no
  * byte past p + cnt is read (masked loads, or a narrow copy at the very end of the values) */
-static inline f32x8 load_few(const uint8_t *p, const uint8_t *end, int dt, int cnt) {
+static inline SB_INLINE f32x8 load_few(const uint8_t *p, const uint8_t *end, int dt, int cnt) {
     if (dt == GG_F32) return _mm256_maskload_ps((const float *)p, first_lanes(cnt));
     if (dt == GG_F16) {
         if (!(cnt & 1)) /* an even count is cnt/2 whole dwords: a masked 128-bit load */
@@ -56,7 +70,7 @@ static inline f32x8 load_few(const uint8_t *p, const uint8_t *end, int dt, int c
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128((long long)u)));
 }
 
-static inline float dense_row(const sb_class *c, int r, const float *x) {
+static inline SB_INLINE float dense_row(const sb_class *c, int r, const float *x) {
     int len = c->len, j = 0;
     size_t ts = c->dtype == GG_F32 ? 4 : c->dtype == GG_F16 ? 2 : 1;
     const uint8_t *v = c->values + (size_t)r * len * ts;
@@ -92,26 +106,90 @@ static inline float dense_row(const sb_class *c, int r, const float *x) {
     return c->scale ? acc * c->scale[r] : acc;
 }
 
+/* 8 values at p widened to fp32 with a plain (unaligned) load; the lanes past the ones used hold
+ * the next values, which the caller masks off. Near the end of the values, the careful load. */
+static inline SB_INLINE f32x8 load8(const uint8_t *p, const uint8_t *end, int dt, int cnt) {
+    size_t ts = dt == GG_F32 ? 4 : dt == GG_F16 ? 2 : 1;
+    if (p + 8 * ts > end) return load_few(p, end, dt, cnt);
+    return dt == GG_F32 ? v_load((const float *)p) : dt == GG_F16 ? v_load_f16(p) : v_load_i8(p);
+}
+
+/* a code byte's 2k values placed at their input positions, zeros elsewhere */
+static inline SB_INLINE f32x8 expand(f32x8 w, uint8_t code) {
+    w = _mm256_permutevar8x32_ps(w, _mm256_load_si256((const __m256i *)g_perm[code]));
+    return _mm256_and_ps(w, _mm256_castsi256_ps(_mm256_load_si256((const __m256i *)g_mask[code])));
+}
+
+static inline SB_INLINE f32x8 front(f32x8 x, uint8_t code) {
+    return _mm256_permutevar_ps(x, _mm256_load_si256((const __m256i *)g_front[code]));
+}
+
+/* 8 consecutive values in the lane order of the gathered inputs: k = 1 takes groups 0 2 4 6 | 1 3 5 7,
+ * k = 2 takes values 0 1 4 5 | 2 3 6 7 */
+static inline SB_INLINE f32x8 load8_order(const uint8_t *p, const uint8_t *end, int dt, int k) {
+    size_t ts = dt == GG_F32 ? 4 : dt == GG_F16 ? 2 : 1;
+    uint8_t tmp[32];
+    if (__builtin_expect(p + 8 * ts > end, 0)) { /* the very end of the values: a careful copy */
+        memset(tmp, 0, sizeof tmp);
+        memcpy(tmp, p, 8 * ts);
+        p = tmp;
+    }
+    if (dt == GG_F32) {
+        f32x8 w = v_load((const float *)p);
+        return _mm256_permutevar8x32_ps(w, k == 1 ? _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)
+                                                  : _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+    }
+    __m128i b = dt == GG_F16 ? _mm_loadu_si128((const __m128i *)p) : _mm_loadl_epi64((const __m128i *)p);
+    __m128i sh = dt == GG_F16 ? (k == 1 ? _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)
+                                        : _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15))
+                              : (k == 1 ? _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                                        : _mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    b = _mm_shuffle_epi8(b, sh);
+    return dt == GG_F16 ? _mm256_cvtph_ps(b) : _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
 /* one sparse row, k kept per group; the compiler sees k as a constant in each caller below */
-static inline float sparse_row(const sb_class *c, int r, const float *x, int k) {
+static inline SB_INLINE float sparse_row(const sb_class *c, int r, const float *x, int k) {
     int G = c->G, dt = c->dtype;
     size_t ts = dt == GG_F32 ? 4 : dt == GG_F16 ? 2 : 1;
-    const uint8_t *v = c->values + (size_t)r * c->len * ts, *code = c->codes + (size_t)r * c->cb;
+    const uint8_t *v = c->values + (size_t)r * c->len * ts, *code = c->codes + (size_t)r * c->cb, *end = c->vend;
     f32x8 a0 = v_zero(), a1 = v_zero();
     int g2 = 0;
+    /* Gather the kept inputs into the packed values' order instead of spreading values out: each
+     * group's kept inputs go to the front of its 128-bit half (in-lane), halves are interleaved so
+     * 8 lanes match 8 consecutive values (reordered by a fixed in-lane byte shuffle), and no lane
+     * is spent on a zero. (At k = 3, 6 values per byte do not tile 8 lanes; spreading is faster.) */
+    if (k == 1) {
+        for (; g2 + 4 <= G / 2; g2 += 4) {
+            const float *xp = x + 8 * g2;
+            f32x8 c0 = front(v_load(xp), code[g2]), c1 = front(v_load(xp + 8), code[g2 + 1]);
+            f32x8 c2 = front(v_load(xp + 16), code[g2 + 2]), c3 = front(v_load(xp + 24), code[g2 + 3]);
+            /* lanes: groups 0 2 4 6 | 1 3 5 7 */
+            f32x8 r = _mm256_shuffle_ps(_mm256_unpacklo_ps(c0, c1), _mm256_unpacklo_ps(c2, c3), 0x44);
+            a0 = v_fma(load8_order(v, end, dt, 1), r, a0);
+            v += 8 * ts;
+        }
+    } else if (k == 2) {
+        for (; g2 + 4 <= G / 2; g2 += 4) { /* two independent chains */
+            /* lanes: group 0 (2), group 2 (2) | group 1 (2), group 3 (2) */
+            f32x8 r0 = _mm256_shuffle_ps(front(v_load(x + 8 * g2), code[g2]), front(v_load(x + 8 * g2 + 8), code[g2 + 1]), 0x44);
+            f32x8 r1 = _mm256_shuffle_ps(front(v_load(x + 8 * g2 + 16), code[g2 + 2]), front(v_load(x + 8 * g2 + 24), code[g2 + 3]), 0x44);
+            a0 = v_fma(load8_order(v, end, dt, 2), r0, a0);
+            a1 = v_fma(load8_order(v + 8 * ts, end, dt, 2), r1, a1);
+            v += 16 * ts;
+        }
+    }
+    /* k = 3 (and the tails): spread each byte's values to their input positions */
     for (; g2 + 2 <= G / 2; g2 += 2) {
-        f32x8 w0 = load_few(v, c->vend, dt, 2 * k), w1 = load_few(v + 2 * k * ts, c->vend, dt, 2 * k);
-        w0 = _mm256_permutevar8x32_ps(w0, _mm256_loadu_si256((const __m256i *)g_perm[code[g2]]));
-        w1 = _mm256_permutevar8x32_ps(w1, _mm256_loadu_si256((const __m256i *)g_perm[code[g2 + 1]]));
+        f32x8 w0 = expand(load8(v, end, dt, 2 * k), code[g2]);
+        f32x8 w1 = expand(load8(v + 2 * k * ts, end, dt, 2 * k), code[g2 + 1]);
         a0 = v_fma(w0, v_load(x + 8 * g2), a0);
         a1 = v_fma(w1, v_load(x + 8 * g2 + 8), a1);
         v += 4 * k * ts;
     }
     for (; g2 < (G + 1) / 2; g2++) { /* the last pair, or a lone last group (high nibble 0) */
         int cnt = 2 * g2 + 1 < G ? 2 * k : k;
-        f32x8 w = load_few(v, c->vend, dt, cnt);
-        w = _mm256_permutevar8x32_ps(w, _mm256_loadu_si256((const __m256i *)g_perm[code[g2]]));
-        a0 = v_fma(w, v_load(x + 8 * g2), a0);
+        a0 = v_fma(expand(load_few(v, end, dt, cnt), code[g2]), v_load(x + 8 * g2), a0);
         v += cnt * ts;
     }
     float acc = v_hsum(v_add(a0, a1));
