@@ -446,3 +446,35 @@ done:
     sb_state_free(s);
     return rc;
 }
+
+/* ---------------------------------------------------------------- roofline */
+
+double sb_read_bandwidth(int64_t bytes, int32_t reps) {
+    size_t n = (size_t)(bytes / (int64_t)sizeof(float)) / 64 * 64;
+    if (n == 0 || reps <= 0) return -1.0;
+    float *buf = aligned_alloc(64, n * sizeof(float));
+    if (!buf) return -1.0;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 255); /* first touch by the reading thread */
+    double best = 0.0;
+    volatile float sink = 0.0f;
+    for (int r = 0; r < reps; r++) {
+        double t0 = now();
+        float total = 0.0f;
+        /* eight independent sums: the compiler vectorises this loop with the file's flags, and the
+         * memory system, not the adds, sets the pace */
+#pragma omp parallel for schedule(static) reduction(+ : total)
+        for (size_t i = 0; i < n; i += 64) {
+            float acc[8] = {0};
+            for (int j = 0; j < 64; j += 8)
+                for (int l = 0; l < 8; l++) acc[l] += buf[i + j + l];
+            for (int l = 0; l < 8; l++) total += acc[l];
+        }
+        double dt = now() - t0;
+        sink = total;
+        if (n * sizeof(float) / dt > best) best = n * sizeof(float) / dt;
+    }
+    (void)sink;
+    free(buf);
+    return best;
+}

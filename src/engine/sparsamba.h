@@ -70,6 +70,11 @@ SB_API const char *sb_isa_name(void);
 SB_API int sb_bench(const sb_model *m, int32_t n_prompt, int32_t n_gen, int32_t reps, double *pp_ts,
                     double *tg_ts, char *err, size_t errlen);
 
+/* Memory read bandwidth for the roofline: the best of reps passes summing a fresh buffer of `bytes`
+ * with the active kernels' widest loads, on the current thread count. Bytes per second, or < 0 when
+ * the buffer cannot be allocated. */
+SB_API double sb_read_bandwidth(int64_t bytes, int32_t reps);
+
 #ifdef __cplusplus
 }
 #endif

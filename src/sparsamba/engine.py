@@ -122,6 +122,8 @@ def library() -> ctypes.CDLL:
     dp = ctypes.POINTER(ctypes.c_double)
     lib.sb_bench.argtypes = [P, c_int, c_int, c_int, dp, dp, c_char_p, c_size]
     lib.sb_bench.restype = ctypes.c_int
+    lib.sb_read_bandwidth.argtypes = [ctypes.c_int64, c_int]
+    lib.sb_read_bandwidth.restype = ctypes.c_double
     _lib = lib
     return lib
 
@@ -134,6 +136,17 @@ def set_isa(isa: str) -> str:
     lib = library()
     lib.sb_set_isa(ISAS[isa])
     return lib.sb_isa_name().decode()
+
+
+def read_bandwidth(mib: int = 512, threads: int = 1, reps: int = 5) -> float:
+    """Memory read bandwidth in bytes/s, measured by the engine (best of ``reps`` passes over a
+    ``mib`` MiB buffer on ``threads`` threads): the denominator of the decode roofline."""
+    lib = library()
+    lib.sb_set_threads(threads)
+    bw = lib.sb_read_bandwidth(mib << 20, reps)
+    if bw < 0:
+        raise SparsambaError(f"cannot allocate {mib} MiB to measure the memory bandwidth")
+    return bw
 
 
 def _err() -> ctypes.Array:
