@@ -305,9 +305,21 @@ def cmd_run(a) -> None:
             ids = tok.encode(a.prompt).ids
             if not ids:
                 raise SparsambaError("the prompt is empty; give some text (or --tokens)")
+            new: list[int] = []
+            shown = 0
+
+            def show(t: int) -> None:  # print the text as it grows (a token may end mid-character)
+                nonlocal shown
+                new.append(t)
+                text = tok.decode(new)
+                if not text.endswith("\ufffd"):
+                    print(text[shown:], end="", flush=True)
+                    shown = len(text)
+
+            print(a.prompt, end="", flush=True)
             t0 = time.time()
-            out = eng.generate(ids, a.n, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
-            print(a.prompt + tok.decode(out))
+            out = eng.generate(ids, a.n, temperature=a.temperature, top_k=a.top_k, seed=a.seed, on_token=show)
+            print(tok.decode(out)[shown:])
             _log(f"{len(out)} tokens in {time.time() - t0:.2f} s ({eng.kernels}, {eng.threads} threads)")
 
 

@@ -264,9 +264,11 @@ class Engine:
         top_k: int = 0,
         seed: int = 0,
         eos_token_id: int | None = None,
+        on_token=None,
     ) -> list[int]:
         """New token ids after ``prompt`` (fresh state): greedy when ``temperature`` is 0, else
-        sampled from softmax(logits / temperature), over the ``top_k`` most likely if top_k > 0."""
+        sampled from softmax(logits / temperature), over the ``top_k`` most likely if top_k > 0.
+        ``on_token(id)`` is called as each token is chosen (streaming output)."""
         if max_new_tokens <= 0:
             raise SparsambaError(f"number of tokens to generate must be positive, got {max_new_tokens}")
         rng = np.random.default_rng(seed)
@@ -276,6 +278,8 @@ class Engine:
         for i in range(max_new_tokens):
             tok = _pick(logits, temperature, top_k, rng)
             out.append(tok)
+            if on_token is not None:
+                on_token(tok)
             if (eos_token_id is not None and tok == eos_token_id) or i + 1 == max_new_tokens:
                 break
             logits = self.decode(tok)
