@@ -134,6 +134,12 @@ def test_bench_reports_rates(compiled):
     assert len(r["pp"]) == len(r["tg"]) == 2 and min(r["pp"] + r["tg"]) > 0
 
 
+def test_read_bandwidth_is_measured():
+    from sparsamba.engine import read_bandwidth
+
+    assert read_bandwidth(mib=8, threads=1, reps=1) > 1e8  # bytes/s: any machine reads 100 MB/s
+
+
 def test_bad_calls_are_clear_errors(compiled):
     path, _ = compiled["d24", "f32"]
     eng = Engine(path, threads=1)
