@@ -72,6 +72,9 @@ extern const sb_kernels sb_kernels_ref;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const sb_kernels sb_kernels_avx2;
 #endif
+#if defined(__aarch64__)
+extern const sb_kernels sb_kernels_neon;
+#endif
 const sb_kernels *sb_active_kernels(void);
 
 /* fp16 -> fp32 for the scalar paths (portable, no compiler half type needed) */

@@ -42,6 +42,9 @@ static const sb_kernels *best_kernels(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         return &sb_kernels_avx2;
 #endif
+#if defined(__aarch64__)
+    return &sb_kernels_neon; /* Advanced SIMD is part of every ARMv8-A core */
+#endif
     return &sb_kernels_ref;
 }
 
@@ -56,7 +59,13 @@ int32_t sb_set_isa(int32_t isa) {
 #if defined(__x86_64__) || defined(_M_X64)
     else if (isa == SB_ISA_AVX2 && best == &sb_kernels_avx2) g_kernels = &sb_kernels_avx2;
 #endif
+#if defined(__aarch64__)
+    else if (isa == SB_ISA_NEON) g_kernels = &sb_kernels_neon;
+#endif
     else g_kernels = isa == SB_ISA_AUTO ? best : &sb_kernels_ref;
+#if defined(__aarch64__)
+    if (g_kernels == &sb_kernels_neon) return SB_ISA_NEON;
+#endif
     return g_kernels == &sb_kernels_ref ? SB_ISA_SCALAR : SB_ISA_AVX2;
 }
 

@@ -1,6 +1,8 @@
 /* sparsamba-run: the engine with no Python. Loads a packed GGUF and continues a prompt of token
  * ids greedily, printing the new ids; the same core the Python package loads, for a phone or a
- * sanitizer build. Exit status 0 on success, 1 with one line on stderr otherwise. */
+ * sanitizer build. --logits writes the prompt's logits (T x V float32, little-endian: the engine's
+ * own order on every target we build for) so another machine's numbers can be compared.
+ * Exit status 0 on success, 1 with one line on stderr otherwise. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,20 +11,23 @@
 
 static int usage(const char *argv0) {
     fprintf(stderr,
-            "usage: %s MODEL.gguf [--tokens \"ID ID ...\"] [-n N] [-t THREADS] [--isa auto|scalar|avx2] [--info]\n"
-            "  continues the prompt token ids greedily for N tokens (default 16) and prints the new ids\n",
+            "usage: %s MODEL.gguf [--tokens \"ID ID ...\"] [-n N] [-t THREADS] [--isa auto|scalar|avx2|neon] [--info]\n"
+            "       [--logits PATH]\n"
+            "  continues the prompt token ids greedily for N tokens (default 16) and prints the new ids;\n"
+            "  --logits writes every prompt position's logits to PATH as raw float32 (T x V)\n",
             argv0);
     return 2;
 }
 
 int main(int argc, char **argv) {
-    const char *path = NULL, *toks = "0", *isa = "auto";
+    const char *path = NULL, *toks = "0", *isa = "auto", *logits_path = NULL;
     int n = 16, threads = 0, info = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--tokens") && i + 1 < argc) toks = argv[++i];
         else if (!strcmp(argv[i], "-n") && i + 1 < argc) n = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--isa") && i + 1 < argc) isa = argv[++i];
+        else if (!strcmp(argv[i], "--logits") && i + 1 < argc) logits_path = argv[++i];
         else if (!strcmp(argv[i], "--info")) info = 1;
         else if (argv[i][0] == '-' || path) return usage(argv[0]);
         else path = argv[i];
@@ -33,7 +38,10 @@ int main(int argc, char **argv) {
         return 1;
     }
     sb_set_threads(threads);
-    sb_set_isa(!strcmp(isa, "scalar") ? SB_ISA_SCALAR : !strcmp(isa, "avx2") ? SB_ISA_AVX2 : SB_ISA_AUTO);
+    sb_set_isa(!strcmp(isa, "scalar") ? SB_ISA_SCALAR
+               : !strcmp(isa, "avx2") ? SB_ISA_AVX2
+               : !strcmp(isa, "neon") ? SB_ISA_NEON
+                                      : SB_ISA_AUTO);
     char err[1024];
     sb_model *m;
     sb_state *s;
@@ -49,7 +57,8 @@ int main(int argc, char **argv) {
                sb_isa_name());
     int cap = (int)strlen(toks) / 2 + 2, count = 0;
     int32_t *prompt = malloc(sizeof(int32_t) * (size_t)cap);
-    float *logits = malloc(sizeof(float) * (size_t)I.vocab_size);
+    /* every prompt position's logits when they are written out, else the last one's */
+    float *logits = malloc(sizeof(float) * (size_t)I.vocab_size * (logits_path ? (size_t)cap : 1));
     int rc = 1;
     if (!prompt || !logits || sb_state_new(m, &s, err, sizeof err)) {
         fprintf(stderr, "sparsamba-run: error: out of memory\n");
@@ -65,9 +74,19 @@ int main(int argc, char **argv) {
         if (count < cap) prompt[count++] = (int32_t)(v < -1 ? -1 : v > 0x7fffffff ? 0x7fffffff : v);
         p = end;
     }
-    if (sb_forward(m, s, prompt, count, logits, 1, err, sizeof err)) {
+    if (sb_forward(m, s, prompt, count, logits, logits_path ? 2 : 1, err, sizeof err)) {
         fprintf(stderr, "sparsamba-run: error: %s\n", err);
         goto out_state;
+    }
+    if (logits_path) {
+        FILE *f = fopen(logits_path, "wb");
+        size_t want = (size_t)count * I.vocab_size;
+        int bad = !f || fwrite(logits, sizeof(float), want, f) != want;
+        if ((f && fclose(f)) || bad) {
+            fprintf(stderr, "sparsamba-run: error: cannot write the logits to '%s'\n", logits_path);
+            goto out_state;
+        }
+        memmove(logits, logits + (size_t)(count - 1) * I.vocab_size, sizeof(float) * (size_t)I.vocab_size);
     }
     for (int g = 0; g < n; g++) {
         int32_t best = 0;
