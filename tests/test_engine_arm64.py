@@ -1,0 +1,118 @@
+"""The engine on 64-bit ARM: `sparsamba-run` cross-built by CMake alone (cmake/aarch64-linux-gnu.cmake,
+static) and run under qemu-aarch64, with the NEON kernels and with the scalar ones, against the x86
+engine on the same packed files: random odd-shaped Mamba-1s with mixed C_4^n rows (n = 0..4) and the
+embedded model pruned, f32 / f16 / int8. A prompt's logits (prefill: the GEMM kernels) and one token's
+(decode: the GEMV kernels) must match, and the greedy continuation must be the same tokens.
+
+Needs Debian's gcc-aarch64-linux-gnu + libc6-dev-arm64-cross and qemu-user; without them the tests
+skip, unless SPARSAMBA_REQUIRE_ARM64=1 (CI), which makes a missing toolchain a failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PRUNED_CONFIGS, random_pruned
+
+from sparsamba.compile import compile_model
+from sparsamba.engine import Engine
+
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "src" / "sparsamba" / "assets" / "kjv-mamba-tiny"
+REQUIRED = os.environ.get("SPARSAMBA_REQUIRE_ARM64") == "1"
+INSTALL = "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
+# max |arm64 - x86| / max |x86| over all logits. The same stored weights on both sides: only the order
+# of float sums and the exp / log polynomials differ (measured on these models: <= 1e-6 for every
+# dtype, NEON and scalar alike).
+SAME_WEIGHTS = 1e-4
+PROMPT = 37  # > 32 tokens: the GEMM's 32-token tiles and its 8-token tail both run
+NEW = 4
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{reason} (SPARSAMBA_REQUIRE_ARM64=1 requires the aarch64 build; {INSTALL})")
+    pytest.skip(f"{reason}; {INSTALL} to run the aarch64 tests")
+
+
+@pytest.fixture(scope="module")
+def arm64_run(tmp_path_factory) -> Path:
+    """`sparsamba-run` for aarch64, statically linked, from CMake with the repository's toolchain file."""
+    missing = [t for t in ("cmake", "aarch64-linux-gnu-gcc", "qemu-aarch64") if not shutil.which(t)]
+    if missing:
+        _unavailable(f"{', '.join(missing)} not found")
+    build = tmp_path_factory.mktemp("arm64")
+    cfg = [
+        "cmake",
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build),
+        f"-DCMAKE_TOOLCHAIN_FILE={ROOT / 'cmake' / 'aarch64-linux-gnu.cmake'}",
+        "-DCMAKE_BUILD_TYPE=Release",
+    ]
+    p = subprocess.run(cfg, capture_output=True, text=True)
+    if p.returncode and "is not able to compile a simple test program" in p.stdout + p.stderr:
+        _unavailable("aarch64-linux-gnu-gcc cannot link a program (no target libc: libc6-dev-arm64-cross)")
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    p = subprocess.run(
+        ["cmake", "--build", str(build), "--target", "sparsamba-run", "-j2"], capture_output=True, text=True
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return build / "sparsamba-run"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("arm64-models")
+    dirs = {k: random_pruned(root / k, seed=20 + i, **kw) for i, (k, kw) in enumerate(PRUNED_CONFIGS.items())}
+    dirs["embedded-pruned"] = random_pruned(root / "emb", seed=5, like=EMBEDDED)
+    return {
+        (name, dtype): compile_model(d, root / f"{name}-{dtype}.gguf", dtype=dtype).path
+        for name, d in dirs.items()
+        for dtype in ("f32", "f16", "int8")
+    }
+
+
+def run_arm64(
+    exe: Path, model: Path, ids: list[int], isa: str, out: Path, vocab: int
+) -> tuple[np.ndarray, list[int]]:
+    """(the prompt's logits (T, V), the greedy continuation) from `sparsamba-run` under qemu"""
+    cmd = ["qemu-aarch64", str(exe), str(model), "--tokens", " ".join(map(str, ids)), "-n", str(NEW)]
+    cmd += ["--isa", isa, "-t", "1", "--info", "--logits", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    info, tokens = p.stdout.splitlines()
+    assert info.endswith(f"kernels {'neon' if isa == 'auto' else isa}"), info
+    return np.fromfile(out, dtype="<f4").reshape(len(ids), vocab), [int(t) for t in tokens.split()]
+
+
+def max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("isa", ["neon", "scalar"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "int8"])
+@pytest.mark.parametrize("name", [*PRUNED_CONFIGS, "embedded-pruned"])
+def test_arm64_matches_x86(arm64_run, compiled, tmp_path, name, dtype, isa):
+    path = compiled[name, dtype]
+    eng = Engine(path, threads=1)  # x86, its best kernels
+    V = eng.info.vocab_size
+    ids = np.random.default_rng(len(name)).integers(0, V, PROMPT).tolist()
+    for prompt in (ids, ids[:1]):  # prefill (GEMM), then one token alone (GEMV)
+        got, tokens = run_arm64(arm64_run, path, prompt, isa, tmp_path / "logits.bin", V)
+        want = eng.logits(prompt)
+        err = max_rel(got, want)
+        assert err <= SAME_WEIGHTS, f"{name} {dtype} {isa} T={len(prompt)}: max rel err {err:.2e}"
+        assert tokens == eng.generate(prompt, NEW)
+
+
+def test_arm64_picks_neon_by_default(arm64_run, compiled, tmp_path):
+    path = compiled["d24", "f32"]
+    V = Engine(path, threads=1).info.vocab_size
+    got, _ = run_arm64(arm64_run, path, [1, 2, 3], "auto", tmp_path / "logits.bin", V)
+    assert np.isfinite(got).all()
