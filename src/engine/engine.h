@@ -63,6 +63,7 @@ typedef struct {
     void (*silu)(float *x, int n);                   /* x = x * sigmoid(x), in place */
     void (*softplus)(float *x, int n);               /* x = log(1 + e^x) (x above 20 stays x) */
     void (*mul_silu)(float *y, const float *z, int n); /* y = y * silu(z): the gate */
+    float (*read_sum)(const float *x, size_t n);     /* sum of n (a multiple of 64) floats: the bandwidth probe */
 } sb_kernels;
 
 #define SB_GEMM_ROWS 8 /* rows decoded at once by gemm */

@@ -470,14 +470,12 @@ double sb_read_bandwidth(int64_t bytes, int32_t reps) {
     for (int r = 0; r < reps; r++) {
         double t0 = now();
         float total = 0.0f;
-        /* eight independent sums: the compiler vectorises this loop with the file's flags, and the
-         * memory system, not the adds, sets the pace */
+        const sb_kernels *k = sb_active_kernels();
+        size_t chunks = (size_t)n_threads() * 16, per = (n / chunks) / 64 * 64;
 #pragma omp parallel for schedule(static) reduction(+ : total)
-        for (size_t i = 0; i < n; i += 64) {
-            float acc[8] = {0};
-            for (int j = 0; j < 64; j += 8)
-                for (int l = 0; l < 8; l++) acc[l] += buf[i + j + l];
-            for (int l = 0; l < 8; l++) total += acc[l];
+        for (size_t c = 0; c < chunks; c++) {
+            size_t lo = c * per, len = c + 1 == chunks ? n - lo : per;
+            total += k->read_sum(buf + lo, len);
         }
         double dt = now() - t0;
         sink = total;

@@ -16,6 +16,10 @@
 
 /* the kernels below are specialised by inlining (k and the loop shapes become constants) */
 #define SB_INLINE __attribute__((always_inline))
+/* Decode streams weights from memory: asking for the line PF bytes ahead keeps more misses in flight
+ * than the hardware prefetcher alone does while the core is busy widening and multiplying */
+#define PF 768
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF, _MM_HINT_T0)
 
 /* For a code byte (two groups, 8 inputs): g_perm sends packed value lanes to input positions
  * (lane 7, always zero, where nothing was kept); g_pos lists the kept positions in order. */
@@ -78,6 +82,8 @@ static inline SB_INLINE float dense_row(const sb_class *c, int r, const float *x
     if (c->dtype == GG_F32) {
         const float *w = (const float *)v;
         for (; j + 32 <= len; j += 32) {
+            PREFETCH(w + j);
+            PREFETCH(w + j + 16);
             a0 = v_fma(v_load(w + j), v_load(x + j), a0);
             a1 = v_fma(v_load(w + j + 8), v_load(x + j + 8), a1);
             a2 = v_fma(v_load(w + j + 16), v_load(x + j + 16), a2);
@@ -86,6 +92,7 @@ static inline SB_INLINE float dense_row(const sb_class *c, int r, const float *x
         for (; j + 8 <= len; j += 8) a0 = v_fma(v_load(w + j), v_load(x + j), a0);
     } else if (c->dtype == GG_F16) {
         for (; j + 32 <= len; j += 32) {
+            PREFETCH(v + 2 * j);
             a0 = v_fma(v_load_f16(v + 2 * j), v_load(x + j), a0);
             a1 = v_fma(v_load_f16(v + 2 * j + 16), v_load(x + j + 8), a1);
             a2 = v_fma(v_load_f16(v + 2 * j + 32), v_load(x + j + 16), a2);
@@ -94,6 +101,7 @@ static inline SB_INLINE float dense_row(const sb_class *c, int r, const float *x
         for (; j + 8 <= len; j += 8) a0 = v_fma(v_load_f16(v + 2 * j), v_load(x + j), a0);
     } else {
         for (; j + 32 <= len; j += 32) {
+            PREFETCH(v + j);
             a0 = v_fma(v_load_i8(v + j), v_load(x + j), a0);
             a1 = v_fma(v_load_i8(v + j + 8), v_load(x + j + 8), a1);
             a2 = v_fma(v_load_i8(v + j + 16), v_load(x + j + 16), a2);
@@ -162,6 +170,7 @@ static inline SB_INLINE float sparse_row(const sb_class *c, int r, const float *
     if (k == 1) {
         for (; g2 + 4 <= G / 2; g2 += 4) {
             const float *xp = x + 8 * g2;
+            PREFETCH(v);
             f32x8 c0 = front(v_load(xp), code[g2]), c1 = front(v_load(xp + 8), code[g2 + 1]);
             f32x8 c2 = front(v_load(xp + 16), code[g2 + 2]), c3 = front(v_load(xp + 24), code[g2 + 3]);
             /* lanes: groups 0 2 4 6 | 1 3 5 7 */
@@ -171,6 +180,7 @@ static inline SB_INLINE float sparse_row(const sb_class *c, int r, const float *
         }
     } else if (k == 2) {
         for (; g2 + 4 <= G / 2; g2 += 4) { /* two independent chains */
+            PREFETCH(v);
             /* lanes: group 0 (2), group 2 (2) | group 1 (2), group 3 (2) */
             f32x8 r0 = _mm256_shuffle_ps(front(v_load(x + 8 * g2), code[g2]), front(v_load(x + 8 * g2 + 8), code[g2 + 1]), 0x44);
             f32x8 r1 = _mm256_shuffle_ps(front(v_load(x + 8 * g2 + 16), code[g2 + 2]), front(v_load(x + 8 * g2 + 24), code[g2 + 3]), 0x44);
@@ -181,6 +191,7 @@ static inline SB_INLINE float sparse_row(const sb_class *c, int r, const float *
     }
     /* k = 3 (and the tails): spread each byte's values to their input positions */
     for (; g2 + 2 <= G / 2; g2 += 2) {
+        PREFETCH(v);
         f32x8 w0 = expand(load8(v, end, dt, 2 * k), code[g2]);
         f32x8 w1 = expand(load8(v + 2 * k * ts, end, dt, 2 * k), code[g2 + 1]);
         a0 = v_fma(w0, v_load(x + 8 * g2), a0);
@@ -353,5 +364,14 @@ static void mul_silu_avx2(float *y, const float *z, int n) {
     for (; i < n; i++) y[i] *= z[i] / (1.0f + expf(-z[i]));
 }
 
-const sb_kernels sb_kernels_avx2 = {"avx2",   gemv_avx2,     gemm_avx2,    scan_step_avx2,
-                                    silu_avx2, softplus_avx2, mul_silu_avx2};
+static float read_sum_avx2(const float *x, size_t n) {
+    f32x8 a[8];
+    for (int l = 0; l < 8; l++) a[l] = v_zero();
+    for (size_t i = 0; i < n; i += 64)
+        for (int l = 0; l < 8; l++) a[l] = v_add(a[l], v_load(x + i + 8 * l));
+    for (int l = 1; l < 8; l++) a[0] = v_add(a[0], a[l]);
+    return v_hsum(a[0]);
+}
+
+const sb_kernels sb_kernels_avx2 = {"avx2",    gemv_avx2,     gemm_avx2,     scan_step_avx2,
+                                    silu_avx2, softplus_avx2, mul_silu_avx2, read_sum_avx2};

@@ -329,5 +329,14 @@ static void mul_silu_neon(float *y, const float *z, int n) {
     for (; i < n; i++) y[i] *= z[i] / (1.0f + expf(-z[i]));
 }
 
-const sb_kernels sb_kernels_neon = {"neon",   gemv_neon,     gemm_neon,    scan_step_neon,
-                                    silu_neon, softplus_neon, mul_silu_neon};
+static float read_sum_neon(const float *x, size_t n) {
+    float32x4_t a[8];
+    for (int l = 0; l < 8; l++) a[l] = vdupq_n_f32(0.0f);
+    for (size_t i = 0; i < n; i += 32)
+        for (int l = 0; l < 8; l++) a[l] = vaddq_f32(a[l], vld1q_f32(x + i + 4 * l));
+    for (int l = 1; l < 8; l++) a[0] = vaddq_f32(a[0], a[l]);
+    return vaddvq_f32(a[0]);
+}
+
+const sb_kernels sb_kernels_neon = {"neon",    gemv_neon,     gemm_neon,     scan_step_neon,
+                                    silu_neon, softplus_neon, mul_silu_neon, read_sum_neon};

@@ -56,4 +56,12 @@ static void mul_silu_ref(float *y, const float *z, int n) {
     for (int i = 0; i < n; i++) y[i] *= z[i] / (1.0f + expf(-z[i]));
 }
 
-const sb_kernels sb_kernels_ref = {"scalar", gemv_ref, gemm_ref, scan_step_ref, silu_ref, softplus_ref, mul_silu_ref};
+static float read_sum_ref(const float *x, size_t n) {
+    float acc[8] = {0};
+    for (size_t i = 0; i < n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += x[i + l];
+    return acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
+}
+
+const sb_kernels sb_kernels_ref = {"scalar",   gemv_ref,     gemm_ref,     scan_step_ref,
+                                   silu_ref,   softplus_ref, mul_silu_ref, read_sum_ref};
