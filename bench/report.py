@@ -79,7 +79,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"tokens/s, median of {meta['reps']} repetitions (all samples in speed.json / speed.csv). "
         "Random weights of the published shapes; every engine reads the same weights.",
         "",
-        "Memory read bandwidth (GB/s, fastest of numpy sum / numpy max / torch sum over a "
+        "Memory read bandwidth (GB/s, fastest of numpy sum / numpy max / torch sum / the engine's SIMD sum over a "
         f"{bw['mib']} MiB array): "
         + ", ".join(f"{t} thread{'s' if t != '1' else ''} {v:.1f}" for t, v in bw["used"].items())
         + ". "
