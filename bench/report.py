@@ -132,6 +132,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         ]
     for s in meta.get("skipped", []):
         md.append(f"- skipped: {s}")
+    if "second_run" in meta:  # rows measured again after a failure, said where they come from
+        r = meta["second_run"]
+        md.append(f"- measured again: {r['why']} (`{r['command']}`, {r['date']}).")
     md += ["", "![decode and prefill tokens/s](speed.svg)", ""]
     return "\n".join(md)
 
