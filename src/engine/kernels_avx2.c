@@ -12,6 +12,7 @@
 #include <math.h>
 
 #include "engine.h"
+#include "gemm_blocks.h"
 #include "simd.h"
 
 /* the kernels below are specialised by inlining (k and the loop shapes become constants) */
@@ -285,10 +286,6 @@ static inline void tile8(const int32_t *col, const float *w, int e0, int e1, con
     v_store(yp, v_add(a0, a1));
 }
 
-/* KB input columns at a time: the X slab a block of rows reads (KB x 64 tokens x 4 bytes = 16 KB)
- * stays in L1 while every row of the block passes over it */
-#define KB 64
-
 static void gemm_avx2(const sb_class *c, const float *X, int ldx, int T, float *Y, int ldy, int r0, int r1,
                       void *scratch) {
     int stride = 4 * c->G + 16, count[SB_GEMM_ROWS];
@@ -296,24 +293,7 @@ static void gemm_avx2(const sb_class *c, const float *X, int ldx, int T, float *
     float *ws = (float *)(cols + (size_t)SB_GEMM_ROWS * stride);
     init_tables();
     decode_rows(c, r0, r1, cols, ws, count);
-    int k = c->codes ? 4 - c->n : 4; /* entries per group of 4 columns: column j's entries start at j/4*k */
-    int Tp = (T + 7) / 8 * 8;        /* ldx is a multiple of 8: the padding columns are scratch */
-    for (int kb = 0; kb < 4 * c->G; kb += KB) {
-        for (int t0 = 0; t0 < Tp;) {
-            int wide = t0 + 64 <= Tp;
-            for (int r = r0; r < r1; r++) {
-                int e0 = kb / 4 * k, e1 = (kb + KB) / 4 * k;
-                if (e1 > count[r - r0]) e1 = count[r - r0];
-                if (e0 >= e1) continue;
-                const int32_t *col = cols + (size_t)(r - r0) * stride;
-                const float *w = ws + (size_t)(r - r0) * stride;
-                float *yp = Y + (size_t)(c->idx ? c->idx[r] : r) * ldy + t0;
-                if (wide) tile64(col, w, e0, e1, X + t0, ldx, yp);
-                else tile8(col, w, e0, e1, X + t0, ldx, yp);
-            }
-            t0 += wide ? 64 : 8;
-        }
-    }
+    sb_gemm_blocks(c, X, ldx, T, Y, ldy, r0, r1, cols, ws, count, stride, 64, tile64, tile8);
 }
 
 static void scan_step_avx2(int N, const float *A, float dt, float dtx, const float *B, const float *C, float *s,

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "gemm_blocks.h"
 
 /* the kernels below are specialised by inlining (k and the dtype become constants) */
 #define SB_INLINE inline __attribute__((always_inline))
@@ -202,34 +203,13 @@ static inline void tile8(const int32_t *col, const float *w, int e0, int e1, con
     vst1q_f32(yp, a0), vst1q_f32(yp + 4, a1);
 }
 
-/* KB input columns at a time: the X slab a block of rows reads (KB x 32 tokens x 4 bytes = 8 KB)
- * stays in L1 while every row of the block passes over it */
-#define KB 64
-
 static void gemm_neon(const sb_class *c, const float *X, int ldx, int T, float *Y, int ldy, int r0, int r1,
                       void *scratch) {
     int stride = 4 * c->G + 16, count[SB_GEMM_ROWS];
     int32_t *cols = (int32_t *)scratch;
     float *ws = (float *)(cols + (size_t)SB_GEMM_ROWS * stride);
     decode_rows(c, r0, r1, cols, ws, count);
-    int k = c->codes ? 4 - c->n : 4; /* entries per group of 4 columns: column j's entries start at j/4*k */
-    int Tp = (T + 7) / 8 * 8;        /* ldx is a multiple of 8: the padding columns are scratch */
-    for (int kb = 0; kb < 4 * c->G; kb += KB) {
-        for (int t0 = 0; t0 < Tp;) {
-            int wide = t0 + 32 <= Tp;
-            for (int r = r0; r < r1; r++) {
-                int e0 = kb / 4 * k, e1 = (kb + KB) / 4 * k;
-                if (e1 > count[r - r0]) e1 = count[r - r0];
-                if (e0 >= e1) continue;
-                const int32_t *col = cols + (size_t)(r - r0) * stride;
-                const float *w = ws + (size_t)(r - r0) * stride;
-                float *yp = Y + (size_t)(c->idx ? c->idx[r] : r) * ldy + t0;
-                if (wide) tile32(col, w, e0, e1, X + t0, ldx, yp);
-                else tile8(col, w, e0, e1, X + t0, ldx, yp);
-            }
-            t0 += wide ? 32 : 8;
-        }
-    }
+    sb_gemm_blocks(c, X, ldx, T, Y, ldy, r0, r1, cols, ws, count, stride, 32, tile32, tile8);
 }
 
 /* ---------------------------------------------------------------- exp, log (as simd.h's) */

@@ -341,13 +341,12 @@ def write_gguf_atomically(w, out: Path) -> Path:
 # Reading back (tests, checks): GGUF -> HF config dict and HF-named state dict
 
 
-def read_gguf_dense(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A GGUF written by ``export_gguf`` (or llama.cpp's converter) -> (config.json-style dict, state
-    dict in transformers' names). Tensors keep their stored dtype (F16 matrices come back fp16);
-    A_log is recovered as log(-A), so it matches the original to float rounding, not bit for bit."""
+def open_gguf(path: Path, what: str):
+    """(reader, kv, tensors) of a GGUF: ``kv(key, required=True)`` reads a metadata value (a missing
+    required key is an error saying the file is not a complete ``what``); ``tensors`` are torch
+    copies out of the mmap, by name."""
     import gguf
 
-    path = Path(path)
     try:
         r = gguf.GGUFReader(path)
     except (OSError, ValueError) as e:
@@ -356,15 +355,22 @@ def read_gguf_dense(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     def kv(key: str, required: bool = True):
         f = r.fields.get(key)
         if f is None and required:
-            raise SparsambaError(
-                f"{path}: metadata key {key} is missing; not a complete llama.cpp Mamba GGUF"
-            )
+            raise SparsambaError(f"{path}: metadata key {key} is missing; not a complete {what}")
         return None if f is None else f.contents()
+
+    return r, kv, {x.name: torch.from_numpy(np.array(x.data)) for x in r.tensors}
+
+
+def read_gguf_dense(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A GGUF written by ``export_gguf`` (or llama.cpp's converter) -> (config.json-style dict, state
+    dict in transformers' names). Tensors keep their stored dtype (F16 matrices come back fp16);
+    A_log is recovered as log(-A), so it matches the original to float rounding, not bit for bit."""
+    path = Path(path)
+    r, kv, t = open_gguf(path, "llama.cpp Mamba GGUF")
 
     arch = kv("general.architecture", required=False)
     if arch not in ("mamba", "mamba2"):
         raise SparsambaError(f"{path}: architecture {arch!r}; read_gguf_dense reads 'mamba' and 'mamba2'")
-    t = {x.name: torch.from_numpy(np.array(x.data)) for x in r.tensors}  # copy out of the mmap
     if "token_embd.weight" not in t:
         raise SparsambaError(f"{path}: no token_embd.weight; not a complete {arch} GGUF")
     d, di = kv(f"{arch}.embedding_length"), kv(f"{arch}.ssm.inner_size")

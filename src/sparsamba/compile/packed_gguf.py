@@ -113,27 +113,15 @@ def write_packed(plan: Plan, out_path: str | Path, overwrite: bool = False) -> P
 
 def read_packed(path: str | Path) -> Plan:
     """A file written by ``write_packed`` -> its plan (packed, perm None), tensors as stored."""
-    import gguf
-
-    from ..export_gguf import GGUFTokenizer
+    from ..export_gguf import GGUFTokenizer, open_gguf
 
     path = Path(path)
-    try:
-        r = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise SparsambaError(f"{path}: cannot read as GGUF ({e})") from None
-
-    def kv(key: str, required: bool = True):
-        f = r.fields.get(key)
-        if f is None and required:
-            raise SparsambaError(f"{path}: metadata key {key} is missing; not a complete packed model")
-        return None if f is None else f.contents()
+    r, kv, t = open_gguf(path, "packed model")
 
     if kv("general.architecture") != ARCH:
         raise SparsambaError(f"{path}: architecture {kv('general.architecture')!r}, not {ARCH!r}")
     if kv("sparsamba.format_version") != FORMAT_VERSION:
         raise SparsambaError(f"{path}: format version {kv('sparsamba.format_version')}, this reader knows 1")
-    t = {x.name: torch.from_numpy(np.array(x.data)) for x in r.tensors}  # copy out of the mmap
     # stored as float32: 1e-5 comes back as 9.99999975e-06; 7 digits give the decimal it was written from
     eps = float(f"{kv(_K + 'attention.layer_norm_rms_epsilon'):.7g}")
     dims = Dims(
