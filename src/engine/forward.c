@@ -327,7 +327,7 @@ static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, in
             k->silu(xc, T);
             for (int j = 0; j < K - 1; j++) { /* the new window: the last K-1 inputs */
                 int src = T - (K - 1) + j;
-                st[j] = src >= 0 ? x[src] : st[src + T];
+                st[j] = src >= 0 ? x[src] : st[K - 1 + src]; /* T < K - 1: an old input */
             }
         }
         memset(s->XDBL, 0, sizeof(float) * (size_t)(R + 2 * N) * ldx);

@@ -26,6 +26,7 @@ enum {
     SB_ERR_FORMAT = 2,  /* not a valid packed GGUF: magic, version, offsets, shapes, types, codes */
     SB_ERR_NOMEM = 3,   /* an allocation failed (model too large for memory) */
     SB_ERR_ARG = 4,     /* a bad argument: token outside the vocabulary, empty input, n <= 0 */
+    SB_ERR_DEVICE = 5,  /* a backend cannot run: no OpenCL library, platform or device, a kernel build */
 };
 
 /* Which kernels run: SB_ISA_AUTO picks the best the CPU has; the others force one (tests). */
@@ -74,6 +75,28 @@ SB_API int sb_bench(const sb_model *m, int32_t n_prompt, int32_t n_gen, int32_t 
  * with the active kernels' widest loads, on the current thread count. Bytes per second, or < 0 when
  * the buffer cannot be allocated. */
 SB_API double sb_read_bandwidth(int64_t bytes, int32_t reps);
+
+/* Compute backends: the model on a device, with one sequence's state. SB_BACKEND_CPU is the engine
+ * above (sb_state + sb_forward); SB_BACKEND_OPENCL uploads the matrices once, in the file's packed
+ * layout, to OpenCL device `device_index` (an index into sb_opencl_devices' list; -1: the first GPU,
+ * else the first device). libOpenCL is opened at run time: without it (or without a platform, a
+ * device, a kernel build) sb_backend_open fails with SB_ERR_DEVICE and a message, and the caller may
+ * fall back to the CPU. The model must outlive the backend. */
+enum { SB_BACKEND_CPU = 0, SB_BACKEND_OPENCL = 1 };
+typedef struct sb_backend sb_backend;
+SB_API int sb_backend_open(const sb_model *m, int32_t kind, int32_t device_index, sb_backend **out, char *err,
+                           size_t errlen);
+SB_API void sb_backend_free(sb_backend *b);
+/* back to the empty state */
+SB_API int sb_backend_reset(sb_backend *b, char *err, size_t errlen);
+/* sb_forward's semantics (decode when n == 1, prefill otherwise; logits_mode 0 / 1 / 2) on the backend */
+SB_API int sb_backend_forward(sb_backend *b, const int32_t *tokens, int32_t n, float *logits, int32_t logits_mode,
+                              char *err, size_t errlen);
+/* what runs: the CPU kernel family, or "OpenCL device i: name (platform, type, arithmetic)" */
+SB_API const char *sb_backend_name(const sb_backend *b);
+/* The OpenCL devices, one line each: "index\tplatform\tdevice\ttype\tversion\tfp16 (0/1)\tglobal memory
+ * bytes\n" into out (truncated to outlen). SB_ERR_DEVICE with the reason when there are none. */
+SB_API int sb_opencl_devices(char *out, size_t outlen, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -295,7 +295,9 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_run(a) -> None:
     from .engine import Engine
 
-    with Engine(a.model, threads=a.threads) as eng:
+    with Engine(
+        a.model, threads=a.threads, device=a.device, device_index=a.device_index, fallback=a.fallback
+    ) as eng:
         if a.tokens is not None:
             ids = _parse_ids(a.tokens)
             out = eng.generate(ids, a.n, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
@@ -458,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0 = all)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="default: all cores")
+    s.add_argument("--device", choices=("cpu", "opencl"), default="cpu", help="where the model runs")
+    s.add_argument(
+        "--device-index", type=int, default=-1, help="OpenCL device (default: the first GPU, else the first)"
+    )
+    s.add_argument(
+        "--fallback", action="store_true", help="run on the CPU when OpenCL cannot (with a warning)"
+    )
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("bench", help="prefill / decode speed of packed models (llama-bench's pp / tg)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ LIB_NAME = {"darwin": "libsparsamba_engine.dylib", "win32": "sparsamba_engine.dl
 )
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3}
 _DTYPES = {0: "f32", 1: "f16", 24: "int8"}
+DEVICES = {"cpu": 0, "opencl": 1}  # SB_BACKEND_CPU, SB_BACKEND_OPENCL
 # below this many bytes of weights per token, the default is one thread: OpenMP's fork and barriers
 # cost more than they save (and a busy second core makes them cost milliseconds)
 SMALL_MODEL_BYTES = 16 << 20
@@ -124,6 +126,18 @@ def library() -> ctypes.CDLL:
     lib.sb_bench.restype = ctypes.c_int
     lib.sb_read_bandwidth.argtypes = [ctypes.c_int64, c_int]
     lib.sb_read_bandwidth.restype = ctypes.c_double
+    lib.sb_backend_open.argtypes = [P, c_int, c_int, ctypes.POINTER(P), c_char_p, c_size]
+    lib.sb_backend_open.restype = ctypes.c_int
+    lib.sb_backend_free.argtypes = [P]
+    lib.sb_backend_free.restype = None
+    lib.sb_backend_reset.argtypes = [P, c_char_p, c_size]
+    lib.sb_backend_reset.restype = ctypes.c_int
+    lib.sb_backend_forward.argtypes = [P, P, c_int, P, c_int, c_char_p, c_size]
+    lib.sb_backend_forward.restype = ctypes.c_int
+    lib.sb_backend_name.argtypes = [P]
+    lib.sb_backend_name.restype = c_char_p
+    lib.sb_opencl_devices.argtypes = [c_char_p, c_size, c_char_p, c_size]
+    lib.sb_opencl_devices.restype = ctypes.c_int
     _lib = lib
     return lib
 
@@ -153,19 +167,61 @@ def _err() -> ctypes.Array:
     return ctypes.create_string_buffer(1024)
 
 
+@dataclass(frozen=True)
+class OpenCLDevice:
+    index: int  # the device_index of Engine(..., device="opencl")
+    platform: str
+    name: str
+    type: str  # GPU, CPU, accelerator
+    version: str
+    fp16: bool  # cl_khr_fp16: half arithmetic for f16 models (else float compute, half storage)
+    global_mem_bytes: int
+
+
+def opencl_devices() -> list[OpenCLDevice]:
+    """Every OpenCL device of every platform, in the engine's order. Raises :class:`EngineError` with
+    the reason when there is none (no libOpenCL, no platform, no device, built without OpenCL)."""
+    lib = library()
+    out, err = ctypes.create_string_buffer(1 << 16), _err()
+    if lib.sb_opencl_devices(out, len(out), err, len(err)):
+        raise EngineError(err.value.decode(errors="replace"))
+    devs = []
+    for line in out.value.decode(errors="replace").splitlines():
+        i, plat, name, typ, ver, fp16, mem = line.split("\t")
+        devs.append(OpenCLDevice(int(i), plat, name, typ, ver, fp16 == "1", int(mem)))
+    return devs
+
+
 class Engine:
     """A packed model and one sequence's state.
 
     ``logits(tokens)`` scores a sequence from a fresh state; ``prefill`` / ``decode`` continue the
     state; ``generate`` continues a prompt. ``threads`` (default: all cores, or 1 for a model under
-    16 MiB) is process-wide, as OpenMP's setting is."""
+    16 MiB) is process-wide, as OpenMP's setting is.
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    ``device="opencl"`` runs the same computation on OpenCL device ``device_index`` (see
+    :func:`opencl_devices`; -1: the first GPU, else the first device). When it cannot (no OpenCL, no
+    device, a kernel build failure, too little device memory) that is an :class:`EngineError`, unless
+    ``fallback=True``: then a ``RuntimeWarning`` says why and the engine runs on the CPU
+    (``self.device`` says where it runs)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        threads: int | None = None,
+        device: str = "cpu",
+        device_index: int = -1,
+        fallback: bool = False,
+    ):
         lib = library()
         self._lib = lib
         self.path = Path(path)
         if threads is not None and threads <= 0:
             raise SparsambaError(f"threads must be positive, got {threads}")
+        if device not in DEVICES:
+            raise SparsambaError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+        self._backend = None
+        self.device = "cpu"
         err = _err()
         model = ctypes.c_void_p()
         if lib.sb_model_load(os.fsencode(self.path), ctypes.byref(model), err, len(err)):
@@ -187,13 +243,34 @@ class Engine:
             threads = 0 if self.info.weight_bytes >= SMALL_MODEL_BYTES else 1
         self.threads = lib.sb_set_threads(threads)
         self._tokenizer = None
+        if device != "cpu":
+            backend = ctypes.c_void_p()
+            if lib.sb_backend_open(
+                model, DEVICES[device], device_index, ctypes.byref(backend), err, len(err)
+            ):
+                msg = err.value.decode(errors="replace")
+                if not fallback:
+                    self.close()
+                    raise EngineError(msg)
+                warnings.warn(
+                    f"{msg}; running on the CPU instead (fallback=True)", RuntimeWarning, stacklevel=2
+                )
+            else:
+                self._backend = backend
+                self.device = device
 
     @property
     def kernels(self) -> str:
+        """What runs the model: the CPU kernel family, or the OpenCL device's description."""
+        if self._backend:
+            return self._lib.sb_backend_name(self._backend).decode(errors="replace")
         return self._lib.sb_isa_name().decode()
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
+        if getattr(self, "_backend", None):
+            self._lib.sb_backend_free(self._backend)
+            self._backend = None
         if getattr(self, "_state", None):
             self._lib.sb_state_free(self._state)
             self._state = None
@@ -225,22 +302,26 @@ class Engine:
         V = self.info.vocab_size
         out = None if mode == 0 else np.empty((ids.size if mode == 2 else 1, V), dtype=np.float32)
         err = _err()
-        rc = self._lib.sb_forward(
-            self._model,
-            self._state,
-            ids32.ctypes.data,
-            ids32.size,
-            None if out is None else out.ctypes.data,
-            mode,
-            err,
-            len(err),
-        )
+        logits = None if out is None else out.ctypes.data
+        if self._backend:
+            rc = self._lib.sb_backend_forward(
+                self._backend, ids32.ctypes.data, ids32.size, logits, mode, err, len(err)
+            )
+        else:
+            rc = self._lib.sb_forward(
+                self._model, self._state, ids32.ctypes.data, ids32.size, logits, mode, err, len(err)
+            )
         if rc:
             raise EngineError(err.value.decode(errors="replace"))
         return out
 
     def reset(self) -> None:
         """Back to the empty state (before any token)."""
+        if self._backend:
+            err = _err()
+            if self._lib.sb_backend_reset(self._backend, err, len(err)):
+                raise EngineError(err.value.decode(errors="replace"))
+            return
         self._lib.sb_state_reset(self._state)
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
@@ -286,7 +367,8 @@ class Engine:
         return out
 
     def bench(self, n_prompt: int = 128, n_gen: int = 64, reps: int = 5) -> dict[str, list[float]]:
-        """llama-bench's pp / tg protocol timed inside the engine: tokens/s for each repetition."""
+        """llama-bench's pp / tg protocol timed inside the engine: tokens/s for each repetition (the CPU
+        engine's, whatever the device)."""
         pp = (ctypes.c_double * reps)()
         tg = (ctypes.c_double * reps)()
         err = _err()
