@@ -77,6 +77,10 @@ extern const sb_kernels sb_kernels_avx2;
 extern const sb_kernels sb_kernels_neon;
 #endif
 const sb_kernels *sb_active_kernels(void);
+/* y[out] += W x over every class of lin, rows split over the current threads (forward.c's decode path) */
+void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const float *x, float *y);
+/* bytes the profiler spreads its weights over, so that they come from memory: max(64 MiB, 2 x LLC) */
+size_t sb_profile_working_set(void);
 
 /* fp16 -> fp32 for the scalar paths (portable, no compiler half type needed) */
 static inline float sb_h2f(uint16_t h) {

@@ -112,6 +112,9 @@ static void linear_vec(const sb_kernels *k, const sb_linear *lin, const float *x
     }
 }
 
+/* the same path for the profiler (profile.c), so that its timings include the same threading */
+void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const float *x, float *y) { linear_vec(k, lin, x, y); }
+
 static void linear_mat(const sb_kernels *k, const sb_linear *lin, const float *X, int ldx, int T, float *Y, void *scr,
                        size_t scr_size) {
 #pragma omp parallel

@@ -76,6 +76,19 @@ SB_API int sb_bench(const sb_model *m, int32_t n_prompt, int32_t n_gen, int32_t 
  * the buffer cannot be allocated. */
 SB_API double sb_read_bandwidth(int64_t bytes, int32_t reps);
 
+/* Latency profiling (profile.c), for the latency tables of `sparsamba profile`: weights stay cold (spread
+ * over a working set larger than the last-level cache), as a decode step reads them from memory.
+ * sb_profile_linear: the median time of one decode product (reps calls, after a warm-up) of a synthetic
+ * (out, in) layer whose rows all remove n = 0..3 weights per group of 4 (random valid codes), in dtype
+ * 0 (f32), 1 (f16) or 24 (int8), with the active kernels and thread count.
+ * sb_profile_model: the median time of each prunable product of a loaded model, seconds[4 * i + j] for
+ * block i and j = ssm_in, ssm_x, ssm_dt, ssm_out; each of reps passes starts with the caches flushed. */
+SB_API int sb_profile_linear(int32_t out, int32_t in, int32_t n, int32_t dtype, int32_t reps, double *seconds,
+                             char *err, size_t errlen);
+SB_API int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err, size_t errlen);
+/* the profiler keeps its working set between calls (not thread-safe); this frees it */
+SB_API void sb_profile_release(void);
+
 /* Compute backends: the model on a device, with one sequence's state. SB_BACKEND_CPU is the engine
  * above (sb_state + sb_forward); SB_BACKEND_OPENCL uploads the matrices once, in the file's packed
  * layout, to OpenCL device `device_index` (an index into sb_opencl_devices' list; -1: the first GPU,

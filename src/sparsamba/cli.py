@@ -344,6 +344,22 @@ def cmd_bench(a) -> None:
                 )
 
 
+def cmd_profile(a) -> None:
+    from .profile import profile_table, write_table
+
+    out = Path(a.output)
+    if out.exists() and not a.overwrite:  # fail before any work, not after it
+        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
+    t = profile_table(a.model, dtype=a.dtype, threads=a.threads, reps=a.reps, device=a.device, log=_log)
+    write_table(t, out, overwrite=a.overwrite)
+    shapes = len(t["entries"]) // 5
+    print(
+        f"profiled    {len(t['layers'])} layers, {shapes} shapes x n = 0..4 in {t['profile_seconds']:.1f} s"
+    )
+    print(f"device      {t['device']}")
+    print(f"wrote       {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsamba", description="Prune, compile and run Mamba language models.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -476,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-r", "--reps", type=int, default=5)
     s.add_argument("-t", "--threads", default="1,2", help="comma-separated thread counts")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser(
+        "profile", help="measure a latency table (layer shape x n) with the engine, for prune --latency-table"
+    )
+    s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
+    s.add_argument("-o", "--output", required=True, help="output .json table (written atomically)")
+    s.add_argument(
+        "--device", default="cpu", help="where the model will run: cpu (opencl: not available yet)"
+    )
+    s.add_argument("--dtype", choices=("f32", "f16", "int8"), default="f16", help="the compile dtype")
+    s.add_argument("--threads", type=int, default=None, help="default: what the engine picks for this model")
+    s.add_argument("--reps", type=int, default=None, help="timed calls per entry (default: ~50 ms of calls)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_profile)
     return p
 
 

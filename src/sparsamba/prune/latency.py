@@ -1,6 +1,8 @@
 """Latency tables: the cost of one prunable layer shape at each n, which a latency target learns
-against. The engine's profiler measures them on the target machine; until then (and for planning on
-another machine) ``cost_model_table`` predicts them from the bytes a decode step reads.
+against. ``sparsamba profile`` (``sparsamba/profile.py``) measures them with the engine on the target
+machine; for planning on another machine ``cost_model_table`` predicts them from the bytes a decode
+step reads (a measured table is the one to trust: where the sparse kernels are compute-bound, a c4n1
+row can cost more than a dense one).
 
 File format (JSON):
     {"format": "sparsamba.latency", "version": 1, "source": "cost-model" | "measured",

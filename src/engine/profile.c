@@ -1,0 +1,246 @@
+/* Latency profiling: what a decode step's matrix-vector products cost on this machine, measured
+ * with the kernels and the thread count the engine runs, for the latency tables that a latency
+ * target learns against (DESIGN.md §4, sparsamba/profile.py).
+ *
+ * Decode reads every weight once per token, and a model of any useful size is larger than the last
+ * level cache, so weights arrive from DRAM. A profile that timed one small matrix over and over
+ * would time the cache instead. So both entry points keep the weights cold:
+ *  - sb_profile_linear lays out enough copies of its synthetic class to fill a working set of
+ *    max(64 MiB, 2 x the LLC one core uses; at most 512 MiB) and times each call on the next copy,
+ *    round robin: by the time a copy comes round again, the whole working set has been read since;
+ *  - sb_profile_model reads (sums) a buffer of that size before every pass over the model, so each
+ *    pass starts with the model's matrices out of cache, as they are for a model larger than the LLC.
+ * Times are per call (clock_gettime around linear_vec, OpenMP fork and join included), and the
+ * median over repetitions is returned: a shared machine's interruptions land in the tail. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine.h"
+
+#define MIN_WORKING_SET ((size_t)64 << 20)
+#define MAX_WORKING_SET ((size_t)512 << 20)
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* The last-level cache one core can use: Linux's sysfs (per core: on an AMD EPYC the L3 of the
+ * core's complex, where sysconf reports the whole socket's, 8x more), else sysconf, else 0. */
+static size_t llc_bytes(void) {
+    size_t best = 0;
+    for (int i = 0; i < 8; i++) {
+        char path[96], buf[32];
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
+        FILE *f = fopen(path, "r");
+        if (!f) break;
+        size_t v = 0;
+        if (fgets(buf, sizeof buf, f)) {
+            char *end;
+            v = strtoull(buf, &end, 10);
+            v <<= *end == 'K' ? 10 : *end == 'M' ? 20 : 0;
+        }
+        fclose(f);
+        if (v > best) best = v;
+    }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (!best) {
+        long v = sysconf(_SC_LEVEL3_CACHE_SIZE); /* 0 or -1 where the OS does not say (VMs, Android) */
+        if (v > 0) best = (size_t)v;
+    }
+#endif
+    return best;
+}
+
+size_t sb_profile_working_set(void) {
+    static size_t ws;
+    if (!ws) {
+        size_t llc = llc_bytes();
+        ws = 2 * llc > MIN_WORKING_SET ? 2 * llc : MIN_WORKING_SET;
+        if (ws > MAX_WORKING_SET) ws = MAX_WORKING_SET;
+    }
+    return ws;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static uint64_t next_u64(uint64_t *s) { /* xorshift64* */
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 0x2545F4914F6CDD1DULL;
+}
+
+static size_t up64(size_t n) { return (n + 63) / 64 * 64; }
+
+/* One buffer for all profiles, kept until sb_profile_release: faulting in 64 MiB afresh for every
+ * entry costs more than the timing itself (half a second in a VM). Not thread-safe. */
+static uint8_t *g_arena;
+static size_t g_arena_size;
+
+static uint8_t *arena(size_t bytes) {
+    if (bytes > g_arena_size) {
+        free(g_arena);
+        bytes = (bytes + ((size_t)1 << 20) - 1) >> 20 << 20;
+        g_arena = aligned_alloc(64, bytes);
+        g_arena_size = g_arena ? bytes : 0;
+    }
+    return g_arena;
+}
+
+void sb_profile_release(void) {
+    free(g_arena);
+    g_arena = NULL;
+    g_arena_size = 0;
+}
+
+/* ---------------------------------------------------------------- one synthetic class */
+
+int sb_profile_linear(int32_t out, int32_t in, int32_t n, int32_t dtype, int32_t reps, double *seconds, char *err,
+                      size_t errlen) {
+    if (out <= 0 || in <= 0 || out > (1 << 24) || in > (1 << 24)) {
+        snprintf(err, errlen, "layer shape (%d, %d) is not valid: out and in must be in 1..%d", out, in, 1 << 24);
+        return SB_ERR_ARG;
+    }
+    if (n < 0 || n > 3) {
+        snprintf(err, errlen, "n = %d is not 0..3 (weights removed per group of 4; a row at n = 4 is not read)", n);
+        return SB_ERR_ARG;
+    }
+    if (dtype != GG_F32 && dtype != GG_F16 && dtype != GG_I8) {
+        snprintf(err, errlen, "dtype %d is not 0 (f32), 1 (f16) or 24 (int8)", dtype);
+        return SB_ERR_ARG;
+    }
+    if (reps <= 0 || !seconds) {
+        snprintf(err, errlen, "reps must be positive and seconds non-NULL (got reps %d)", reps);
+        return SB_ERR_ARG;
+    }
+    int G = (in + 3) / 4, cb = (G + 1) / 2, len = G * (4 - n);
+    size_t ts = gg_type_size((uint32_t)dtype);
+    /* one copy: values | codes | rows | scales, each 64-byte aligned as in a packed file */
+    size_t vbytes = up64((size_t)out * len * ts), cbytes = n ? up64((size_t)out * cb) : 0;
+    size_t ibytes = up64((size_t)out * 4), sbytes = dtype == GG_I8 ? up64((size_t)out * 4) : 0;
+    size_t copy = vbytes + cbytes + ibytes + sbytes, ws = sb_profile_working_set();
+    size_t ncopy = (ws + copy - 1) / copy;
+    if (ncopy < 2) ncopy = 2;
+    uint8_t *buf = arena(ncopy * copy);
+    float *x = calloc((size_t)in + 64, sizeof(float)), *y = calloc((size_t)out + 16, sizeof(float));
+    double *t = malloc(sizeof(double) * (size_t)reps);
+    if (!buf || !x || !y || !t) {
+        free(x), free(y), free(t);
+        snprintf(err, errlen, "out of memory: %zu copies of a (%d, %d) class need %zu MiB", ncopy, out, in,
+                 (ncopy * copy) >> 20);
+        return SB_ERR_NOMEM;
+    }
+    /* copy 0: random values, random valid codes (exactly 4 - n bits a group), rows in order */
+    uint64_t s = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)out << 32) ^ (uint64_t)in ^ ((uint64_t)n << 60);
+    uint8_t *v = buf, *cd = buf + vbytes;
+    int32_t *rows = (int32_t *)(buf + vbytes + cbytes);
+    float *scale = (float *)(buf + vbytes + cbytes + ibytes);
+    for (size_t k = 0; k < (size_t)out * len; k++) {
+        uint64_t u = next_u64(&s);
+        if (dtype == GG_F32) {
+            float f = (float)(u >> 40) / (float)(1 << 24) * 2.0f - 1.0f;
+            memcpy(v + 4 * k, &f, 4);
+        } else if (dtype == GG_F16) { /* sign, exponent 10..14, any mantissa: |w| in [2^-5, 1) */
+            uint16_t h = (uint16_t)(((u >> 63) << 15) | ((10 + (u >> 32) % 5) << 10) | (u & 0x3ff));
+            memcpy(v + 2 * k, &h, 2);
+        } else {
+            v[k] = (uint8_t)(int8_t)((int)(u % 255) - 127);
+        }
+    }
+    if (n) {
+        int masks[6], nm = 0;
+        for (int mk = 0; mk < 16; mk++)
+            if (__builtin_popcount((unsigned)mk) == 4 - n) masks[nm++] = mk;
+        memset(cd, 0, (size_t)out * cb);
+        for (int r = 0; r < out; r++)
+            for (int g = 0; g < G; g++)
+                cd[(size_t)r * cb + g / 2] |= (uint8_t)(masks[next_u64(&s) % (uint64_t)nm] << (4 * (g & 1)));
+    }
+    for (int r = 0; r < out; r++) rows[r] = r;
+    if (sbytes)
+        for (int r = 0; r < out; r++) scale[r] = 1.0f / 127.0f;
+    for (size_t c = 1; c < ncopy; c++) memcpy(buf + c * copy, buf, copy);
+    for (int j = 0; j < in; j++) x[j] = (float)(next_u64(&s) >> 40) / (float)(1 << 24) - 0.5f;
+
+    const sb_kernels *k = sb_active_kernels();
+    sb_linear lin = {0};
+    lin.out = out;
+    lin.in = in;
+    lin.nclass = 1;
+    size_t at = 0;
+    int warm = reps / 10 + 2;
+    for (int i = -warm; i < reps; i++) {
+        const uint8_t *base = buf + at * copy;
+        at = at + 1 == ncopy ? 0 : at + 1;
+        lin.cls[0] = (sb_class){n, out, len, G, cb, dtype, base, base + (size_t)out * len * ts,
+                                n ? base + vbytes : NULL, (const int32_t *)(base + vbytes + cbytes),
+                                sbytes ? (const float *)(base + vbytes + cbytes + ibytes) : NULL};
+        double t0 = now();
+        sb_linear_vec(k, &lin, x, y);
+        double dt = now() - t0;
+        if (i >= 0) t[i] = dt;
+    }
+    *seconds = median(t, reps);
+    free(x), free(y), free(t);
+    return SB_OK;
+}
+
+/* ---------------------------------------------------------------- a loaded model's prunable layers */
+
+int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err, size_t errlen) {
+    if (!m || reps <= 0 || !seconds) {
+        snprintf(err, errlen, "a model, a positive reps and a seconds buffer are needed (got reps %d)", reps);
+        return SB_ERR_ARG;
+    }
+    const sb_info *I = &m->info;
+    int L = I->n_layer, widest = 2 * I->d_inner;
+    if (I->d_model > widest) widest = I->d_model;
+    size_t ws = sb_profile_working_set(), nf = ws / sizeof(float) / 64 * 64;
+    float *flush = (float *)arena(nf * sizeof(float));
+    float *x = calloc((size_t)widest + 64, sizeof(float)), *y = calloc((size_t)widest + 64, sizeof(float));
+    double *t = malloc(sizeof(double) * (size_t)reps * 4 * L);
+    if (!flush || !x || !y || !t) {
+        free(x), free(y), free(t);
+        snprintf(err, errlen, "out of memory allocating the %zu MiB flush buffer", ws >> 20);
+        return SB_ERR_NOMEM;
+    }
+    for (size_t i = 0; i < nf; i++) flush[i] = (float)(i & 255);
+    uint64_t s = 12345;
+    /* inputs only where a layer reads (its `in`), zero padding past it as the kernels expect */
+    const sb_kernels *k = sb_active_kernels();
+    volatile float sink = 0.0f;
+    int warm = reps / 10 + 2;
+    for (int r = -warm; r < reps; r++) {
+        sink = k->read_sum(flush, nf);
+        for (int i = 0; i < L; i++) {
+            const sb_layer *ly = &m->layers[i];
+            const sb_linear *lin[4] = {&ly->in, &ly->x, &ly->dt, &ly->out};
+            for (int j = 0; j < 4; j++) {
+                memset(x, 0, sizeof(float) * ((size_t)widest + 64));
+                for (int c = 0; c < lin[j]->in; c++) x[c] = (float)(next_u64(&s) >> 40) / (float)(1 << 24) - 0.5f;
+                memset(y, 0, sizeof(float) * (size_t)lin[j]->out);
+                double t0 = now();
+                sb_linear_vec(k, lin[j], x, y);
+                double dt = now() - t0;
+                if (r >= 0) t[((size_t)(4 * i + j)) * reps + r] = dt;
+            }
+        }
+    }
+    (void)sink;
+    for (int l = 0; l < 4 * L; l++) seconds[l] = median(t + (size_t)l * reps, reps);
+    free(x), free(y), free(t);
+    return SB_OK;
+}
