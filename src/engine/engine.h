@@ -75,6 +75,7 @@ extern const sb_kernels sb_kernels_avx2;
 #endif
 #if defined(__aarch64__)
 extern const sb_kernels sb_kernels_neon;
+extern const sb_kernels sb_kernels_neon_fp16; /* ARMv8.2-A fp16 gemv for f16 classes, the rest neon's */
 #endif
 const sb_kernels *sb_active_kernels(void);
 /* y[out] += W x over every class of lin, rows split over the current threads (forward.c's decode path) */

@@ -14,6 +14,12 @@
 #endif
 
 #include "engine.h"
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDHP
+#define HWCAP_ASIMDHP (1 << 10) /* asm/hwcap.h: Advanced SIMD half-precision arithmetic */
+#endif
+#endif
 
 #define PREFILL_CHUNK 256 /* longer prompts run in chunks: bounded scratch, state carried */
 
@@ -43,6 +49,9 @@ static const sb_kernels *best_kernels(void) {
         return &sb_kernels_avx2;
 #endif
 #if defined(__aarch64__)
+#if defined(__linux__)
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDHP) return &sb_kernels_neon_fp16; /* ARMv8.2-A fp16 arithmetic */
+#endif
     return &sb_kernels_neon; /* Advanced SIMD is part of every ARMv8-A core */
 #endif
     return &sb_kernels_ref;
@@ -61,10 +70,12 @@ int32_t sb_set_isa(int32_t isa) {
 #endif
 #if defined(__aarch64__)
     else if (isa == SB_ISA_NEON) g_kernels = &sb_kernels_neon;
+    else if (isa == SB_ISA_NEON_FP16 && best == &sb_kernels_neon_fp16) g_kernels = &sb_kernels_neon_fp16;
 #endif
     else g_kernels = isa == SB_ISA_AUTO ? best : &sb_kernels_ref;
 #if defined(__aarch64__)
     if (g_kernels == &sb_kernels_neon) return SB_ISA_NEON;
+    if (g_kernels == &sb_kernels_neon_fp16) return SB_ISA_NEON_FP16;
 #endif
     return g_kernels == &sb_kernels_ref ? SB_ISA_SCALAR : SB_ISA_AVX2;
 }

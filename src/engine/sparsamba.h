@@ -30,7 +30,7 @@ enum {
 };
 
 /* Which kernels run: SB_ISA_AUTO picks the best the CPU has; the others force one (tests). */
-enum { SB_ISA_AUTO = 0, SB_ISA_SCALAR = 1, SB_ISA_AVX2 = 2, SB_ISA_NEON = 3 };
+enum { SB_ISA_AUTO = 0, SB_ISA_SCALAR = 1, SB_ISA_AVX2 = 2, SB_ISA_NEON = 3, SB_ISA_NEON_FP16 = 4 };
 
 typedef struct sb_model sb_model;
 typedef struct sb_state sb_state;

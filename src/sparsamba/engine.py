@@ -22,7 +22,7 @@ from .errors import SparsambaError
 LIB_NAME = {"darwin": "libsparsamba_engine.dylib", "win32": "sparsamba_engine.dll"}.get(
     sys.platform, "libsparsamba_engine.so"
 )
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3}
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "neon-fp16": 4}
 _DTYPES = {0: "f32", 1: "f16", 24: "int8"}
 DEVICES = {"cpu": 0, "opencl": 1}  # SB_BACKEND_CPU, SB_BACKEND_OPENCL
 # below this many bytes of weights per token, the default is one thread: OpenMP's fork and barriers
@@ -143,7 +143,7 @@ def library() -> ctypes.CDLL:
 
 
 def set_isa(isa: str) -> str:
-    """Force a kernel family ("auto", "scalar", "avx2", "neon"); returns the name of the one in effect
+    """Force a kernel family ("auto", "scalar", "avx2", "neon", "neon-fp16"); returns the name of the one in effect
     (a family the CPU lacks falls back to scalar). Process-wide, as in the C library."""
     if isa not in ISAS:
         raise SparsambaError(f"unknown kernel family {isa!r}; use one of {', '.join(ISAS)}")
