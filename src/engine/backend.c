@@ -103,22 +103,8 @@ int sb_backend_reset(sb_backend *b, char *err, size_t errlen) {
 int sb_backend_forward(sb_backend *b, const int32_t *tokens, int32_t n, float *logits, int32_t mode, char *err,
                        size_t errlen) {
     if (b->st) return sb_forward(b->m, b->st, tokens, n, logits, mode, err, errlen);
-    /* the same checks and messages as sb_forward */
-    const sb_info *I = &b->m->info;
-    if (n <= 0) {
-        snprintf(err, errlen, "no tokens to run (n = %d); give at least one token", n);
-        return SB_ERR_ARG;
-    }
-    if (mode < 0 || mode > 2 || (mode && !logits)) {
-        snprintf(err, errlen, "logits_mode %d is not 0, 1 or 2 (or no logits buffer given)", mode);
-        return SB_ERR_ARG;
-    }
-    for (int t = 0; t < n; t++)
-        if (tokens[t] < 0 || tokens[t] >= I->vocab_size) {
-            snprintf(err, errlen, "token %d at position %d is outside the vocabulary (0 to %d)", tokens[t], t,
-                     I->vocab_size - 1);
-            return SB_ERR_ARG;
-        }
+    int rc = sb_check_forward(b->m, tokens, n, logits, mode, err, errlen);
+    if (rc) return rc;
 #ifdef SB_HAVE_OPENCL
     return sb_ocl_forward(b->ocl, tokens, n, logits, mode, err, errlen);
 #else

@@ -78,6 +78,9 @@ extern const sb_kernels sb_kernels_neon;
 extern const sb_kernels sb_kernels_neon_fp16; /* ARMv8.2-A fp16 gemv for f16 classes, the rest neon's */
 #endif
 const sb_kernels *sb_active_kernels(void);
+/* tokens, count and logits mode checked as every forward does (the messages users see) */
+int sb_check_forward(const sb_model *m, const int32_t *tokens, int32_t n, const float *logits, int32_t mode, char *err,
+                     size_t errlen);
 /* y[out] += W x over every class of lin, rows split over the current threads (forward.c's decode path) */
 void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const float *x, float *y);
 /* bytes the profiler spreads its weights over, so that they come from memory: max(64 MiB, 2 x LLC) */

@@ -381,9 +381,9 @@ static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, in
     for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + T - 1];
 }
 
-int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n, float *logits, int32_t mode,
-               char *err, size_t errlen) {
-    const sb_info *I = &m->info;
+/* the checks every backend makes before a forward, with the same messages */
+int sb_check_forward(const sb_model *m, const int32_t *tokens, int32_t n, const float *logits, int32_t mode, char *err,
+                     size_t errlen) {
     if (n <= 0) {
         snprintf(err, errlen, "no tokens to run (n = %d); give at least one token", n);
         return SB_ERR_ARG;
@@ -392,16 +392,24 @@ int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n,
         snprintf(err, errlen, "logits_mode %d is not 0, 1 or 2 (or no logits buffer given)", mode);
         return SB_ERR_ARG;
     }
+    for (int t = 0; t < n; t++)
+        if (tokens[t] < 0 || tokens[t] >= m->info.vocab_size) {
+            snprintf(err, errlen, "token %d at position %d is outside the vocabulary (0 to %d)", tokens[t], t,
+                     m->info.vocab_size - 1);
+            return SB_ERR_ARG;
+        }
+    return SB_OK;
+}
+
+int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n, float *logits, int32_t mode,
+               char *err, size_t errlen) {
+    const sb_info *I = &m->info;
+    int rc = sb_check_forward(m, tokens, n, logits, mode, err, errlen);
+    if (rc) return rc;
     if (s->m != m) {
         snprintf(err, errlen, "the state belongs to another model");
         return SB_ERR_ARG;
     }
-    for (int t = 0; t < n; t++)
-        if (tokens[t] < 0 || tokens[t] >= I->vocab_size) {
-            snprintf(err, errlen, "token %d at position %d is outside the vocabulary (0 to %d)", tokens[t], t,
-                     I->vocab_size - 1);
-            return SB_ERR_ARG;
-        }
     const sb_kernels *k = sb_active_kernels();
     if (n == 1) {
         embed(m, tokens[0], s->h, 1);
