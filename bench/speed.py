@@ -71,23 +71,20 @@ def _fresh(artifact: Path, model: BenchModel, rebuild: bool, code: str) -> bool:
     return all(not f.exists() or f.stat().st_mtime <= t for f in srcs)
 
 
-def gguf_export(model: BenchModel, dtype: str, work: Path, rebuild: bool) -> Path:
+def _cached(kind: str, model: BenchModel, dtype: str, work: Path, rebuild: bool) -> Path:
+    """The model as a llama.cpp GGUF (kind "gguf") or a packed one ("packed"), made again only when
+    the weights or the code that writes it are newer than the cached file."""
+    from sparsamba.compile import compile_model
     from sparsamba.export_gguf import export_gguf
 
-    out = work / "gguf" / f"{model.name}-{dtype}.gguf"
-    if not _fresh(out, model, rebuild, "sparsamba.export_gguf"):
-        log(f"  export-gguf {model.name} {dtype} -> {out}")
-        export_gguf(model.path, out, dtype=dtype, overwrite=True)
-    return out
-
-
-def packed(model: BenchModel, dtype: str, work: Path, rebuild: bool) -> Path:
-    from sparsamba.compile import compile_model
-
-    out = work / "packed" / f"{model.name}-{dtype}.gguf"
-    if not _fresh(out, model, rebuild, "sparsamba.compile"):
-        log(f"  compile {model.name} {dtype} -> {out}")
-        compile_model(model.path, out, dtype=dtype, overwrite=True)
+    write, module, verb = {
+        "gguf": (export_gguf, "sparsamba.export_gguf", "export-gguf"),
+        "packed": (compile_model, "sparsamba.compile", "compile"),
+    }[kind]
+    out = work / kind / f"{model.name}-{dtype}.gguf"
+    if not _fresh(out, model, rebuild, module):
+        log(f"  {verb} {model.name} {dtype} -> {out}")
+        write(model.path, out, dtype=dtype, overwrite=True)
     return out
 
 
@@ -253,11 +250,11 @@ def plan(a: argparse.Namespace, skipped: list[str]) -> list[Job]:
         if engine not in want:
             return
         if engine == "llama.cpp":
-            prep = lambda: gguf_export(m, dtype, work, rb)  # noqa: E731
+            prep = lambda: _cached("gguf", m, dtype, work, rb)  # noqa: E731
         elif engine == "transformers":
             prep = lambda: m.path  # noqa: E731
         else:
-            prep = lambda: packed(m, dtype, work, rb)  # noqa: E731
+            prep = lambda: _cached("packed", m, dtype, work, rb)  # noqa: E731
         jobs.append(Job(engine, m, dtype, prep))
 
     if a.pruned:

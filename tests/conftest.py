@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,6 +89,25 @@ PRUNED_CONFIGS = {
 }
 
 
+EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "sparsamba" / "assets" / "kjv-mamba-tiny"
+
+
+def compiled_models(root, seed: int) -> dict:
+    """The engine tests' models: each of PRUNED_CONFIGS and the embedded model, with random C_4^n rows,
+    compiled to f32 / f16 / int8 under ``root``: {(name, dtype): (packed file, source directory)}."""
+    from sparsamba.compile import compile_model
+
+    dirs = {
+        k: random_pruned(root / k, seed=seed + i, **kw) for i, (k, kw) in enumerate(PRUNED_CONFIGS.items())
+    }
+    dirs["embedded-pruned"] = random_pruned(root / "emb", seed=seed + len(dirs), like=EMBEDDED)
+    return {
+        (name, dtype): (compile_model(d, root / f"{name}-{dtype}.gguf", dtype=dtype).path, d)
+        for name, d in dirs.items()
+        for dtype in ("f32", "f16", "int8")
+    }
+
+
 def random_pruned(out_dir, seed: int = 0, row_block: int = 1, vocab: int = 61, like=None, **cfg_kw):
     """A Mamba-1 whose prunable rows follow C_4^n with n drawn from 0..4 per row (or per block of
     ``row_block`` rows): random with ``cfg_kw`` (2 blocks), or the model in the folder ``like``."""
@@ -99,7 +120,9 @@ def random_pruned(out_dir, seed: int = 0, row_block: int = 1, vocab: int = 61, l
         m = Mamba1LM(Mamba1Config(vocab_size=vocab, num_hidden_layers=2, **cfg_kw))
         with torch.no_grad():
             for name, p in m.named_parameters():
-                if p.ndim == 1 or name.endswith("A_log"):  # off their init values, so a mixed-up channel shows
+                if p.ndim == 1 or name.endswith(
+                    "A_log"
+                ):  # off their init values, so a mixed-up channel shows
                     p.add_(0.3 * torch.randn_like(p))
     else:
         m = load_model(like)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import EMBEDDED, compiled_models
 from conftest import PRUNED_CONFIGS as CONFIGS
-from conftest import random_pruned
 
 from sparsamba.cli import main
 from sparsamba.compile import compile_model, plan_forward, read_packed
@@ -18,7 +18,6 @@ from sparsamba.errors import SparsambaError
 from sparsamba.generate import generate
 from sparsamba.model.hf import load_model
 
-EMBEDDED = "src/sparsamba/assets/kjv-mamba-tiny"
 # max |engine - reference| / max |reference| over all logits. Against plan_forward (same stored
 # weights) only the order of float sums differs, whatever the dtype. Against the fp32 source model,
 # f16 and int8 add their rounding of the weights (measured on these models: f16 <= 7e-4, int8 <= 3e-2).
@@ -40,16 +39,7 @@ def _auto_isa():
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """{(model, dtype): (gguf path, source dir)} for the random configs and a pruned embedded model."""
-    root = tmp_path_factory.mktemp("engine")
-    dirs = {k: random_pruned(root / k, seed=10 + i, **kw) for i, (k, kw) in enumerate(CONFIGS.items())}
-    dirs["embedded-pruned"] = random_pruned(root / "emb", seed=3, like=EMBEDDED)
-    out = {}
-    for name, d in dirs.items():
-        for dtype in ("f32", "f16", "int8"):
-            path = root / f"{name}-{dtype}.gguf"
-            compile_model(d, path, dtype=dtype)
-            out[name, dtype] = (path, d)
-    return out
+    return compiled_models(tmp_path_factory.mktemp("engine"), seed=10)
 
 
 def ids_for(vocab: int, n: int = 23, seed: int = 0) -> list[int]:

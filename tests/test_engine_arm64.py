@@ -18,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PRUNED_CONFIGS, random_pruned
+from conftest import PRUNED_CONFIGS, compiled_models
 
-from sparsamba.compile import compile_model
 from sparsamba.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = ROOT / "src" / "sparsamba" / "assets" / "kjv-mamba-tiny"
 REQUIRED = os.environ.get("SPARSAMBA_REQUIRE_ARM64") == "1"
 INSTALL = "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
 # max |arm64 - x86| / max |x86| over all logits. The same stored weights on both sides: only the order
@@ -74,13 +72,8 @@ def arm64_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict[tuple[str, str], Path]:
-    root = tmp_path_factory.mktemp("arm64-models")
-    dirs = {k: random_pruned(root / k, seed=20 + i, **kw) for i, (k, kw) in enumerate(PRUNED_CONFIGS.items())}
-    dirs["embedded-pruned"] = random_pruned(root / "emb", seed=5, like=EMBEDDED)
     return {
-        (name, dtype): compile_model(d, root / f"{name}-{dtype}.gguf", dtype=dtype).path
-        for name, d in dirs.items()
-        for dtype in ("f32", "f16", "int8")
+        k: path for k, (path, _) in compiled_models(tmp_path_factory.mktemp("arm64-models"), seed=30).items()
     }
 
 

@@ -20,13 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PRUNED_CONFIGS, random_pruned
+from conftest import PRUNED_CONFIGS, compiled_models
 
-from sparsamba.compile import compile_model
 from sparsamba.engine import Engine, EngineError, opencl_devices
 
 ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = ROOT / "src" / "sparsamba" / "assets" / "kjv-mamba-tiny"
 REQUIRED = os.environ.get("SPARSAMBA_REQUIRE_OPENCL") == "1"
 INSTALL = "apt-get install pocl-opencl-icd ocl-icd-opencl-dev opencl-c-headers, then pip install -e ."
 # max |opencl - cpu| / max |cpu| over all logits. The same stored weights on both sides: only the order
@@ -53,14 +51,7 @@ def device() -> int:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, device):
-    root = tmp_path_factory.mktemp("opencl")
-    dirs = {k: random_pruned(root / k, seed=20 + i, **kw) for i, (k, kw) in enumerate(PRUNED_CONFIGS.items())}
-    dirs["embedded-pruned"] = random_pruned(root / "emb", seed=4, like=EMBEDDED)
-    out = {}
-    for name, d in dirs.items():
-        for dtype in ("f32", "f16", "int8"):
-            out[name, dtype] = compile_model(d, root / f"{name}-{dtype}.gguf", dtype=dtype).path
-    return out
+    return {k: path for k, (path, _) in compiled_models(tmp_path_factory.mktemp("opencl"), seed=20).items()}
 
 
 def ids_for(vocab: int, n: int, seed: int = 0) -> list[int]:

@@ -110,6 +110,20 @@ static inline float sb_h2f(uint16_t h) {
     return f;
 }
 
+/* The byte-shuffle index the NEON families expand a 4-bit code with: idx[nibble][width*j + q] is byte q
+ * of the packed value input j of a group takes (kept values in order, `width` bytes each), or 0x80 (a
+ * table lookup reads 0) where input j was removed. idx holds 16 x 4*width bytes. */
+static inline void sb_nibble_index(uint8_t *idx, int width) {
+    for (int b = 0; b < 16; b++) {
+        int lane = 0;
+        for (int j = 0; j < 4; j++) {
+            for (int q = 0; q < width; q++)
+                idx[b * 4 * width + width * j + q] = b >> j & 1 ? (uint8_t)(width * lane + q) : 0x80;
+            lane += b >> j & 1;
+        }
+    }
+}
+
 /* value j of row r of a class, as fp32 (before the int8 row scale) */
 static inline float sb_value(const sb_class *c, int r, int j) {
     size_t k = (size_t)r * c->len + j;

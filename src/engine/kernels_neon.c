@@ -32,13 +32,7 @@ static int g_ready;
 
 static void init_tables(void) {
     if (__atomic_load_n(&g_ready, __ATOMIC_ACQUIRE)) return;
-    for (int b = 0; b < 16; b++) {
-        int lane = 0;
-        for (int j = 0; j < 4; j++) {
-            for (int q = 0; q < 4; q++) g_idx[b][4 * j + q] = b >> j & 1 ? (uint8_t)(4 * lane + q) : 0x80;
-            lane += b >> j & 1;
-        }
-    }
+    sb_nibble_index(&g_idx[0][0], 4);
     __atomic_store_n(&g_ready, 1, __ATOMIC_RELEASE);
 }
 
