@@ -14,6 +14,9 @@
 #endif
 
 #include "engine.h"
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMDHP
@@ -42,10 +45,19 @@ struct sb_state {
 
 static const sb_kernels *g_kernels;
 
+#if defined(__x86_64__) || defined(_M_X64)
+/* F16C is CPUID.1:ECX bit 29; asked of cpuid directly because clang's __builtin_cpu_supports does
+ * not know "f16c" (gcc's does) */
+static int cpu_has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1);
+}
+#endif
+
 static const sb_kernels *best_kernels(void) {
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
         return &sb_kernels_avx2;
 #endif
 #if defined(__aarch64__)
@@ -114,6 +126,7 @@ static int thread_id(void) {
 static void linear_vec(const sb_kernels *k, const sb_linear *lin, const float *x, float *y) {
     long work = 0;
     for (int ci = 0; ci < lin->nclass; ci++) work += (long)lin->cls[ci].rows * lin->cls[ci].len;
+    (void)work; /* read only by the pragma, which a build without OpenMP ignores */
 #pragma omp parallel if (work > 16384)
     for (int ci = 0; ci < lin->nclass; ci++) {
         const sb_class *c = &lin->cls[ci];
