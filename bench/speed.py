@@ -75,10 +75,10 @@ def _cached(kind: str, model: BenchModel, dtype: str, work: Path, rebuild: bool)
     """The model as a llama.cpp GGUF (kind "gguf") or a packed one ("packed"), made again only when
     the weights or the code that writes it are newer than the cached file."""
     from sparsamba.compile import compile_model
-    from sparsamba.export_gguf import export_gguf
+    from sparsamba.export.llamacpp import export_gguf
 
     write, module, verb = {
-        "gguf": (export_gguf, "sparsamba.export_gguf", "export-gguf"),
+        "gguf": (export_gguf, "sparsamba.export.llamacpp", "export-gguf"),
         "packed": (compile_model, "sparsamba.compile", "compile"),
     }[kind]
     out = work / kind / f"{model.name}-{dtype}.gguf"
@@ -101,7 +101,7 @@ def llama_bench_exe() -> tuple[Path | None, str]:
 
 def ours_available() -> str:
     """'' when our engine and compiler import, else why not (their rows are then skipped)."""
-    for mod in ("sparsamba.engine", "sparsamba.compile"):
+    for mod in ("sparsamba.runtime.engine", "sparsamba.compile"):
         try:
             __import__(mod)
         except Exception as e:  # noqa: BLE001 - a missing native library raises OSError, not ImportError

@@ -69,7 +69,7 @@ def transformers_bench(model_dir: str, threads: int, reps: int) -> dict:
 def sparsamba_bench(path: str, threads: int, reps: int) -> dict:
     """Our engine; the timing loop is its own (in C): pp over tokens 0..127 from a fresh state, then
     tg64 with the state carried."""
-    from sparsamba.engine import Engine
+    from sparsamba.runtime.engine import Engine
 
     base = _peak_kib()
     eng = Engine(path, threads=threads)
@@ -132,7 +132,7 @@ def bandwidth(mib: int, reps: int, threads_list: list[int]) -> dict:
                 ts.append(time.perf_counter() - t)
             res[name] = a.nbytes / min(ts) / 1e9
         try:  # the engine's own probe: 8 independent SIMD sums, the read a streaming decoder does
-            from sparsamba.engine import read_bandwidth
+            from sparsamba.runtime.engine import read_bandwidth
 
             res["engine_simd_sum"] = read_bandwidth(mib, T, reps) / 1e9
         except Exception:  # an engine that is not built: the other kernels still give a roofline

@@ -55,8 +55,8 @@ def measure(paths: list[Path], keys: list[tuple], dtype: str, threads: int, reps
     """(Σ of the prunable layers' median times of each model, the table entries ``keys`` measured
     again), medians over ``rounds`` rounds that alternate between the models and the entries, so that
     a neighbour's load on a shared machine hits all of them alike."""
-    from sparsamba.engine import Engine
-    from sparsamba.profile import default_reps, measure_layers, profile_linear, release
+    from sparsamba.runtime.engine import Engine
+    from sparsamba.runtime.profile import default_reps, measure_layers, profile_linear, release
 
     engines = [Engine(p, threads=threads) for p in paths]
     sums: list[list[float]] = [[] for _ in paths]
@@ -86,7 +86,7 @@ def roundtrip(
 ) -> dict:
     from sparsamba import load_model
     from sparsamba.cli import main
-    from sparsamba.profile import predicted_latency, profile_table, write_table
+    from sparsamba.runtime.profile import predicted_latency, profile_table, write_table
 
     work = Path(work)
     t0 = time.time()

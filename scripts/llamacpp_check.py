@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from sparsamba import assets, load_model, load_tokenizer
-from sparsamba.export_gguf import export_gguf
-from sparsamba.generate import generate
+from sparsamba.eval.generate import generate
+from sparsamba.export.llamacpp import export_gguf
 
 
 def llama_bin() -> Path:

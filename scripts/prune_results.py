@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsamba import assets, load_tokenizer
-from sparsamba.data import calibration_windows, eval_windows, read_text, tokenize
-from sparsamba.evaluate import perplexity
+from sparsamba.eval.data import calibration_windows, eval_windows, read_text, tokenize
+from sparsamba.eval.perplexity import perplexity
 from sparsamba.model.hf import LogitsOnly, load_any
 from sparsamba.prune.learn import LearnConfig
 from sparsamba.prune.run import PruneConfig, prune_model

@@ -13,8 +13,8 @@ import copy
 import torch
 
 from sparsamba import assets, load_model, load_tokenizer
-from sparsamba.data import eval_windows, read_text, tokenize
-from sparsamba.evaluate import perplexity, unigram_perplexity
+from sparsamba.eval.data import eval_windows, read_text, tokenize
+from sparsamba.eval.perplexity import perplexity, unigram_perplexity
 
 PRUNABLE = ("in_proj", "x_proj", "dt_proj", "out_proj")
 

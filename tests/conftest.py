@@ -42,7 +42,7 @@ def tiny_model_dir(tmp_path_factory):
 
     from sparsamba.model.hf import save_model
     from sparsamba.model.mamba1 import Mamba1Config, Mamba1LM
-    from sparsamba.train import _tokenizer_config, train_tokenizer
+    from sparsamba.model.train_tiny import _tokenizer_config, train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     tok = train_tokenizer(SAMPLE_TEXT, 300)

@@ -79,7 +79,7 @@ def train_data(tmp_path, tiny_model_dir):
 
 def test_train_tiny_writes_a_loadable_model(tmp_path, train_data):
     from sparsamba import load_model
-    from sparsamba.train import TrainConfig, train_tiny
+    from sparsamba.model.train_tiny import TrainConfig, train_tiny
 
     tc = TrainConfig(
         vocab_size=300, hidden_size=16, num_hidden_layers=1, steps=3, batch=2, seqlen=16, warmup=1
@@ -93,7 +93,7 @@ def test_train_tiny_writes_a_loadable_model(tmp_path, train_data):
 def test_train_tiny_is_deterministic(tmp_path, train_data):
     from safetensors.torch import load_file
 
-    from sparsamba.train import TrainConfig, train_tiny
+    from sparsamba.model.train_tiny import TrainConfig, train_tiny
 
     tc = TrainConfig(
         vocab_size=300, hidden_size=16, num_hidden_layers=1, steps=4, batch=2, seqlen=16, warmup=1

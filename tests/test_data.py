@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sparsamba import SparsambaError
-from sparsamba.data import calibration_windows, eval_windows, read_text, tokenize
-from sparsamba.evaluate import perplexity, unigram_perplexity
+from sparsamba.eval.data import calibration_windows, eval_windows, read_text, tokenize
+from sparsamba.eval.perplexity import perplexity, unigram_perplexity
 
 
 def test_read_formats(tmp_path):

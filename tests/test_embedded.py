@@ -6,9 +6,9 @@ import torch
 from conftest import rel_err
 
 from sparsamba import assets, load_model, load_tokenizer
-from sparsamba.data import eval_windows, read_text, tokenize
-from sparsamba.evaluate import perplexity, unigram_perplexity
-from sparsamba.generate import generate
+from sparsamba.eval.data import eval_windows, read_text, tokenize
+from sparsamba.eval.generate import generate
+from sparsamba.eval.perplexity import perplexity, unigram_perplexity
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from conftest import PRUNED_CONFIGS as CONFIGS
 
 from sparsamba.cli import main
 from sparsamba.compile import compile_model, plan_forward, read_packed
-from sparsamba.engine import Engine, EngineError, set_isa
 from sparsamba.errors import SparsambaError
-from sparsamba.generate import generate
+from sparsamba.eval.generate import generate
 from sparsamba.model.hf import load_model
+from sparsamba.runtime.engine import Engine, EngineError, set_isa
 
 # max |engine - reference| / max |reference| over all logits. Against plan_forward (same stored
 # weights) only the order of float sums differs, whatever the dtype. Against the fp32 source model,
@@ -127,7 +127,7 @@ def test_bench_reports_rates(compiled):
 
 
 def test_read_bandwidth_is_measured():
-    from sparsamba.engine import read_bandwidth
+    from sparsamba.runtime.engine import read_bandwidth
 
     assert read_bandwidth(mib=8, threads=1, reps=1) > 1e8  # bytes/s: any machine reads 100 MB/s
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import PRUNED_CONFIGS, compiled_models
 
-from sparsamba.engine import Engine
+from sparsamba.runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("SPARSAMBA_REQUIRE_ARM64") == "1"

@@ -18,8 +18,8 @@ import pytest
 from conftest import PRUNED_CONFIGS, random_pruned
 
 from sparsamba.compile import compile_model
-from sparsamba.engine import Engine, EngineError
-from sparsamba.export_gguf import export_gguf
+from sparsamba.export.llamacpp import export_gguf
+from sparsamba.runtime.engine import Engine, EngineError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import PRUNED_CONFIGS, compiled_models
 
-from sparsamba.engine import Engine, EngineError, opencl_devices
+from sparsamba.runtime.engine import Engine, EngineError, opencl_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("SPARSAMBA_REQUIRE_OPENCL") == "1"
@@ -150,7 +150,7 @@ def test_no_out_of_bounds_access_or_race_under_oclgrind(compiled, device):
     paths = [str(compiled["d24", "f32"]), str(compiled["d18", "int8"])]
     code = f"""
 import numpy as np
-from sparsamba.engine import Engine
+from sparsamba.runtime.engine import Engine
 for path in {paths!r}:
     cpu, ocl = Engine(path, threads=1), Engine(path, device="opencl")
     assert "Oclgrind" in ocl.kernels, ocl.kernels
@@ -180,7 +180,7 @@ def test_no_platform_is_an_error_or_a_fallback(compiled, device, tmp_path):
     code = f"""
 import warnings
 import numpy as np
-from sparsamba.engine import Engine, EngineError
+from sparsamba.runtime.engine import Engine, EngineError
 try:
     Engine({str(path)!r}, device="opencl")
 except EngineError as e:

@@ -15,7 +15,7 @@ from conftest import rel_err
 
 from sparsamba import assets
 from sparsamba.errors import SparsambaError
-from sparsamba.export_gguf import export_gguf, read_gguf_dense
+from sparsamba.export.llamacpp import export_gguf, read_gguf_dense
 from sparsamba.model.hf import build_model, load_model, load_state, save_model
 from sparsamba.model.mamba1 import Mamba1Config
 from sparsamba.model.mamba2 import Mamba2Config, Mamba2LM

@@ -23,7 +23,7 @@ metric_list:
 
 
 def test_lm_eval_on_a_pruned_model(tiny_model_dir, tmp_path, capsys):
-    from sparsamba.lmeval import run_tasks
+    from sparsamba.eval.lmeval import run_tasks
 
     rows = [
         {
@@ -51,7 +51,7 @@ def test_lm_eval_on_a_pruned_model(tiny_model_dir, tmp_path, capsys):
 
 def test_unknown_task_is_a_clear_error(tiny_model_dir, tmp_path):
     from sparsamba import SparsambaError
-    from sparsamba.lmeval import run_tasks
+    from sparsamba.eval.lmeval import run_tasks
 
     with pytest.raises(SparsambaError, match="unknown lm-eval task"):
         run_tasks(tiny_model_dir, ["no_such_task_xyz"], tmp_path)

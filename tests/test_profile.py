@@ -14,9 +14,10 @@ from conftest import random_pruned
 from sparsamba import SparsambaError, load_model
 from sparsamba.cli import main
 from sparsamba.compile import compile_model
-from sparsamba.engine import Engine, EngineError
 from sparsamba.model.mamba1 import Mamba1Config
-from sparsamba.profile import (
+from sparsamba.prune.latency import load_latency_table, row_costs
+from sparsamba.runtime.engine import Engine, EngineError
+from sparsamba.runtime.profile import (
     _lib,
     measure_layers,
     predicted_latency,
@@ -26,7 +27,6 @@ from sparsamba.profile import (
     release,
     write_table,
 )
-from sparsamba.prune.latency import load_latency_table, row_costs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Mamba1Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)

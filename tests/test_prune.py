@@ -335,7 +335,7 @@ def test_row_blocks_share_one_n():
 
 
 def test_generate_works_for_models_without_a_recurrent_step():
-    from sparsamba.generate import generate
+    from sparsamba.eval.generate import generate
 
     m = _llama(1)
     out = generate(m, [1, 2, 3], 5)

@@ -6,7 +6,7 @@
 
 #include "engine.h"
 #ifdef SB_HAVE_OPENCL
-#include "opencl.h"
+#include "opencl/opencl.h"
 #endif
 
 struct sb_backend {

@@ -7,7 +7,7 @@ from .errors import SparsambaError
 
 __version__ = "0.1.0"
 _LAZY = {
-    "Engine": ".engine",
+    "Engine": ".runtime.engine",
     "compile_model": ".compile",
     "load_model": ".model.hf",
     "load_tokenizer": ".model.hf",

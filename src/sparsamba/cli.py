@@ -39,8 +39,8 @@ def _need_tokenizer(tok, model) -> None:
 
 def _eval_text(model_path, m, tok, data: str | None, seqlen: int, max_windows: int | None, batch_size: int):
     from . import assets
-    from .data import eval_windows, read_text, tokenize
-    from .evaluate import perplexity
+    from .eval.data import eval_windows, read_text, tokenize
+    from .eval.perplexity import perplexity
 
     _need_tokenizer(tok, model_path)
     data = data or assets.HELDOUT
@@ -61,7 +61,7 @@ def cmd_eval(a) -> None:
 
 
 def _generate_text(m, tok, prompt: str, n: int, temperature: float, seed: int) -> str:
-    from .generate import generate
+    from .eval.generate import generate
 
     ids = tok.encode(prompt).ids
     out = generate(m, ids, n, temperature=temperature, seed=seed, eos_token_id=m.config.eos_token_id)
@@ -82,7 +82,7 @@ def cmd_demo(a) -> None:
     model, prune it to C_4^n at 50% (learned n per row, compensated; short learning so that the demo
     takes about a minute), evaluate and generate again."""
     from . import assets
-    from .data import calibration_windows, read_text, tokenize
+    from .eval.data import calibration_windows, read_text, tokenize
     from .prune.learn import LearnConfig
     from .prune.run import PruneConfig, prune_model
 
@@ -121,8 +121,8 @@ def _demo_engine(m, path, tok, n: int, ref_text: str, t_ref: float) -> None:
     import tempfile
 
     from .compile import compile_model
-    from .engine import Engine
     from .model.hf import save_model
+    from .runtime.engine import Engine
 
     with tempfile.TemporaryDirectory() as tmp:
         pruned = save_model(m, Path(tmp) / "pruned", tokenizer_dir=path)
@@ -151,7 +151,7 @@ def cmd_prune(a) -> None:
     import torch
 
     from . import assets
-    from .data import calibration_windows, read_text, tokenize
+    from .eval.data import calibration_windows, read_text, tokenize
     from .model.hf import load_any, load_tokenizer, resolve, save_any
     from .prune.latency import load_latency_table
     from .prune.learn import LearnConfig
@@ -240,7 +240,7 @@ def _read_recipe(path: str) -> dict:
 
 def cmd_lm_eval(a) -> None:
     from . import assets
-    from .lmeval import run_tasks
+    from .eval.lmeval import run_tasks
 
     model = a.model or str(assets.DEFAULT_MODEL)
     res = run_tasks(model, a.tasks.split(","), a.include_path, a.batch_size, a.limit)
@@ -251,7 +251,7 @@ def cmd_lm_eval(a) -> None:
 
 def cmd_train_tiny(a) -> None:
     from . import assets
-    from .train import TrainConfig, train_tiny
+    from .model.train_tiny import TrainConfig, train_tiny
 
     tc = TrainConfig(steps=a.steps, seed=a.seed, threads=a.threads)
     train_tiny(a.data or assets.KJV_TEXT, a.output, tc, overwrite=a.overwrite, log=_log)
@@ -261,7 +261,7 @@ def cmd_export_gguf(a) -> None:
     import gguf
 
     from . import assets
-    from .export_gguf import export_gguf
+    from .export.llamacpp import export_gguf
 
     out = export_gguf(a.model or assets.DEFAULT_MODEL, a.output, dtype=a.dtype, overwrite=a.overwrite)
     n = len(gguf.GGUFReader(out).tensors)
@@ -293,7 +293,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(a) -> None:
-    from .engine import Engine
+    from .runtime.engine import Engine
 
     with Engine(
         a.model, threads=a.threads, device=a.device, device_index=a.device_index, fallback=a.fallback
@@ -328,7 +328,7 @@ def cmd_run(a) -> None:
 def cmd_bench(a) -> None:
     import statistics
 
-    from .engine import Engine
+    from .runtime.engine import Engine
 
     print(f"| model | kernels | threads | size MB | pp{a.n_prompt} t/s | tg{a.n_gen} t/s |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -345,7 +345,7 @@ def cmd_bench(a) -> None:
 
 
 def cmd_profile(a) -> None:
-    from .profile import profile_table, write_table
+    from .runtime.profile import profile_table, write_table
 
     out = Path(a.output)
     if out.exists() and not a.overwrite:  # fail before any work, not after it

@@ -70,7 +70,7 @@ def compile_model(
     source model's on a few random tokens). ``dump_after`` = a pass name: summarize the plan after that
     pass (``CompileReport.dump``) and stop there, writing nothing. The file is written atomically.
     """
-    from ..export_gguf import check_output_path
+    from ..export.llamacpp import check_output_path
     from .packed_gguf import read_packed, write_packed
 
     t0 = time.time()

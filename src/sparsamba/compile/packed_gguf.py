@@ -75,7 +75,7 @@ def write_packed(plan: Plan, out_path: str | Path, overwrite: bool = False) -> P
     """Write a packed plan (after ``pack``) as ``out_path``, atomically (temporary file + rename)."""
     import gguf
 
-    from ..export_gguf import add_tokenizer, check_output_path, write_gguf_atomically
+    from ..export.llamacpp import add_tokenizer, check_output_path, write_gguf_atomically
 
     out = Path(out_path)
     check_output_path(out, overwrite)
@@ -113,7 +113,7 @@ def write_packed(plan: Plan, out_path: str | Path, overwrite: bool = False) -> P
 
 def read_packed(path: str | Path) -> Plan:
     """A file written by ``write_packed`` -> its plan (packed, perm None), tensors as stored."""
-    from ..export_gguf import GGUFTokenizer, open_gguf
+    from ..export.llamacpp import GGUFTokenizer, open_gguf
 
     path = Path(path)
     r, kv, t = open_gguf(path, "packed model")

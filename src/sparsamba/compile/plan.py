@@ -187,7 +187,7 @@ def class_weight(c: RowClass, n_in: int) -> Tensor:
 def load_source(model_dir: str | Path):
     """An HF-format Mamba-1 directory -> (its directory, our Mamba1LM in eval mode, its GGUF tokenizer
     section or None when it has no tokenizer.json). Refuses Mamba-2 before reading any weights."""
-    from ..export_gguf import read_tokenizer
+    from ..export.llamacpp import read_tokenizer
     from ..model.hf import build_model, load_state, read_config, read_weights, resolve
 
     d = resolve(model_dir)

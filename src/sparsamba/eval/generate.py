@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import SparsambaError
+from ..errors import SparsambaError
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import SparsambaError
+from ..errors import SparsambaError
 
 DTYPE_CODES = {"f32": 0, "f16": 1, "int8": 24}
 VALUE_BYTES = {"f32": 4, "f16": 2, "int8": 1}
@@ -98,8 +98,8 @@ def _model_and_config(model_or_config):
     import torch
     from torch import nn
 
-    from . import assets
-    from .model.hf import build_model, read_config, resolve
+    from .. import assets
+    from ..model.hf import build_model, read_config, resolve
 
     if isinstance(model_or_config, nn.Module):
         return model_or_config, getattr(model_or_config, "config", None)
@@ -112,7 +112,7 @@ def _model_and_config(model_or_config):
 
 def prunable_shapes(model_or_config=None) -> dict[str, tuple[int, int]]:
     """Prunable layer name -> (out, in), in forward order."""
-    from .prune.calibrate import prunable_layers
+    from ..prune.calibrate import prunable_layers
 
     model, _ = _model_and_config(model_or_config)
     return {name: (m.out_features, m.in_features) for block in prunable_layers(model) for name, m in block}
@@ -154,7 +154,7 @@ def profile_table(
     ``reps``: None = about 50 ms of calls per entry (``default_reps``); every entry is measured in
     ``rounds`` interleaved rounds and the median kept, so that a neighbour's burst of load on a shared
     machine lands on one round of every entry rather than on all of one entry."""
-    from . import __version__
+    from .. import __version__
     from .engine import library
 
     if device not in DEVICES:
@@ -247,8 +247,8 @@ def write_table(table: dict, path: str | Path, overwrite: bool = False) -> Path:
 
 def layer_ns(model) -> dict:
     """name -> (out, in, n removed per row (out,)) of a (pruned) model, for ``expected_latency``."""
-    from .prune.calibrate import prunable_layers
-    from .prune.pattern import removed_per_row
+    from ..prune.calibrate import prunable_layers
+    from ..prune.pattern import removed_per_row
 
     return {
         name: (m.out_features, m.in_features, removed_per_row(m.weight.detach()))
@@ -259,7 +259,7 @@ def layer_ns(model) -> dict:
 
 def predicted_latency(table: dict, model) -> float:
     """Σ over prunable layers and rows of the table's cost of the row's n (seconds per token)."""
-    from .prune.latency import expected_latency
+    from ..prune.latency import expected_latency
 
     return expected_latency(table, layer_ns(model))
 

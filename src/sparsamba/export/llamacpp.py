@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SparsambaError
+from ..errors import SparsambaError
 
 DTYPES = ("f32", "f16")
 # Mamba has no positional limit; llama.cpp's own converter writes this "arbitrary" 2**20 too
@@ -258,7 +258,7 @@ def export_gguf(
     complete, so a failure leaves nothing behind (and an old file untouched)."""
     import gguf
 
-    from .model.hf import build_model, load_state, read_config, read_weights, resolve
+    from ..model.hf import build_model, load_state, read_config, read_weights, resolve
 
     if dtype not in DTYPES:
         raise SparsambaError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")

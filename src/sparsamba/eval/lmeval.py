@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import SparsambaError
+from ..errors import SparsambaError
 
 
 def run_tasks(

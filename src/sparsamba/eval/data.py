@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SparsambaError
+from ..errors import SparsambaError
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".jsonl", ".gz"}
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import eval_windows, read_text, tokenize
-from .model.mamba1 import Mamba1Config, Mamba1LM
+from ..eval.data import eval_windows, read_text, tokenize
+from .mamba1 import Mamba1Config, Mamba1LM
 
 EOS = "<|endoftext|>"
 
@@ -94,7 +94,7 @@ def train_tiny(
     directory to ``out``. Returns a summary (times, losses)."""
     from tqdm import tqdm
 
-    from .model.hf import save_model
+    from .hf import save_model
 
     t0 = time.time()
     torch.manual_seed(tc.seed)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SparsambaError
+from ..errors import SparsambaError
 
 LIB_NAME = {"darwin": "libsparsamba_engine.dylib", "win32": "sparsamba_engine.dll"}.get(
     sys.platform, "libsparsamba_engine.so"
@@ -79,8 +79,8 @@ def _candidates() -> list[Path]:
     # an installed wheel keeps the library inside the package; an editable install may spread the
     # package over several folders (its __path__), and a source checkout built by hand keeps it
     # in build/engine
-    dirs = [Path(p) for p in getattr(sparsamba, "__path__", [])] + [Path(__file__).parent]
-    root = Path(__file__).resolve().parents[2]
+    dirs = [Path(p) for p in getattr(sparsamba, "__path__", [])] + [Path(__file__).parents[1]]
+    root = Path(__file__).resolve().parents[3]
     return [d / LIB_NAME for d in dirs] + [root / "build" / "engine" / LIB_NAME]
 
 

@@ -1,0 +1,1 @@
+"""The native engine from Python: the ctypes layer over the C ABI, and the latency profiler."""
