@@ -55,3 +55,25 @@ def test_unknown_task_is_a_clear_error(tiny_model_dir, tmp_path):
 
     with pytest.raises(SparsambaError, match="unknown lm-eval task"):
         run_tasks(tiny_model_dir, ["no_such_task_xyz"], tmp_path)
+
+
+def test_a_folder_name_cannot_inject_model_options(tiny_model_dir, tmp_path, monkeypatch):
+    """lm-eval parses "k=v,k=v" strings: a folder named "m,trust_remote_code=True" once ran the
+    folder's own Python. The options go as a dict, the folder name whole, remote code refused."""
+    import shutil
+
+    import lm_eval
+
+    from sparsamba.eval.lmeval import run_tasks
+
+    evil = tmp_path / "m,trust_remote_code=True,dtype=float16"
+    shutil.copytree(tiny_model_dir, evil)
+    seen = {}
+
+    def fake_evaluate(**kw):
+        seen.update(kw)
+        return {"results": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    run_tasks(evil, ["arc_easy"], None)
+    assert seen["model_args"] == {"pretrained": str(evil), "dtype": "float32", "trust_remote_code": False}

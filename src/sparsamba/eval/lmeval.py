@@ -47,7 +47,9 @@ def run_tasks(
         )
     res = lm_eval.simple_evaluate(
         model="hf",
-        model_args=f"pretrained={model_dir},dtype=float32",
+        # a dict, never a "k=v,k=v" string: a folder name with a comma would inject options
+        # (trust_remote_code=True ran a crafted folder's Python code)
+        model_args={"pretrained": str(model_dir), "dtype": "float32", "trust_remote_code": False},
         tasks=tasks,
         task_manager=tm,
         batch_size=batch_size,

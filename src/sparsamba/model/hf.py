@@ -74,7 +74,7 @@ def _from_state_spaces(d: dict) -> dict:
     return hf
 
 
-def _rename_state_spaces(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _rename_state_spaces(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         k = k.replace("backbone.embedding.", "backbone.embeddings.")
@@ -112,16 +112,47 @@ def read_config(model_dir: Path) -> MambaConfig:
         raise SparsambaError(
             f"{path}: unknown model_type {mt!r}; sparsamba reads 'mamba' (MambaForCausalLM) and 'mamba2' (Mamba2ForCausalLM)"
         )
+    # the sizes that define the model must be stated: a default (transformers' hidden_size 768)
+    # would build a different model than the weights, or fail far from the cause
+    missing = [k for k in REQUIRED_KEYS if k not in d]
+    if missing:
+        raise SparsambaError(f"{path}: {', '.join(missing)} missing; config.json must state the model's sizes")
+    _check_fields(d, path)
     cfg_cls = ARCHS[mt][0]
     try:
         cfg = cfg_cls.from_hf(d)
-    except TypeError as e:
-        raise SparsambaError(f"{path}: a field has the wrong type ({e})") from None
+    except (TypeError, ValueError) as e:
+        raise SparsambaError(f"{path}: a field has the wrong type or value ({e})") from None
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "state_size"):
         v = getattr(cfg, key)
         if not isinstance(v, int) or v <= 0:
             raise SparsambaError(f"{path}: {key} must be a positive integer, got {v!r}")
     return cfg
+
+
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers")
+# fields read as sizes (positive integers) and as positive finite floats, wherever they appear
+_SIZE_KEYS = (
+    "vocab_size hidden_size state_size num_hidden_layers expand conv_kernel n_groups head_dim num_heads "
+    "chunk_size intermediate_size"
+).split()
+_POSITIVE_FLOAT_KEYS = ("layer_norm_epsilon",)
+
+
+def _check_fields(d: dict, path: Path) -> None:
+    """One line naming the field for a value that is no size: "banana", -2, 2e6 as a float, true."""
+    for k in _SIZE_KEYS:
+        if k in d and (isinstance(d[k], bool) or not isinstance(d[k], int) or d[k] < 1):
+            raise SparsambaError(f"{path}: {k} must be a positive integer, got {d[k]!r}")
+    rank = d.get("time_step_rank")
+    if rank is not None and rank != "auto" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise SparsambaError(f"{path}: time_step_rank must be a positive integer or \"auto\", got {rank!r}")
+    for k in _POSITIVE_FLOAT_KEYS:
+        v = d.get(k)
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+        ):
+            raise SparsambaError(f"{path}: {k} must be a positive finite number, got {v!r}")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -136,21 +167,95 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+def _shards(model_dir: Path, index: Path) -> list[Path]:
+    """The shard files an index names, each confined to the model directory: a name such as
+    ``../../x.safetensors`` or ``/etc/passwd`` is refused, never opened."""
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise SparsambaError(f"{index}: not a valid safetensors index ({e})") from None
+    root = model_dir.resolve()
+    out = []
+    for name in names:
+        p = (model_dir / str(name)).resolve()
+        if not isinstance(name, str) or not name.endswith(".safetensors") or p.parent != root:
+            raise SparsambaError(
+                f"{index}: shard {name!r} is not a .safetensors file inside {model_dir}; refusing to open it"
+            )
+        if not p.is_file():
+            raise SparsambaError(f"{model_dir / name}: shard named in {index.name} is missing")
+        out.append(p)
+    return out
+
+
+def _safetensors_files(model_dir: Path) -> list[Path] | None:
     single = model_dir / "model.safetensors"
-    index = model_dir / "model.safetensors.index.json"
     if single.is_file():
-        return _read_safetensors(single)
-    if index.is_file():
+        return [single]
+    index = model_dir / "model.safetensors.index.json"
+    return _shards(model_dir, index) if index.is_file() else None
+
+
+def weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes of the stored tensors, read from the safetensors headers alone (no data);
+    None for a ``pytorch_model.bin``, whose shapes need the whole file."""
+    from safetensors import SafetensorError, safe_open
+
+    files = _safetensors_files(model_dir)
+    if files is None:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SparsambaError(f"{index}: not a valid safetensors index ({e})") from None
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():
+                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise SparsambaError(
+                f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt, download or write it again"
+            ) from None
+    return shapes
+
+
+def check_config_fits_weights(cfg: MambaConfig, model_dir: Path) -> None:
+    """Compare the sizes config.json states with the stored tensors' headers *before* anything is
+    allocated: a config claiming hidden_size 2e6 or 1e9 layers fails here in milliseconds instead of
+    building a model until memory runs out."""
+    shapes = weight_shapes(model_dir)
+    if shapes is None:
+        return  # pytorch_model.bin: load_state checks every name and shape after loading
+    shapes = _rename_state_spaces(shapes)
+    where = model_dir / "config.json"
+    emb = shapes.get("backbone.embeddings.weight")
+    if emb is not None and tuple(emb) != (cfg.vocab_size, cfg.hidden_size):
+        raise SparsambaError(
+            f"{where}: vocab_size x hidden_size = {cfg.vocab_size} x {cfg.hidden_size}, but the stored "
+            f"embedding is {emb[0]} x {emb[1]}; the weights and config.json disagree"
+        )
+    layers = {int(k.split(".")[2]) for k in shapes if k.startswith("backbone.layers.") and k.split(".")[2].isdigit()}
+    if len(layers) != cfg.num_hidden_layers:
+        raise SparsambaError(
+            f"{where}: num_hidden_layers is {cfg.num_hidden_layers}, but the weights hold {len(layers)} layers; "
+            "the weights and config.json disagree"
+        )
+    # every other size: the shapes a model of this config would have, built on the meta device
+    # (no memory), against the headers
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    for k, shape in expected.items():
+        if k in shapes and tuple(shapes[k]) != shape:
+            raise SparsambaError(
+                f"{where}: tensor {k} has shape {tuple(shapes[k])}, config.json implies {shape}; "
+                "the weights and config.json disagree"
+            )
+
+
+def read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = _safetensors_files(model_dir)
+    if files is not None:
         sd: dict[str, torch.Tensor] = {}
-        for s in shards:
-            if not (model_dir / s).is_file():
-                raise SparsambaError(f"{model_dir / s}: shard named in {index.name} is missing")
-            sd.update(_read_safetensors(model_dir / s))
+        for f in files:
+            sd.update(_read_safetensors(f))
         return sd
     binf = model_dir / "pytorch_model.bin"
     if binf.is_file():
@@ -197,6 +302,9 @@ def load_state(model: nn.Module, sd: dict[str, torch.Tensor], where: Path) -> No
             )
         if not sd[k].is_floating_point():
             raise SparsambaError(f"{where}: tensor {k} has dtype {sd[k].dtype}; expected floating point")
+        if not torch.isfinite(sd[k]).all():
+            # every later figure would be nan (a perplexity of nan once printed with exit code 0)
+            raise SparsambaError(f"{where}: tensor {k} holds NaN or infinite values; the weights are corrupt")
     model.load_state_dict(sd, strict=False)
     if tied:
         model.lm_head.weight = model.backbone.embeddings.weight
@@ -229,6 +337,7 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32) -> MambaLM
     """An HF-format Mamba / Mamba-2 directory (or hub id) -> our reference model, in eval mode."""
     d = resolve(model)
     cfg = read_config(d)
+    check_config_fits_weights(cfg, d)
     m = build_model(cfg)
     load_state(m, read_weights(d), d)
     return m.to(dtype).eval()
