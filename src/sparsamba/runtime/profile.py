@@ -3,7 +3,7 @@
 For every prunable layer shape (out, in) of a model and every n in 0..3, the engine builds a synthetic
 layer whose rows all remove n weights per group of 4 (random valid codes) in the compile dtype, and
 times its decode product (``sb_profile_linear`` in ``src/engine/profile.c``): the active kernels, the
-thread count given, the same ``linear_vec`` path a decode step runs, and weights spread over a working
+thread count given, the same ``sb_linear_vec`` path a decode step runs, and weights spread over a working
 set of max(64 MiB, 2 × the LLC of one core) so that each call reads them from memory, as decode does.
 The median over the repetitions goes into the ``sparsamba.latency`` v1 table (``prune/latency.py``):
 ``seconds`` is the whole layer at that n, a row costs seconds / out, and a row at n = 4 is never read,
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..errors import SparsambaError
+from .lib import error_buffer, library
 
 DTYPE_CODES = {"f32": 0, "f16": 1, "int8": 24}
 VALUE_BYTES = {"f32": 4, "f16": 2, "int8": 1}
@@ -35,21 +36,13 @@ DEVICES = ("cpu", "opencl")
 
 
 def _lib() -> ctypes.CDLL:
-    from .engine import library
-
+    """The engine library (``runtime/lib.py`` declares the prototypes), refused when it predates profiling."""
     lib = library()
     if not hasattr(lib, "sb_profile_linear"):
         raise SparsambaError(
             "the native engine was built before profiling existed (no sb_profile_linear); "
             "rebuild it: pip install -e . --no-deps"
         )
-    c_int, P, dp = ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)
-    lib.sb_profile_linear.argtypes = [c_int, c_int, c_int, c_int, c_int, dp, ctypes.c_char_p, ctypes.c_size_t]
-    lib.sb_profile_linear.restype = ctypes.c_int
-    lib.sb_profile_model.argtypes = [P, c_int, dp, ctypes.c_char_p, ctypes.c_size_t]
-    lib.sb_profile_model.restype = ctypes.c_int
-    lib.sb_profile_release.argtypes = []
-    lib.sb_profile_release.restype = None
     return lib
 
 
@@ -78,7 +71,7 @@ def profile_linear(
             raise SparsambaError(f"threads must be positive, got {threads}")
         lib.sb_set_threads(threads)
     sec = ctypes.c_double()
-    err = ctypes.create_string_buffer(512)
+    err = error_buffer()
     if lib.sb_profile_linear(out, inn, n, DTYPE_CODES[dtype], reps, ctypes.byref(sec), err, len(err)):
         raise EngineError(err.value.decode(errors="replace"))
     return sec.value
@@ -155,7 +148,6 @@ def profile_table(
     ``rounds`` interleaved rounds and the median kept, so that a neighbour's burst of load on a shared
     machine lands on one round of every entry rather than on all of one entry."""
     from .. import __version__
-    from .engine import library
 
     if device not in DEVICES:
         raise SparsambaError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
@@ -173,9 +165,9 @@ def profile_table(
         raise SparsambaError(f"rounds must be positive, got {rounds}")
     model, cfg = _model_and_config(model_or_config)
     shapes = prunable_shapes(model)
-    _lib()  # a stale library fails here, before any work
-    threads = library().sb_set_threads(_default_threads(shapes, cfg, dtype) if threads is None else threads)
-    kernels = library().sb_isa_name().decode()
+    lib = _lib()  # a stale library fails here, before any work
+    threads = lib.sb_set_threads(_default_threads(shapes, cfg, dtype) if threads is None else threads)
+    kernels = lib.sb_isa_name().decode()
     keys = [(out, inn, n) for out, inn in sorted(set(shapes.values())) for n in range(4)]
     times: dict[tuple, list[float]] = {k: [] for k in keys}
     t0 = time.time()
@@ -275,8 +267,8 @@ def measure_layers(engine, reps: int = 200) -> dict[str, float]:
     lib = _lib()
     L = engine.info.n_layer
     out = (ctypes.c_double * (4 * L))()
-    err = ctypes.create_string_buffer(512)
+    err = error_buffer()
     lib.sb_set_threads(engine.threads)
-    if lib.sb_profile_model(engine._model, reps, out, err, len(err)):
+    if lib.sb_profile_model(engine.model_handle, reps, out, err, len(err)):
         raise EngineError(err.value.decode(errors="replace"))
     return {f"blk.{i}.{GGUF_NAMES[j]}": out[4 * i + j] for i in range(L) for j in range(4)}
