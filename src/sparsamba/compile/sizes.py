@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import formats
 from .plan import LinearPlan, Plan
-
-_BYTES = {None: 4, "f32": 4, "f16": 2, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ def _nbytes(t) -> int:
 
 
 def layer_size(name: str, kind: str, lp: LinearPlan, dtype: str | None) -> LayerSize:
-    bw = _BYTES[dtype]
+    bw = formats.get(dtype).value_bytes
     out, n_in = lp.out_features, lp.in_features
     scales = out * 4 if dtype == "int8" else 0
     if lp.dense:

@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import formats
 from ..errors import SparsambaError
 
-DTYPES = ("f32", "f16")
 # Mamba has no positional limit; llama.cpp's own converter writes this "arbitrary" 2**20 too
 CONTEXT_LENGTH = 2**20
 # llama.cpp's name for a GPT-2 pre-tokenizer (GGUF key tokenizer.ggml.pre). Our tokenizers are
@@ -207,9 +207,9 @@ def _gguf_tensors(model, dtype: str) -> list[tuple[str, np.ndarray]]:
     def mat(name: str, key: str) -> None:
         w = _f32(sd[key])
         if dtype == "f16":
-            if np.abs(w).max(initial=0.0) > np.finfo(np.float16).max:
+            if np.abs(w).max(initial=0.0) > formats.F16_MAX:
                 raise SparsambaError(f"{key} has values beyond the fp16 range; export with --dtype f32")
-            w = w.astype(np.float16)
+            w = w.astype(formats.F16.numpy)
         out.append((name, w))
 
     def vec(name: str, t: torch.Tensor) -> None:
@@ -260,8 +260,7 @@ def export_gguf(
 
     from ..model.hf import build_model, load_state, read_config, read_weights, resolve
 
-    if dtype not in DTYPES:
-        raise SparsambaError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    fmt = formats.get(dtype, formats.LLAMACPP)
     out = Path(out_path)
     check_output_path(out, overwrite)
     d = resolve(model_dir)
@@ -291,8 +290,7 @@ def export_gguf(
         w.add_ssm_time_step_rank(cfg.num_heads)  # llama.cpp's Mamba-2 reads the head count here
         w.add_ssm_group_count(cfg.n_groups)
     w.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
-    ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
-    w.add_file_type(int(ftype))
+    w.add_file_type(fmt.llama_ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     add_tokenizer(w, tok)

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SparsambaError
+from ..formats import by_ggml_type
 
 LIB_NAME = {"darwin": "libsparsamba_engine.dylib", "win32": "sparsamba_engine.dll"}.get(
     sys.platform, "libsparsamba_engine.so"
 )
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "neon-fp16": 4}
-_DTYPES = {0: "f32", 1: "f16", 24: "int8"}
 DEVICES = {"cpu": 0, "opencl": 1}  # SB_BACKEND_CPU, SB_BACKEND_OPENCL
 # below this many bytes of weights per token, the default is one thread: OpenMP's fork and barriers
 # cost more than they save (and a busy second core makes them cost milliseconds)
@@ -235,7 +235,7 @@ class Engine:
         raw = _Info()
         lib.sb_model_info(model, ctypes.byref(raw))
         fields = {k: getattr(raw, k) for k, _ in _Info._fields_}
-        fields["dtype"] = _DTYPES.get(fields["dtype"], str(fields["dtype"]))
+        fields["dtype"] = by_ggml_type(fields["dtype"])
         fields["tied_head"] = bool(fields["tied_head"])
         fields["norm_folded"] = bool(fields["norm_folded"])
         self.info = EngineInfo(**fields)
