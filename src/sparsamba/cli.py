@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import formats
 from .errors import SparsambaError
+from .outputs import check_output
 
 DEFAULT_PROMPT = "In the beginning"
 
@@ -160,8 +161,7 @@ def cmd_prune(a) -> None:
 
     torch.set_flush_denormal(True)
     out = Path(a.output)
-    if out.exists() and not a.overwrite:  # fail before any work, not after it
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
+    check_output(out, a.overwrite)  # fail before any work, not after it
     recipe = _read_recipe(a.recipe) if a.recipe else {}
     learn_kw = recipe.pop("learn", {})
     cfg = PruneConfig(**recipe)
@@ -349,8 +349,7 @@ def cmd_profile(a) -> None:
     from .runtime.profile import profile_table, write_table
 
     out = Path(a.output)
-    if out.exists() and not a.overwrite:  # fail before any work, not after it
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
+    check_output(out, a.overwrite)  # fail before any work, not after it
     t = profile_table(a.model, dtype=a.dtype, threads=a.threads, reps=a.reps, device=a.device, log=_log)
     write_table(t, out, overwrite=a.overwrite)
     shapes = len(t["entries"]) // 5

@@ -71,7 +71,7 @@ def compile_model(
     source model's on a few random tokens). ``dump_after`` = a pass name: summarize the plan after that
     pass (``CompileReport.dump``) and stop there, writing nothing. The file is written atomically.
     """
-    from ..export.llamacpp import check_output_path
+    from ..outputs import check_output
     from .packed_gguf import read_packed, write_packed
 
     t0 = time.time()
@@ -81,7 +81,7 @@ def compile_model(
         raise SparsambaError(f"--dump-after {dump_after!r}: the passes are {', '.join(PASSES)}")
     out = Path(out_path)
     if dump_after is None:
-        check_output_path(out, overwrite)  # before any work, not after it
+        check_output(out, overwrite, file=True)  # before any work, not after it
     d, model, tok = load_source(model_dir)
     cfg = model.config
     plan = plan_from_state(model, d.resolve().name, tok)

@@ -75,10 +75,11 @@ def write_packed(plan: Plan, out_path: str | Path, overwrite: bool = False) -> P
     """Write a packed plan (after ``pack``) as ``out_path``, atomically (temporary file + rename)."""
     import gguf
 
-    from ..export.llamacpp import add_tokenizer, check_output_path, write_gguf_atomically
+    from ..export.llamacpp import add_tokenizer, write_gguf_atomically
+    from ..outputs import check_output
 
     out = Path(out_path)
-    check_output_path(out, overwrite)
+    check_output(out, overwrite, file=True)
     if plan.dtype is None:
         raise SparsambaError("write_packed needs a packed plan: run the pack pass first")
     dm = plan.dims

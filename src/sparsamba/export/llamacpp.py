@@ -37,6 +37,7 @@ import torch
 
 from .. import formats
 from ..errors import SparsambaError
+from ..outputs import check_output
 
 # Mamba has no positional limit; llama.cpp's own converter writes this "arbitrary" 2**20 too
 CONTEXT_LENGTH = 2**20
@@ -262,7 +263,7 @@ def export_gguf(
 
     fmt = formats.get(dtype, formats.LLAMACPP)
     out = Path(out_path)
-    check_output_path(out, overwrite)
+    check_output(out, overwrite, file=True)
     d = resolve(model_dir)
     cfg = read_config(d)
     arch = cfg.model_type
@@ -297,14 +298,6 @@ def export_gguf(
     for name, arr in tensors:
         w.add_tensor(name, arr)
     return write_gguf_atomically(w, out)
-
-
-def check_output_path(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that is a folder or that exists without ``overwrite``."""
-    if out.is_dir():
-        raise SparsambaError(f"{out}: is a directory; give the path of the .gguf file to write")
-    if out.exists() and not overwrite:
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
 
 
 def write_gguf_atomically(w, out: Path) -> Path:

@@ -22,12 +22,12 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from .. import formats
 from ..errors import SparsambaError
+from ..outputs import check_output, write_file_atomically
 
 GGUF_NAMES = ("ssm_in", "ssm_x", "ssm_dt", "ssm_out")  # sb_profile_model's order within a block
 DEVICES = ("cpu", "opencl")
@@ -216,23 +216,13 @@ def profile_table(
 
 def write_table(table: dict, path: str | Path, overwrite: bool = False) -> Path:
     """Write a latency table as JSON atomically (a temporary sibling renamed into place)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise SparsambaError(f"{path}: already exists; choose another path or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
             json.dump(table, f, indent=1)
             f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_file_atomically(check_output(path, overwrite, file=True), write)
 
 
 # ---------------------------------------------------------------------------------------------
