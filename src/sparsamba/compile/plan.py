@@ -99,7 +99,7 @@ class Plan:
     output: LinearPlan | None  # (V, d) when the head is not tied
     output_norm: Tensor  # (d,) fp32
     blocks: list[BlockPlan]
-    tokenizer: object | None = None  # export_gguf.GGUFTokenizer
+    tokenizer: object | None = None  # gguf_io.GGUFTokenizer
     norm_folded: bool = False
     dtype: str | None = None  # set by pack: "f32" | "f16" | "int8"
     passes: list[str] = field(default_factory=list)
@@ -187,7 +187,7 @@ def class_weight(c: RowClass, n_in: int) -> Tensor:
 def load_source(model_dir: str | Path):
     """An HF-format Mamba-1 directory -> (its directory, our Mamba1LM in eval mode, its GGUF tokenizer
     section or None when it has no tokenizer.json). Refuses Mamba-2 before reading any weights."""
-    from ..export.llamacpp import read_tokenizer
+    from ..gguf_io import GGUFTokenizer
     from ..model.hf import build_model, load_state, read_config, read_weights, resolve
 
     d = resolve(model_dir)
@@ -201,8 +201,7 @@ def load_source(model_dir: str | Path):
     load_state(model, read_weights(d), d)  # every name and shape checked against config.json
     tok = None
     if (d / "tokenizer.json").is_file():
-        tok = read_tokenizer(d, cfg)
-        tok.hf_json = (d / "tokenizer.json").read_text(encoding="utf-8")
+        tok = GGUFTokenizer.from_model_dir(d, cfg, hf_json=True)
     return d, model.eval(), tok
 
 

@@ -380,7 +380,9 @@ class Engine:
     def tokenizer(self):
         """The model's tokenizer, rebuilt from the tokenizer.json the compiler stored in the file."""
         if self._tokenizer is None:
-            self._tokenizer = read_tokenizer(self.path)
+            from ..gguf_io import load_gguf_tokenizer
+
+            self._tokenizer = load_gguf_tokenizer(self.path)
         return self._tokenizer
 
 
@@ -393,21 +395,3 @@ def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Gen
         lg = np.where(lg < kth, -np.inf, lg)
     p = np.exp(lg - lg.max())
     return int(rng.choice(lg.size, p=p / p.sum()))
-
-
-def read_tokenizer(path: str | os.PathLike):
-    """A ``tokenizers.Tokenizer`` from a packed GGUF's ``tokenizer.huggingface.json``."""
-    import gguf
-    from tokenizers import Tokenizer
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises assorted errors on bad files
-        raise SparsambaError(f"{path}: cannot read the GGUF ({e})") from None
-    field = reader.fields.get("tokenizer.huggingface.json")
-    if field is None:
-        raise SparsambaError(
-            f"{path}: holds no tokenizer (tokenizer.huggingface.json); pass token ids instead"
-        )
-    text = bytes(field.parts[field.data[0]]).decode()
-    return Tokenizer.from_str(text)
