@@ -14,7 +14,8 @@ import torch
 
 from ..errors import SparsambaError
 from ..gguf_io import GGUFTokenizer, open_gguf, write_gguf_atomically
-from .plan import LINEARS, BlockPlan, Dims, LinearPlan, Plan, RowClass
+from ..model.names import LINEARS
+from .plan import BlockPlan, Dims, LinearPlan, Plan, RowClass
 
 ARCH = "sparsamba.mamba"
 FORMAT_VERSION = 1
@@ -171,7 +172,7 @@ def read_packed(path: str | Path) -> Plan:
                 tensors[k] = take(p + k)
         for k in ("ssm_conv1d.weight", "ssm_conv1d.bias", "ssm_a", "ssm_d", "ssm_dt.bias"):
             tensors[k] = take(p + k)
-        lin = {k: matrix(p + k, *dims.linear_shape(k)) for k in LINEARS}
+        lin = {k: matrix(p + k, *dims.linear_shape(k)) for k in LINEARS["mamba"]}
         blocks.append(BlockPlan(tensors, lin))
     output_norm = take("output_norm.weight")
     head = None if dims.tied else matrix("output", dims.vocab_size, dims.d_model)

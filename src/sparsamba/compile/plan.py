@@ -20,9 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SparsambaError
-
-# prunable linear layers of a block: GGUF name -> HF name
-LINEARS = {"ssm_in": "in_proj", "ssm_x": "x_proj", "ssm_dt": "dt_proj", "ssm_out": "out_proj"}
+from ..model.names import BLOCK, GLOBAL, LINEARS, OPTIONAL, to_gguf
 
 
 @dataclass(frozen=True)
@@ -234,31 +232,24 @@ def plan_from_state(model, name: str, tokenizer=None) -> Plan:
     blocks = []
     for i in range(dims.n_layer):
         p = f"backbone.layers.{i}."
-        m = p + "mixer."
-        t = {
-            "attn_norm.weight": sd[p + "norm.weight"],
-            "ssm_conv1d.weight": sd[m + "conv1d.weight"][:, 0, :].contiguous(),  # (di, 1, K) -> (di, K)
-            "ssm_conv1d.bias": sd.get(m + "conv1d.bias", torch.zeros(di)),  # none = zeros, as the file says
-            "ssm_a": -torch.exp(sd[m + "A_log"]),  # the engine needs A itself
-            "ssm_d": sd[m + "D"],
-            "ssm_dt.bias": sd[m + "dt_proj.bias"],
-        }
-        if dims.use_bias:
-            t["ssm_in.bias"] = sd[m + "in_proj.bias"]
-            t["ssm_out.bias"] = sd[m + "out_proj.bias"]
-        lin = {}
-        for k, hf in LINEARS.items():
-            w = sd[m + hf + ".weight"]
-            lin[k] = LinearPlan(w.shape[0], w.shape[1], weight=w)
+        t, lin = {}, {}
+        for suffix, hf in BLOCK["mamba"].items():
+            layer = suffix.removesuffix(".weight")
+            if layer in LINEARS["mamba"]:
+                lin[layer] = LinearPlan(*sd[p + hf].shape, weight=sd[p + hf])
+            elif suffix == "ssm_conv1d.bias":
+                t[suffix] = sd.get(p + hf, torch.zeros(di))  # none = zeros, as the file says
+            elif suffix not in OPTIONAL or dims.use_bias:
+                t[suffix] = to_gguf(suffix, sd[p + hf], "mamba")  # the engine needs A itself, conv as (di, K)
         blocks.append(BlockPlan(t, lin))
-    embd = sd["backbone.embeddings.weight"]
-    out = None if dims.tied else LinearPlan(*sd["lm_head.weight"].shape, weight=sd["lm_head.weight"])
+    embd, head = sd[GLOBAL["token_embd.weight"]], sd.get(GLOBAL["output.weight"])
+    out = None if dims.tied else LinearPlan(*head.shape, weight=head)
     return Plan(
         dims=dims,
         name=name,
         token_embd=LinearPlan(*embd.shape, weight=embd),
         output=out,
-        output_norm=sd["backbone.norm_f.weight"],
+        output_norm=sd[GLOBAL["output_norm.weight"]],
         blocks=blocks,
         tokenizer=tokenizer,
     )

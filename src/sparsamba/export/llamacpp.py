@@ -34,6 +34,7 @@ import torch
 from .. import formats
 from ..errors import SparsambaError
 from ..gguf_io import GGUFTokenizer, open_gguf, write_gguf_atomically
+from ..model import names
 from ..outputs import check_output
 
 # Mamba has no positional limit; llama.cpp's own converter writes this "arbitrary" 2**20 too
@@ -66,7 +67,7 @@ def _check_runnable(cfg, where: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tensors: the name map, HF names on the left, llama.cpp's on the right
+# Tensors, by the name map of model/names.py
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
@@ -75,48 +76,34 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 
 def _gguf_tensors(model, dtype: str) -> list[tuple[str, np.ndarray]]:
     cfg = model.config
+    arch = cfg.model_type
     sd = model.state_dict()
     out: list[tuple[str, np.ndarray]] = []
 
-    def mat(name: str, key: str) -> None:
-        w = _f32(sd[key])
-        if dtype == "f16":
+    def add(name: str, suffix: str, key: str, t: torch.Tensor) -> None:
+        w = _f32(t)
+        if dtype == "f16" and suffix in names.MATRICES:
             if np.abs(w).max(initial=0.0) > formats.F16_MAX:
                 raise SparsambaError(f"{key} has values beyond the fp16 range; export with --dtype f32")
             w = w.astype(formats.F16.numpy)
         out.append((name, w))
 
-    def vec(name: str, t: torch.Tensor) -> None:
-        out.append((name, _f32(t)))
+    def top(name: str) -> None:
+        add(name, name, names.GLOBAL[name], sd[names.GLOBAL[name]])
 
-    mat("token_embd.weight", "backbone.embeddings.weight")
+    top("token_embd.weight")
     for i in range(cfg.num_hidden_layers):
-        p, b = f"backbone.layers.{i}.", f"blk.{i}."
-        m = p + "mixer."
-        A = -torch.exp(sd[m + "A_log"].float())  # llama.cpp stores A itself
-        conv_w = sd[m + "conv1d.weight"]  # (C, 1, K)
-        # a missing conv bias is a zero one; llama.cpp requires the tensor
-        conv_b = sd.get(m + "conv1d.bias", torch.zeros(conv_w.shape[0]))
-        vec(b + "attn_norm.weight", sd[p + "norm.weight"])
-        mat(b + "ssm_in.weight", m + "in_proj.weight")
-        vec(b + "ssm_conv1d.weight", conv_w[:, 0, :])  # (C, K)
-        vec(b + "ssm_conv1d.bias", conv_b)
-        if cfg.model_type == "mamba":
-            mat(b + "ssm_x.weight", m + "x_proj.weight")
-            mat(b + "ssm_dt.weight", m + "dt_proj.weight")
-            vec(b + "ssm_dt.bias", sd[m + "dt_proj.bias"])
-            vec(b + "ssm_a", A)  # (di, N)
-            vec(b + "ssm_d", sd[m + "D"])  # (di,)
-        else:
-            g, di = cfg.n_groups, cfg.intermediate_size
-            vec(b + "ssm_dt.bias", sd[m + "dt_bias"])  # (h,)
-            vec(b + "ssm_a", A[:, None])  # (h, 1): ne {1, h}, what the loader asks for
-            vec(b + "ssm_d", sd[m + "D"][:, None])  # (h, 1)
-            vec(b + "ssm_norm.weight", sd[m + "norm.weight"].reshape(g, di // g))  # one row per group
-        mat(b + "ssm_out.weight", m + "out_proj.weight")
-    vec("output_norm.weight", sd["backbone.norm_f.weight"])
+        p = f"backbone.layers.{i}."
+        for suffix, hf in names.BLOCK[arch].items():
+            if suffix in names.OPTIONAL:  # use_bias: refused by _check_runnable
+                continue
+            t = sd.get(p + hf)
+            if t is None and suffix == "ssm_conv1d.bias":  # a missing conv bias is a zero one; llama.cpp requires it
+                t = torch.zeros(sd[p + "mixer.conv1d.weight"].shape[0])
+            add(f"blk.{i}.{suffix}", suffix, p + hf, names.to_gguf(suffix, t, arch, getattr(cfg, "n_groups", 1)))
+    top("output_norm.weight")
     if not cfg.tie_word_embeddings:  # absent = tied: llama.cpp reuses token_embd as the head
-        mat("output.weight", "lm_head.weight")
+        top("output.weight")
     return out
 
 
@@ -222,29 +209,10 @@ def read_gguf_dense(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _hf_state(t: dict[str, torch.Tensor], arch: str, n_layer: int) -> dict[str, torch.Tensor]:
-    sd = {
-        "backbone.embeddings.weight": t["token_embd.weight"],
-        "backbone.norm_f.weight": t["output_norm.weight"],
-    }
-    if "output.weight" in t:
-        sd["lm_head.weight"] = t["output.weight"]
+    keep = ["token_embd.weight", "output_norm.weight"] + (["output.weight"] if "output.weight" in t else [])
+    sd = {names.GLOBAL[k]: t[k] for k in keep}
     for i in range(n_layer):
-        p, b = f"backbone.layers.{i}.", f"blk.{i}."
-        m = p + "mixer."
-        sd[p + "norm.weight"] = t[b + "attn_norm.weight"]
-        sd[m + "in_proj.weight"] = t[b + "ssm_in.weight"]
-        sd[m + "conv1d.weight"] = t[b + "ssm_conv1d.weight"][:, None, :]
-        sd[m + "conv1d.bias"] = t[b + "ssm_conv1d.bias"]
-        sd[m + "A_log"] = torch.log(-t[b + "ssm_a"])
-        sd[m + "out_proj.weight"] = t[b + "ssm_out.weight"]
-        if arch == "mamba":
-            sd[m + "x_proj.weight"] = t[b + "ssm_x.weight"]
-            sd[m + "dt_proj.weight"] = t[b + "ssm_dt.weight"]
-            sd[m + "dt_proj.bias"] = t[b + "ssm_dt.bias"]
-            sd[m + "D"] = t[b + "ssm_d"]
-        else:
-            sd[m + "A_log"] = sd[m + "A_log"].flatten()
-            sd[m + "D"] = t[b + "ssm_d"].flatten()
-            sd[m + "dt_bias"] = t[b + "ssm_dt.bias"]
-            sd[m + "norm.weight"] = t[b + "ssm_norm.weight"].flatten()
+        for suffix, hf in names.BLOCK[arch].items():
+            if suffix not in names.OPTIONAL:
+                sd[f"backbone.layers.{i}.{hf}"] = names.to_hf(suffix, t[f"blk.{i}.{suffix}"], arch)
     return sd

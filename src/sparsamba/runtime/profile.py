@@ -27,9 +27,10 @@ from pathlib import Path
 
 from .. import formats
 from ..errors import SparsambaError
+from ..model.names import LINEARS
 from ..outputs import check_output, write_file_atomically
 
-GGUF_NAMES = ("ssm_in", "ssm_x", "ssm_dt", "ssm_out")  # sb_profile_model's order within a block
+GGUF_NAMES = tuple(LINEARS["mamba"])  # sb_profile_model's order within a block
 DEVICES = ("cpu", "opencl")
 
 
