@@ -98,11 +98,12 @@ def _fail(stage: str, what: str) -> None:
 
 def check_linear(name: str, lp: LinearPlan, dtype: str | None, stage: str) -> None:
     out, n_in, G = lp.out_features, lp.in_features, lp.groups
-    want = (formats.get(dtype).torch,)
+    fmt = formats.get(dtype)
+    want = (fmt.torch,)
     if lp.dense:
         if lp.weight is None or tuple(lp.weight.shape) != (out, n_in) or lp.weight.dtype not in want:
             _fail(stage, f"{name}.weight is not a ({out}, {n_in}) {want[0]} matrix")
-        if (dtype == "int8") != (lp.scale is not None):
+        if fmt.scaled != (lp.scale is not None):
             _fail(stage, f"{name}.scale present {lp.scale is not None} for dtype {dtype}")
         return
     seen = torch.zeros(out, dtype=torch.bool)
@@ -130,7 +131,7 @@ def check_linear(name: str, lp: LinearPlan, dtype: str | None, stage: str) -> No
                     _fail(stage, f"{tag}.codes: the unused high nibble of an odd G is not 0")
             elif c.codes is not None:
                 _fail(stage, f"{tag}: n = 0 has no codes")
-            if (dtype == "int8") != (c.scale is not None):
+            if fmt.scaled != (c.scale is not None):
                 _fail(stage, f"{tag}.scale present {c.scale is not None} for dtype {dtype}")
             if c.scale is not None and not bool((torch.isfinite(c.scale) & (c.scale > 0)).all()):
                 _fail(stage, f"{tag}.scale has a value that is not finite and positive")
