@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from . import formats
 from .errors import SparsambaError
+from .outputs import check_output
 
 DEFAULT_PROMPT = "In the beginning"
 
@@ -159,8 +161,7 @@ def cmd_prune(a) -> None:
 
     torch.set_flush_denormal(True)
     out = Path(a.output)
-    if out.exists() and not a.overwrite:  # fail before any work, not after it
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
+    check_output(out, a.overwrite)  # fail before any work, not after it
     recipe = _read_recipe(a.recipe) if a.recipe else {}
     learn_kw = recipe.pop("learn", {})
     cfg = PruneConfig(**recipe)
@@ -348,8 +349,7 @@ def cmd_profile(a) -> None:
     from .runtime.profile import profile_table, write_table
 
     out = Path(a.output)
-    if out.exists() and not a.overwrite:  # fail before any work, not after it
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
+    check_output(out, a.overwrite)  # fail before any work, not after it
     t = profile_table(a.model, dtype=a.dtype, threads=a.threads, reps=a.reps, device=a.device, log=_log)
     write_table(t, out, overwrite=a.overwrite)
     shapes = len(t["entries"]) // 5
@@ -450,14 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export-gguf", help="write a model as a dense GGUF that llama.cpp runs (the baseline)")
     s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
     s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
-    s.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="dtype of the weight matrices")
+    s.add_argument("--dtype", choices=formats.LLAMACPP, default="f32", help="dtype of the weight matrices")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export_gguf)
 
     s = sub.add_parser("compile", help="compile a (pruned) Mamba-1 into the packed GGUF the native engine runs")
     s.add_argument("model", help="HF-format Mamba-1 directory (dense, or pruned with exact zeros)")
     s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
-    s.add_argument("--dtype", choices=("f32", "f16", "int8"), default="f16", help="dtype of the weight matrices")
+    s.add_argument("--dtype", choices=formats.PACKED, default="f16", help="dtype of the weight matrices")
     s.add_argument(
         "--dump-after",
         choices=("reorder", "fold", "fuse", "pack"),
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--device", default="cpu", help="where the model will run: cpu (opencl: not available yet)"
     )
-    s.add_argument("--dtype", choices=("f32", "f16", "int8"), default="f16", help="the compile dtype")
+    s.add_argument("--dtype", choices=formats.PACKED, default="f16", help="the compile dtype")
     s.add_argument("--threads", type=int, default=None, help="default: what the engine picks for this model")
     s.add_argument("--reps", type=int, default=None, help="timed calls per entry (default: ~50 ms of calls)")
     s.add_argument("--overwrite", action="store_true")

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SparsambaError
+from ..formats import by_ggml_type
 from .lib import Info, error_buffer, library
 
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "neon-fp16": 4}
-_DTYPES = {0: "f32", 1: "f16", 24: "int8"}
 DEVICES = {"cpu": 0, "opencl": 1}  # SB_BACKEND_CPU, SB_BACKEND_OPENCL
 # below this many bytes of weights per token, the default is one thread: OpenMP's fork and barriers
 # cost more than they save (and a busy second core makes them cost milliseconds)
@@ -136,7 +136,7 @@ class Engine:
         raw = Info()
         lib.sb_model_info(model, ctypes.byref(raw))
         fields = {k: getattr(raw, k) for k, _ in Info._fields_}
-        fields["dtype"] = _DTYPES.get(fields["dtype"], str(fields["dtype"]))
+        fields["dtype"] = by_ggml_type(fields["dtype"])
         fields["tied_head"] = bool(fields["tied_head"])
         fields["norm_folded"] = bool(fields["norm_folded"])
         self.info = EngineInfo(**fields)
@@ -276,7 +276,9 @@ class Engine:
     def tokenizer(self):
         """The model's tokenizer, rebuilt from the tokenizer.json the compiler stored in the file."""
         if self._tokenizer is None:
-            self._tokenizer = read_tokenizer(self.path)
+            from ..gguf_io import load_gguf_tokenizer
+
+            self._tokenizer = load_gguf_tokenizer(self.path)
         return self._tokenizer
 
 
@@ -289,21 +291,3 @@ def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Gen
         lg = np.where(lg < kth, -np.inf, lg)
     p = np.exp(lg - lg.max())
     return int(rng.choice(lg.size, p=p / p.sum()))
-
-
-def read_tokenizer(path: str | os.PathLike):
-    """A ``tokenizers.Tokenizer`` from a packed GGUF's ``tokenizer.huggingface.json``."""
-    import gguf
-    from tokenizers import Tokenizer
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises assorted errors on bad files
-        raise SparsambaError(f"{path}: cannot read the GGUF ({e})") from None
-    field = reader.fields.get("tokenizer.huggingface.json")
-    if field is None:
-        raise SparsambaError(
-            f"{path}: holds no tokenizer (tokenizer.huggingface.json); pass token ids instead"
-        )
-    text = bytes(field.parts[field.data[0]]).decode()
-    return Tokenizer.from_str(text)

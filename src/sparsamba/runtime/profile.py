@@ -22,16 +22,16 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from .. import formats
 from ..errors import SparsambaError
+from ..model.names import LINEARS
+from ..outputs import check_output, write_file_atomically
 from .lib import error_buffer, library
 
-DTYPE_CODES = {"f32": 0, "f16": 1, "int8": 24}
-VALUE_BYTES = {"f32": 4, "f16": 2, "int8": 1}
-GGUF_NAMES = ("ssm_in", "ssm_x", "ssm_dt", "ssm_out")  # sb_profile_model's order within a block
+GGUF_NAMES = tuple(LINEARS["mamba"])  # sb_profile_model's order within a block
 DEVICES = ("cpu", "opencl")
 
 
@@ -52,11 +52,6 @@ def release() -> None:
     _lib().sb_profile_release()
 
 
-def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPE_CODES:
-        raise SparsambaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CODES)}")
-
-
 def profile_linear(
     out: int, inn: int, n: int, dtype: str = "f16", reps: int = 100, threads: int | None = None
 ) -> float:
@@ -64,7 +59,7 @@ def profile_linear(
     cold, on the engine's current kernels and ``threads`` (None: the current, process-wide count)."""
     from .engine import EngineError
 
-    _check_dtype(dtype)
+    code = formats.get(dtype).ggml_type
     lib = _lib()
     if threads is not None:
         if threads <= 0:
@@ -72,7 +67,7 @@ def profile_linear(
         lib.sb_set_threads(threads)
     sec = ctypes.c_double()
     err = error_buffer()
-    if lib.sb_profile_linear(out, inn, n, DTYPE_CODES[dtype], reps, ctypes.byref(sec), err, len(err)):
+    if lib.sb_profile_linear(out, inn, n, code, reps, ctypes.byref(sec), err, len(err)):
         raise EngineError(err.value.decode(errors="replace"))
     return sec.value
 
@@ -81,7 +76,7 @@ def default_reps(out: int, inn: int, n: int, dtype: str, budget_s: float = 0.05)
     """Repetitions filling about ``budget_s`` at a guessed 10 GB/s: many for a small layer, whose
     median needs them, few for a large one (30 to 2000)."""
     kept = (4 - n) * math.ceil(inn / 4)
-    guess = out * (kept * VALUE_BYTES[dtype] + (kept // 4 if n else 0) + 4) / 10e9 + 1e-6
+    guess = out * (kept * formats.get(dtype).value_bytes + (kept // 4 if n else 0) + 4) / 10e9 + 1e-6
     return max(30, min(2000, int(budget_s / guess)))
 
 
@@ -116,7 +111,7 @@ def _default_threads(shapes: dict[str, tuple[int, int]], cfg, dtype: str) -> int
     from .engine import SMALL_MODEL_BYTES
 
     head = getattr(cfg, "vocab_size", 0) * getattr(cfg, "hidden_size", 0)
-    nbytes = (sum(o * i for o, i in shapes.values()) + head) * VALUE_BYTES[dtype]
+    nbytes = (sum(o * i for o, i in shapes.values()) + head) * formats.get(dtype).value_bytes
     return 1 if nbytes < SMALL_MODEL_BYTES else 0
 
 
@@ -156,7 +151,7 @@ def profile_table(
             f"--device {device}: not available — the profiler times the CPU kernels only; the OpenCL "
             "backend (Engine(device='opencl')) has no per-layer timing entry yet. Profile with --device cpu"
         )
-    _check_dtype(dtype)
+    formats.get(dtype)
     if threads is not None and threads <= 0:
         raise SparsambaError(f"threads must be positive, got {threads}")
     if reps is not None and reps <= 0:
@@ -214,23 +209,13 @@ def profile_table(
 
 def write_table(table: dict, path: str | Path, overwrite: bool = False) -> Path:
     """Write a latency table as JSON atomically (a temporary sibling renamed into place)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise SparsambaError(f"{path}: already exists; choose another path or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
             json.dump(table, f, indent=1)
             f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_file_atomically(check_output(path, overwrite, file=True), write)
 
 
 # ---------------------------------------------------------------------------------------------
