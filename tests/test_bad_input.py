@@ -103,6 +103,57 @@ CASES = [
 ]
 
 
+def nothing(d: Path) -> None:
+    pass
+
+
+def packed(d: Path) -> None:
+    """Compile the (good) model folder into d/../m.gguf: the cases that run the engine use it."""
+    from sparsamba.compile import compile_model
+
+    compile_model(d, d.parent / "m.gguf", dtype="f32")
+
+
+def corrupt_tokenizer(d: Path) -> None:
+    """A packed file whose embedded tokenizer JSON is broken (one byte changed: every offset holds)."""
+    packed(d)
+    f = d.parent / "m.gguf"
+    data = bytearray(f.read_bytes())
+    i = data.index(b'"added_tokens"')
+    data[i] = ord("X")  # no longer JSON
+    f.write_bytes(bytes(data))
+
+
+def prune_cmd(*extra: str) -> Callable[[Path, Path], list[str]]:
+    def argv(model: Path, tmp: Path) -> list[str]:
+        out = tmp / "out"
+        base = ["prune", str(model), "--calib", str(tmp / "text.txt"), "--nsamples", "2", "--seqlen", "16"]
+        base += ["--method", "wanda", "--pattern", "2:4"] if "--steps" not in extra else ["--sparsity", "0.5"]
+        return [*base, "-o", str(out), *extra] if "-o" not in extra else [*base, *extra]
+
+    return argv
+
+
+def run_cmd(*extra: str, model: str = "m.gguf") -> Callable[[Path, Path], list[str]]:
+    return lambda m, tmp: ["run", str(tmp / model) if model else str(m), "-n", "2", *extra]
+
+
+CASES += [
+    Case("prune: --row-block 0", nothing, prune_cmd("--row-block", "0"), r"row_block must be a whole number >= 1"),
+    Case("prune: --steps -3", nothing, prune_cmd("--steps", "-3"), r"steps must be a whole number >= 0"),
+    Case("prune: -o under a file", nothing, prune_cmd("-o", "{tmp}/text.txt/sub"), r"text.txt is a file and not a folder"),
+    Case("prune: --threads 100000", nothing, prune_cmd("--threads", "100000"), r"threads must be a whole number from 1"),
+    Case("run: a model folder", nothing, run_cmd(model=""), r"is a model folder, not a packed model; compile it first"),
+    Case("run: --temperature nan", packed, run_cmd("--temperature", "nan"), r"temperature must be a finite number"),
+    Case("run: --temperature -1", packed, run_cmd("--temperature", "-1"), r"temperature must be a finite number >= 0"),
+    Case("run: --top-k -1", packed, run_cmd("--top-k", "-1"), r"top-k must be a whole number >= 0"),
+    Case("run: -n 0", packed, run_cmd("-n", "0"), r"must be a positive integer, got 0"),
+    Case("run: --threads 3000000000", packed, run_cmd("--threads", "3000000000"), r"threads must be a whole number"),
+    Case("run: a corrupt tokenizer", corrupt_tokenizer, run_cmd(), r"its tokenizer .* is corrupt"),
+    Case("eval: --threads 0", nothing, lambda m, t: [*eval_cmd(m, t), "--threads", "0"], r"threads must be"),
+]
+
+
 def _listing(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
@@ -116,11 +167,12 @@ def test_bad_input(case: Case, tiny_model_dir: Path, tmp_path: Path, capsys) -> 
     before = _listing(tmp_path)
     capsys.readouterr()
     torch.manual_seed(0)
-    rc = main(case.argv(model, tmp_path))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in case.argv(model, tmp_path)]
+    rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 1, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"sparsamba {case.argv(model, tmp_path)[0]}: error: "), err
+    assert lines[0].startswith(f"sparsamba {argv[0]}: error: "), err
     assert re.search(case.error, lines[0]), lines[0]
     assert _listing(tmp_path) == before, "the failed command left files behind"

@@ -103,3 +103,59 @@ def test_train_tiny_is_deterministic(tmp_path, train_data):
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+
+
+def test_version_and_help_show_every_default(capsys):
+    from sparsamba import __version__
+    from sparsamba.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"sparsamba {__version__}"
+    # every option of every command has help text, and a non-trivial default is shown in it
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    for name, cmd in sub.choices.items():
+        for action in cmd._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help text"
+        text = cmd.format_help()
+        for action in cmd._actions:
+            if action.option_strings and action.default not in (None, False) and action.default != "==SUPPRESS==":
+                assert f"(default: {action.default})" in " ".join(text.split()), (name, action.dest)
+
+
+def test_streamed_text_equals_the_whole_decode(tiny_model_dir):
+    """run's streaming prints each token's text once, never decoding the whole sequence again, and
+    the pieces add up to the full decode (multi-byte characters held back until complete)."""
+    from sparsamba.cli import TextStream
+    from sparsamba.model.hf import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    rng = __import__("random").Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(tok.get_vocab_size()) for _ in range(rng.randrange(1, 40))]
+        s = TextStream(tok)
+        text = "".join(s.push(t) for t in ids) + s.flush()
+        assert text == tok.decode(ids)
+
+
+def test_engine_commands_default_to_the_embedded_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARSAMBA_CACHE", str(tmp_path / "cache"))
+    assert main(["run", "-n", "4", "--prompt", "And God said"]) == 0
+    assert capsys.readouterr().out.startswith("And God said")
+    assert len(list((tmp_path / "cache").glob("*.gguf"))) == 1  # compiled once, then reused
+    assert main(["bench", "-p", "8", "-n", "4", "-r", "1", "-t", "1"]) == 0
+    assert "| kjv-mamba-tiny" in capsys.readouterr().out
+    assert main(["compile", "-o", str(tmp_path / "e.gguf"), "--dtype", "int8"]) == 0
+    assert (tmp_path / "e.gguf").is_file()
+
+
+def test_sparsamba_run_is_on_path(tmp_path, monkeypatch):
+    """pip puts a sparsamba-run command beside sparsamba; it runs the bundled C program."""
+    import shutil
+    from pathlib import Path
+
+    exe = shutil.which("sparsamba-run", path=str(Path(sys.executable).parent))
+    assert exe, "sparsamba-run is not installed beside the Python that runs the tests"
+    p = subprocess.run([exe, str(tmp_path / "missing.gguf")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "missing.gguf" in p.stderr and "cannot open" in p.stderr, p.stderr

@@ -140,15 +140,55 @@ def test_bad_calls_are_clear_errors(compiled):
         eng.decode(-1)
     with pytest.raises(SparsambaError, match="at least one token"):
         eng.prefill([])
-    with pytest.raises(SparsambaError, match="must be positive"):
+    with pytest.raises(SparsambaError, match="must be a positive integer"):
         eng.generate([1], 0)
-    with pytest.raises(EngineError, match="must be positive"):
+    with pytest.raises(SparsambaError, match="n_prompt must be a positive integer"):
         eng.bench(0, 4, 1)
+    with pytest.raises(SparsambaError, match="token ids must be integers, got float64"):
+        eng.decode(1.7)
+    with pytest.raises(SparsambaError, match="temperature must be a finite number"):
+        eng.generate([1], 2, temperature=float("nan"))
+    with pytest.raises(SparsambaError, match="top-k must be a whole number >= 0"):
+        eng.generate([1], 2, top_k=-1)
     eng.close()
-    with pytest.raises(SparsambaError, match="closed"):
-        eng.decode(1)
-    with pytest.raises(SparsambaError, match="threads must be positive"):
-        Engine(path, threads=0)
+    # every method after close() is an error, never a NULL or freed handle passed into C
+    for call in (
+        lambda: eng.decode(1),
+        lambda: eng.prefill([1, 2]),
+        eng.reset,
+        lambda: eng.logits([1, 2]),
+        lambda: eng.generate([1], 2),
+        lambda: eng.bench(4, 4, 1),
+        lambda: eng.kernels,
+    ):
+        with pytest.raises(SparsambaError, match="this Engine is closed"):
+            call()
+    eng.close()  # twice is fine
+    for bad in (0, -1, 100000, 3_000_000_000, 1.5, True):
+        with pytest.raises(SparsambaError, match="threads must be a whole number from 1"):
+            Engine(path, threads=bad)
+
+
+def test_one_engine_shared_by_threads(compiled):
+    """Calls from several Python threads on one Engine run one at a time on its state: each thread's
+    results equal the same calls made alone (it once freed prefill buffers under another's gemm)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, _ = compiled["d24", "f32"]
+    eng = Engine(path, threads=2)
+    V = eng.info.vocab_size
+    prompts = [ids_for(V, 40 + 13 * i, seed=i) for i in range(6)]
+    alone = [(eng.logits(p)[-1], eng.generate(p[:9], 12)) for p in prompts]
+
+    def work(i: int):
+        return eng.logits(prompts[i])[-1], eng.generate(prompts[i][:9], 12)
+
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(3):
+            shared = list(pool.map(work, range(6)))
+            for (la, ga), (ls, gs) in zip(alone, shared):
+                assert np.array_equal(la, ls) and ga == gs
+    eng.close()
 
 
 def test_run_command(compiled, tmp_path, capsys):

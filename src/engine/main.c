@@ -19,13 +19,28 @@ static int usage(const char *argv0) {
     return 2;
 }
 
+/* a whole number in [lo, hi], or a one-line error: atoi would read "3e9" as 3 and "x" as 0 */
+static int int_arg(const char *name, const char *s, long lo, long hi, int *out) {
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (end == s || *end || v < lo || v > hi) {
+        fprintf(stderr, "sparsamba-run: error: %s must be a whole number from %ld to %ld (got '%s')\n", name, lo, hi, s);
+        return 0;
+    }
+    *out = (int)v;
+    return 1;
+}
+
 int main(int argc, char **argv) {
     const char *path = NULL, *toks = "0", *isa = "auto", *logits_path = NULL;
     int n = 16, threads = 0, info = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--tokens") && i + 1 < argc) toks = argv[++i];
-        else if (!strcmp(argv[i], "-n") && i + 1 < argc) n = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "-t") && i + 1 < argc) threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-n") && i + 1 < argc) {
+            if (!int_arg("-n", argv[++i], 1, 1L << 30, &n)) return 1;
+        } else if (!strcmp(argv[i], "-t") && i + 1 < argc) {
+            if (!int_arg("-t", argv[++i], 0, SB_MAX_THREADS, &threads)) return 1;
+        }
         else if (!strcmp(argv[i], "--isa") && i + 1 < argc) isa = argv[++i];
         else if (!strcmp(argv[i], "--logits") && i + 1 < argc) logits_path = argv[++i];
         else if (!strcmp(argv[i], "--info")) info = 1;
@@ -33,10 +48,6 @@ int main(int argc, char **argv) {
         else path = argv[i];
     }
     if (!path) return usage(argv[0]);
-    if (n <= 0) {
-        fprintf(stderr, "sparsamba-run: error: -n must be positive (got %d)\n", n);
-        return 1;
-    }
     sb_set_threads(threads);
     sb_set_isa(!strcmp(isa, "scalar") ? SB_ISA_SCALAR
                : !strcmp(isa, "avx2") ? SB_ISA_AVX2

@@ -59,7 +59,9 @@ SB_API void sb_state_free(sb_state *s);
 SB_API int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n,
                       float *logits, int32_t logits_mode, char *err, size_t errlen);
 
-/* Threads for the next calls (OpenMP); <= 0 means all cores. Returns the count in effect. */
+/* Threads for the next calls (OpenMP); <= 0 means all cores, and more than 4 per core (or than
+ * SB_MAX_THREADS) are not started: they would only wait on each other. Returns the count in effect. */
+#define SB_MAX_THREADS 1024
 SB_API int32_t sb_set_threads(int32_t n);
 /* Force a kernel family; returns the one in effect (an unavailable ISA falls back to scalar). */
 SB_API int32_t sb_set_isa(int32_t isa);

@@ -9,7 +9,10 @@
 
 int32_t sb_set_threads(int32_t n) {
 #ifdef _OPENMP
-    if (n <= 0) n = omp_get_num_procs();
+    int procs = omp_get_num_procs();
+    if (n <= 0) n = procs;
+    if (n > 4 * procs) n = 4 * procs;
+    if (n > SB_MAX_THREADS) n = SB_MAX_THREADS;
     omp_set_num_threads(n);
     return n;
 #else

@@ -1,18 +1,46 @@
 """The ``sparsamba`` command. Every subcommand is a thin shell over a library function; a
-``SparsambaError`` prints as one line and exits 1 (the traceback only with ``--debug``)."""
+``SparsambaError`` (or an OS error such as a full disk) prints as one line and exits 1 (the
+traceback only with ``--debug``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from . import formats
+from . import __version__, formats
 from .errors import SparsambaError
 from .outputs import check_output
 
 DEFAULT_PROMPT = "In the beginning"
+# below this many parameters a torch forward is a stream of small ops: a second thread costs more in
+# waiting at each op's end than it saves, and when another process holds a core that wait becomes a
+# scheduler time slice per op (measured: the embedded model's eval 30 s on 1 thread, 38 s on 2)
+SMALL_TORCH_MODEL = 20_000_000
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _torch_threads(a, model=None) -> int:
+    """Set torch's threads from --threads, or pick them for ``model``: 1 for a small model, else
+    every core this process may use. Returns the count."""
+    import torch
+
+    from .runtime.engine import check_threads
+
+    n = getattr(a, "threads", None)
+    if n is not None:
+        check_threads(n)
+    elif model is not None and sum(p.numel() for p in model.parameters()) < SMALL_TORCH_MODEL:
+        n = 1
+    else:
+        n = _cores()
+    torch.set_num_threads(n)
+    return n
 
 
 def _log(msg: str) -> None:
@@ -30,6 +58,31 @@ def _load(model: str | None):
     m = load_any(path)
     tok = load_tokenizer(path)
     return path, m, tok
+
+
+def _packed_model(model: str | None, a=None) -> Path:
+    """A packed GGUF to run: the one given (a folder is pointed to ``compile``), or the embedded model
+    compiled once into the user's cache (``SPARSAMBA_CACHE``, else ~/.cache/sparsamba)."""
+    if model is not None:
+        p = Path(model)
+        if p.is_dir():
+            raise SparsambaError(
+                f"{p}: is a model folder, not a packed model; compile it first: "
+                f"sparsamba compile {p} -o {p.name}.gguf, then give {p.name}.gguf"
+            )
+        return p
+    from . import assets
+    from .compile import compile_model
+    from .compile.packed_gguf import FORMAT_VERSION
+
+    cache = Path(
+        os.environ.get("SPARSAMBA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparsamba"
+    )
+    out = cache / f"{assets.DEFAULT_MODEL.name}-{__version__}-v{FORMAT_VERSION}-f16.gguf"
+    if not out.is_file():
+        _log(f"compiling the embedded model once into {out}")
+        compile_model(assets.DEFAULT_MODEL, out, dtype="f16")
+    return out
 
 
 def _need_tokenizer(tok, model) -> None:
@@ -53,6 +106,7 @@ def _eval_text(model_path, m, tok, data: str | None, seqlen: int, max_windows: i
 
 def cmd_eval(a) -> None:
     path, m, tok = _load(a.model)
+    _torch_threads(a, m)
     data, r = _eval_text(path, m, tok, a.data, a.seqlen, a.max_windows, a.batch_size)
     print(f"model       {path}")
     print(f"data        {data}")
@@ -71,7 +125,11 @@ def _generate_text(m, tok, prompt: str, n: int, temperature: float, seed: int) -
 
 
 def cmd_generate(a) -> None:
+    from .runtime.engine import check_sampling
+
+    check_sampling(a.n, a.temperature, 0)
     path, m, tok = _load(a.model)
+    _torch_threads(a, m)
     _need_tokenizer(tok, path)
     t0 = time.time()
     text = _generate_text(m, tok, a.prompt, a.n, a.temperature, a.seed)
@@ -90,6 +148,7 @@ def cmd_demo(a) -> None:
 
     t0 = time.time()
     path, m, tok = _load(None)
+    _torch_threads(a, m)
     n_params = sum(p.numel() for p in m.parameters())
     print(
         f"model       {assets.DEFAULT_MODEL.name}: Mamba-1, {n_params / 1e6:.2f}M parameters, "
@@ -114,11 +173,11 @@ def cmd_demo(a) -> None:
     ref_text = _generate_text(m, tok, DEFAULT_PROMPT, a.n, 0.0, 0)
     t_ref = time.time() - t1
     print(f"generate    {DEFAULT_PROMPT}{ref_text}")
-    _demo_engine(m, path, tok, a.n, ref_text, t_ref)
+    _demo_engine(a, m, path, tok, a.n, ref_text, t_ref)
     print(f"done in {time.time() - t0:.1f} s (sparsamba prune / compile / run do each step; see the README)")
 
 
-def _demo_engine(m, path, tok, n: int, ref_text: str, t_ref: float) -> None:
+def _demo_engine(a, m, path, tok, n: int, ref_text: str, t_ref: float) -> None:
     """Compile the pruned model (f16) and generate with the native engine."""
     import tempfile
 
@@ -130,7 +189,7 @@ def _demo_engine(m, path, tok, n: int, ref_text: str, t_ref: float) -> None:
         pruned = save_model(m, Path(tmp) / "pruned", tokenizer_dir=path)
         rep = compile_model(pruned, Path(tmp) / "model.gguf", dtype="f16")
         dense_bytes = sum(p.numel() * 4 for p in m.parameters())
-        with Engine(rep.path) as eng:
+        with Engine(rep.path, threads=a.threads) as eng:
             t1 = time.time()
             out = eng.generate(tok.encode(DEFAULT_PROMPT).ids, n)
             t_eng = time.time() - t1
@@ -175,6 +234,7 @@ def cmd_prune(a) -> None:
     src = a.model or assets.DEFAULT_MODEL
     model_dir = resolve(src)
     model = load_any(model_dir)
+    _torch_threads(a, model)
     tok = load_tokenizer(model_dir)
     _need_tokenizer(tok, model_dir)
     calib = a.calib or assets.CALIB
@@ -212,6 +272,7 @@ def cmd_lm_eval(a) -> None:
     from .eval.lmeval import run_tasks
 
     model = a.model or str(assets.DEFAULT_MODEL)
+    _torch_threads(a)
     res = run_tasks(model, a.tasks.split(","), a.include_path, a.batch_size, a.limit)
     print(f"model  {model}")
     for task, metrics in res.items():
@@ -221,8 +282,9 @@ def cmd_lm_eval(a) -> None:
 def cmd_train_tiny(a) -> None:
     from . import assets
     from .model.train_tiny import TrainConfig, train_tiny
+    from .runtime.engine import check_threads
 
-    tc = TrainConfig(steps=a.steps, seed=a.seed, threads=a.threads)
+    tc = TrainConfig(steps=a.steps, seed=a.seed, threads=check_threads(a.threads))
     train_tiny(a.data or assets.KJV_TEXT, a.output, tc, overwrite=a.overwrite, log=_log)
 
 
@@ -239,10 +301,17 @@ def cmd_export_gguf(a) -> None:
 
 
 def cmd_compile(a) -> None:
+    from . import assets
     from .compile import compile_model, size_table
 
+    _torch_threads(a)
     rep = compile_model(
-        a.model, a.output, dtype=a.dtype, dump_after=a.dump_after, overwrite=a.overwrite, log=_log
+        a.model or assets.DEFAULT_MODEL,
+        a.output,
+        dtype=a.dtype,
+        dump_after=a.dump_after,
+        overwrite=a.overwrite,
+        log=_log,
     )
     if rep.dump is not None:
         print(rep.dump)
@@ -262,10 +331,15 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(a) -> None:
-    from .runtime.engine import Engine
+    from .runtime.engine import Engine, check_sampling
 
+    check_sampling(a.n, a.temperature, a.top_k)  # before the model loads, not after
     with Engine(
-        a.model, threads=a.threads, device=a.device, device_index=a.device_index, fallback=a.fallback
+        _packed_model(a.model),
+        threads=a.threads,
+        device=a.device,
+        device_index=a.device_index,
+        fallback=a.fallback,
     ) as eng:
         if a.tokens is not None:
             ids = _parse_ids(a.tokens)
@@ -276,22 +350,49 @@ def cmd_run(a) -> None:
             ids = tok.encode(a.prompt).ids
             if not ids:
                 raise SparsambaError("the prompt is empty; give some text (or --tokens)")
-            new: list[int] = []
-            shown = 0
-
-            def show(t: int) -> None:  # print the text as it grows (a token may end mid-character)
-                nonlocal shown
-                new.append(t)
-                text = tok.decode(new)
-                if not text.endswith("\ufffd"):
-                    print(text[shown:], end="", flush=True)
-                    shown = len(text)
-
+            stream = TextStream(tok)
             print(a.prompt, end="", flush=True)
             t0 = time.time()
-            out = eng.generate(ids, a.n, temperature=a.temperature, top_k=a.top_k, seed=a.seed, on_token=show)
-            print(tok.decode(out)[shown:])
+            out = eng.generate(
+                ids,
+                a.n,
+                temperature=a.temperature,
+                top_k=a.top_k,
+                seed=a.seed,
+                on_token=lambda t: print(stream.push(t), end="", flush=True),
+            )
+            print(stream.flush())
             _log(f"{len(out)} tokens in {time.time() - t0:.2f} s ({eng.kernels}, {eng.threads} threads)")
+
+
+class TextStream:
+    """Text of a growing token sequence, piece by piece, without decoding the whole sequence again per
+    token (that made 8000 tokens take 12 s). The pending tokens are decoded with one token of context
+    before them, whose own text is then cut off: decoders that drop a leading space at the start of
+    a text (sentencepiece's) see no start there. A piece is held back while it ends mid-character."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.ids: list[int] = []
+        self.done = 0  # ids[:done] are shown
+
+    def _pending(self) -> str:
+        ctx = max(self.done - 1, 0)
+        head = self.tok.decode(self.ids[ctx : self.done]) if ctx < self.done else ""
+        return self.tok.decode(self.ids[ctx:])[len(head) :]
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self._pending()
+        if text.endswith("\ufffd"):
+            return ""
+        self.done = len(self.ids)
+        return text
+
+    def flush(self) -> str:
+        text = self._pending()
+        self.done = len(self.ids)
+        return text
 
 
 def cmd_bench(a) -> None:
@@ -299,10 +400,15 @@ def cmd_bench(a) -> None:
 
     from .runtime.engine import Engine
 
+    try:
+        threads = [int(t) for t in a.threads.split(",")]
+    except ValueError:
+        raise SparsambaError(f"--threads {a.threads!r}: give thread counts as integers, e.g. 1,2") from None
+    models = [_packed_model(m) for m in a.models] or [_packed_model(None)]
     print(f"| model | kernels | threads | size MB | pp{a.n_prompt} t/s | tg{a.n_gen} t/s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for path in a.models:
-        for th in [int(t) for t in a.threads.split(",")]:
+    for path in models:
+        for th in threads:
             with Engine(path, threads=th) as eng:
                 r = eng.bench(a.n_prompt, a.n_gen, a.reps)
                 pp, tg = statistics.median(r["pp"]), statistics.median(r["tg"])
@@ -318,6 +424,10 @@ def cmd_profile(a) -> None:
 
     out = Path(a.output)
     check_output(out, a.overwrite)  # fail before any work, not after it
+    if a.threads is not None:
+        from .runtime.engine import check_threads
+
+        check_threads(a.threads)
     t = profile_table(a.model, dtype=a.dtype, threads=a.threads, reps=a.reps, device=a.device, log=_log)
     write_table(t, out, overwrite=a.overwrite)
     shapes = len(t["entries"]) // 5
@@ -328,37 +438,70 @@ def cmd_profile(a) -> None:
     print(f"wrote       {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsamba", description="Prune, compile and run Mamba language models.")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help (none shown where the default is None or a flag's False)."""
 
-    s = sub.add_parser("demo", help="evaluate, prune (C_4^n 50%%) and generate with the embedded model")
-    s.add_argument("--seqlen", type=int, default=256)
-    s.add_argument("--max-windows", type=int, default=None)
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _threads(s, what: str = "torch") -> None:
+    s.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        help=f"threads ({what}); default: 1 for a small model (the embedded one), else every core",
+    )
+
+
+MODEL_HELP = "model directory or hub id (default: the embedded model)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sparsamba",
+        description="Prune, compile and run Mamba language models. Every command that takes a model "
+        "defaults to the embedded one (a small Mamba trained on the King James Bible).",
+        formatter_class=_Help,
+    )
+    p.add_argument("--version", action="version", version=f"sparsamba {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+
+    s = command("demo", "the main job on the embedded model: evaluate, prune (C_4^n 50%%), compile, generate")
+    s.add_argument("--seqlen", type=int, default=256, help="evaluation window length in tokens")
+    s.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     s.add_argument("-n", type=int, default=24, help="tokens to generate")
     s.add_argument("--steps", type=int, default=100, help="sparse-learning steps")
     s.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    _threads(s, "torch and the engine")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("eval", help="perplexity of a model on held-out text")
-    s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
+    s = command("eval", "perplexity of a model on held-out text")
+    s.add_argument("model", nargs="?", help=MODEL_HELP)
     s.add_argument("--data", help="text / .jsonl / .gz file or folder (default: the embedded held-out split)")
     s.add_argument("--seqlen", type=int, default=256, help="window length in tokens")
-    s.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
+    s.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    _threads(s)
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("generate", help="generate text with the torch reference")
-    s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
-    s.add_argument("--prompt", default=DEFAULT_PROMPT)
+    s = command("generate", "generate text with the torch reference")
+    s.add_argument("model", nargs="?", help=MODEL_HELP)
+    s.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
     s.add_argument("-n", type=int, default=32, help="tokens to generate")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _threads(s)
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("prune", help="prune a model and write an HF-format directory with sparsity.json")
-    s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
+    s = command("prune", "prune a model and write an HF-format directory with sparsity.json")
+    s.add_argument("model", nargs="?", help=MODEL_HELP)
     s.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     s.add_argument("--method", help="magnitude, wanda, sparsegpt or c4 (default)")
     s.add_argument(
@@ -381,45 +524,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib", help="calibration text (default: the embedded calibration split)")
     s.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     s.add_argument("--seqlen", type=int, default=256, help="calibration window length in tokens")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' offsets")
     s.add_argument("--steps", type=int, help="sparse-learning steps (default 1000)")
     s.add_argument("--lr", type=float, help="sparse-learning SGD learning rate (default 0.1)")
-    s.add_argument("--row-block", type=int, help="rows sharing one n (1, 4 or 8)")
+    s.add_argument("--row-block", type=int, help="rows sharing one n (default 1; 4 or 8 for wider SIMD)")
     s.add_argument("--recipe", help="TOML file with PruneConfig fields ([prune] and [prune.learn] tables)")
-    s.add_argument("--device", default="cpu", help="where to prune: cpu (default) or cuda")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--device", default="cpu", help="where to prune: cpu or cuda")
+    _threads(s)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_prune)
 
-    s = sub.add_parser(
-        "lm-eval", help="zero-shot tasks through lm-evaluation-harness (offline, local task files)"
-    )
+    s = command("lm-eval", "zero-shot tasks through lm-evaluation-harness (offline, local task files)")
     s.add_argument("model", nargs="?", help="model directory (default: the embedded model)")
     s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     s.add_argument("--include-path", help="folder of task YAML files with local data")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--limit", type=int, help="at most this many documents per task")
+    s.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size")
+    s.add_argument("--limit", type=int, help="at most this many documents per task (default: all)")
+    _threads(s)
     s.set_defaults(func=cmd_lm_eval)
 
-    s = sub.add_parser("train-tiny", help="train the embedded model again from its text splits")
-    s.add_argument("-o", "--output", required=True)
+    s = command("train-tiny", "train the embedded model again from its text splits")
+    s.add_argument("-o", "--output", required=True, help="output model directory (written atomically)")
     s.add_argument(
         "--data", help="folder with train.txt[.gz] and heldout.txt (default: the shipped KJV splits)"
     )
-    s.add_argument("--steps", type=int, default=1500)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--steps", type=int, default=1500, help="training steps")
+    s.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    s.add_argument("-t", "--threads", type=int, default=1, help="torch threads (the result depends on it)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_train_tiny)
 
-    s = sub.add_parser("export-gguf", help="write a model as a dense GGUF that llama.cpp runs (the baseline)")
-    s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
+    s = command("export-gguf", "write a model as a dense GGUF that llama.cpp runs (the baseline)")
+    s.add_argument("model", nargs="?", help=MODEL_HELP)
     s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
     s.add_argument("--dtype", choices=formats.LLAMACPP, default="f32", help="dtype of the weight matrices")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_export_gguf)
 
-    s = sub.add_parser("compile", help="compile a (pruned) Mamba-1 into the packed GGUF the native engine runs")
-    s.add_argument("model", help="HF-format Mamba-1 directory (dense, or pruned with exact zeros)")
+    s = command("compile", "compile a (pruned) Mamba-1 into the packed GGUF the native engine runs")
+    s.add_argument(
+        "model", nargs="?", help="HF-format Mamba-1 directory, dense or pruned with exact zeros (default: the embedded model)"
+    )
     s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
     s.add_argument("--dtype", choices=formats.PACKED, default="f16", help="dtype of the weight matrices")
     s.add_argument(
@@ -427,48 +572,50 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("reorder", "fold", "fuse", "pack"),
         help="print the plan after this pass and stop without writing",
     )
-    s.add_argument("--overwrite", action="store_true")
+    _threads(s, "torch, for the verifier")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_compile)
 
-    s = sub.add_parser("run", help="generate with the native engine from a packed GGUF (sparsamba compile)")
-    s.add_argument("model", help="packed .gguf file")
+    packed_help = "packed .gguf file (sparsamba compile); default: the embedded model, compiled once into a cache"
+    s = command("run", "generate with the native engine from a packed GGUF (sparsamba compile)")
+    s.add_argument("model", nargs="?", help=packed_help)
     g = s.add_mutually_exclusive_group()
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="text, tokenized with the file's tokenizer")
     g.add_argument("--tokens", help="prompt as token ids (\"1 2 3\"); prints the new ids")
     s.add_argument("-n", type=int, default=64, help="tokens to generate")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0 = all)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=None, help="default: all cores")
+    s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely; 0 = all tokens")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _threads(s, "the engine")
     s.add_argument("--device", choices=("cpu", "opencl"), default="cpu", help="where the model runs")
     s.add_argument(
-        "--device-index", type=int, default=-1, help="OpenCL device (default: the first GPU, else the first)"
+        "--device-index", type=int, default=-1, help="OpenCL device; -1 = the first GPU, else the first device"
     )
     s.add_argument(
         "--fallback", action="store_true", help="run on the CPU when OpenCL cannot (with a warning)"
     )
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("bench", help="prefill / decode speed of packed models (llama-bench's pp / tg)")
-    s.add_argument("models", nargs="+", help="packed .gguf files")
-    s.add_argument("-p", "--n-prompt", type=int, default=128)
-    s.add_argument("-n", "--n-gen", type=int, default=64)
-    s.add_argument("-r", "--reps", type=int, default=5)
+    s = command("bench", "prefill / decode speed of packed models (llama-bench's pp / tg)")
+    s.add_argument("models", nargs="*", help=packed_help)
+    s.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (pp)")
+    s.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (tg)")
+    s.add_argument("-r", "--reps", type=int, default=5, help="repetitions; the table shows medians")
     s.add_argument("-t", "--threads", default="1,2", help="comma-separated thread counts")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser(
-        "profile", help="measure a latency table (layer shape x n) with the engine, for prune --latency-table"
-    )
-    s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
+    s = command("profile", "measure a latency table (layer shape x n) with the engine, for prune --latency-table")
+    s.add_argument("model", nargs="?", help=MODEL_HELP)
     s.add_argument("-o", "--output", required=True, help="output .json table (written atomically)")
     s.add_argument(
         "--device", default="cpu", help="where the model will run: cpu (opencl: not available yet)"
     )
     s.add_argument("--dtype", choices=formats.PACKED, default="f16", help="the compile dtype")
-    s.add_argument("--threads", type=int, default=None, help="default: what the engine picks for this model")
+    s.add_argument(
+        "-t", "--threads", type=int, default=None, help="engine threads (default: what the engine picks for this model)"
+    )
     s.add_argument("--reps", type=int, default=None, help="timed calls per entry (default: ~50 ms of calls)")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_profile)
     return p
 
@@ -481,6 +628,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"sparsamba {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, MemoryError) as e:  # a full disk, a folder we may not read, too little memory
+        if args.debug:
+            raise
+        what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else (str(e) or type(e).__name__)
+        print(f"sparsamba {args.command}: error: {what}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -219,5 +219,10 @@ def load_gguf_tokenizer(path: str | Path):
         raise SparsambaError(
             f"{path}: holds no tokenizer (tokenizer.huggingface.json); pass token ids instead"
         )
-    text = bytes(field.parts[field.data[0]]).decode()
-    return Tokenizer.from_str(text)
+    try:
+        return Tokenizer.from_str(bytes(field.parts[field.data[0]]).decode())
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for bad JSON
+        raise SparsambaError(
+            f"{path}: its tokenizer (tokenizer.huggingface.json) is corrupt ({e}); compile the model again, "
+            "or pass token ids with --tokens"
+        ) from None

@@ -46,6 +46,20 @@ class LearnConfig:
     prior_scale: float = 10.0  # logits start at −prior_scale × (relative score removed at n)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # checked once, here: a negative step count or a zero row block fails before any work
+        counts = {"steps": 0, "decay_every": 1, "batch_size": 1, "row_block": 1}
+        for k, lo in counts.items():
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise SparsambaError(f"learn: {k} must be a whole number >= {lo}, got {v!r}")
+        for k in ("lr", "tau", "decay", "penalty", "prior_scale"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise SparsambaError(f"learn: {k} must be a finite number >= 0, got {v!r}")
+        if self.tau == 0:
+            raise SparsambaError("learn: tau (the softmax temperature) must be > 0")
+
 
 @dataclass
 class LayerChoice:

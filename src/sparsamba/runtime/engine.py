@@ -8,7 +8,9 @@ arrive as :class:`EngineError` with the C side's message.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,6 +106,10 @@ class Engine:
     state; ``generate`` continues a prompt. ``threads`` (default: all cores, or 1 for a model under
     16 MiB) is process-wide, as OpenMP's setting is.
 
+    One Engine may be shared by threads: each call holds the engine's lock, so calls from several
+    threads run one after another on the one state (give each thread its own Engine to run them side
+    by side). Every method after :meth:`close` (or the ``with`` block) raises ``SparsambaError``.
+
     ``device="opencl"`` runs the same computation on OpenCL device ``device_index`` (see
     :func:`opencl_devices`; -1: the first GPU, else the first device). When it cannot (no OpenCL, no
     device, a kernel build failure, too little device memory) that is an :class:`EngineError`, unless
@@ -118,15 +124,16 @@ class Engine:
         device_index: int = -1,
         fallback: bool = False,
     ):
+        self._lock = threading.RLock()
+        self._backend = None
+        self._model = None
         lib = library()
         self._lib = lib
         self.path = Path(path)
-        if threads is not None and threads <= 0:
-            raise SparsambaError(f"threads must be positive, got {threads}")
+        if threads is not None:
+            check_threads(threads)
         if device not in DEVICES:
             raise SparsambaError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
-        self._backend = None
-        self._model = None
         self.device = device
         err = _err()
         model = ctypes.c_void_p()
@@ -162,23 +169,33 @@ class Engine:
     def model_handle(self) -> ctypes.c_void_p:
         """The ``sb_model *`` of the C ABI (``runtime/lib.py``), for calls that take the model itself
         (``sb_bench``, ``sb_profile_model``); valid until :meth:`close`."""
-        if self._model is None:
-            raise SparsambaError("the engine is closed")
+        self._check_open()
         return self._model
 
     @property
     def kernels(self) -> str:
         """What runs the model: the CPU kernel family, or the OpenCL device's description."""
-        return self._lib.sb_backend_name(self._backend).decode(errors="replace")
+        with self._lock:
+            self._check_open()
+            return self._lib.sb_backend_name(self._backend).decode(errors="replace")
 
     # ------------------------------------------------------------------ lifetime
+    def _check_open(self) -> None:
+        # the C side takes these handles as given: a freed one would be a use-after-free, NULL a crash
+        if getattr(self, "_model", None) is None or getattr(self, "_backend", None) is None:
+            raise SparsambaError(f"{self.path}: this Engine is closed; open the model again with Engine(path)")
+
     def close(self) -> None:
-        if getattr(self, "_backend", None):
-            self._lib.sb_backend_free(self._backend)
-            self._backend = None
-        if getattr(self, "_model", None):
-            self._lib.sb_model_free(self._model)
-            self._model = None
+        lock = getattr(self, "_lock", None)
+        if lock is None:  # __init__ failed before the lock existed: nothing was allocated
+            return
+        with lock:
+            if getattr(self, "_backend", None):
+                self._lib.sb_backend_free(self._backend)
+                self._backend = None
+            if getattr(self, "_model", None):
+                self._lib.sb_model_free(self._model)
+                self._model = None
 
     def __enter__(self) -> Engine:
         return self
@@ -191,13 +208,14 @@ class Engine:
 
     # ------------------------------------------------------------------ compute
     def _forward(self, tokens: Sequence[int], mode: int) -> np.ndarray | None:
-        if self._model is None:
-            raise SparsambaError("the engine is closed")
-        ids = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+        ids = np.asarray(tokens)
         if ids.ndim != 1:
             raise SparsambaError(f"tokens must be a 1-D sequence of ids, got shape {ids.shape}")
         if ids.size == 0:
             raise SparsambaError("no tokens given; the prompt must hold at least one token")
+        if ids.dtype.kind not in "iu":  # 1.7 or True is no token id, and casting would hide it
+            raise SparsambaError(f"token ids must be integers, got {ids.dtype} values such as {ids.flat[0]!r}")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
         if ids.min() < -(2**31) or ids.max() >= 2**31:
             raise SparsambaError(f"token ids must fit in int32 (vocabulary size {self.info.vocab_size})")
         ids32 = ids.astype(np.int32)
@@ -205,20 +223,22 @@ class Engine:
         out = None if mode == 0 else np.empty((ids.size if mode == 2 else 1, V), dtype=np.float32)
         err = _err()
         logits = None if out is None else out.ctypes.data
-        rc = self._lib.sb_backend_forward(
-            self._backend, ids32.ctypes.data, ids32.size, logits, mode, err, len(err)
-        )
+        with self._lock:
+            self._check_open()
+            rc = self._lib.sb_backend_forward(
+                self._backend, ids32.ctypes.data, ids32.size, logits, mode, err, len(err)
+            )
         if rc:
             raise EngineError(err.value.decode(errors="replace"))
         return out
 
     def reset(self) -> None:
         """Back to the empty state (before any token)."""
-        if self._model is None:
-            raise SparsambaError("the engine is closed")
         err = _err()
-        if self._lib.sb_backend_reset(self._backend, err, len(err)):
-            raise EngineError(err.value.decode(errors="replace"))
+        with self._lock:
+            self._check_open()
+            if self._lib.sb_backend_reset(self._backend, err, len(err)):
+                raise EngineError(err.value.decode(errors="replace"))
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         """Run ``tokens`` from the current state; the last position's logits, (V,)."""
@@ -230,8 +250,9 @@ class Engine:
 
     def logits(self, tokens: Sequence[int], all_positions: bool = True) -> np.ndarray:
         """Logits from a fresh state: (T, V) for every position, or (V,) for the last one."""
-        self.reset()
-        return self._forward(tokens, 2) if all_positions else self._forward(tokens, 1)[0]
+        with self._lock:  # the reset and the forward as one step for other threads
+            self.reset()
+            return self._forward(tokens, 2) if all_positions else self._forward(tokens, 1)[0]
 
     def generate(
         self,
@@ -246,30 +267,34 @@ class Engine:
         """New token ids after ``prompt`` (fresh state): greedy when ``temperature`` is 0, else
         sampled from softmax(logits / temperature), over the ``top_k`` most likely if top_k > 0.
         ``on_token(id)`` is called as each token is chosen (streaming output)."""
-        if max_new_tokens <= 0:
-            raise SparsambaError(f"number of tokens to generate must be positive, got {max_new_tokens}")
+        check_sampling(max_new_tokens, temperature, top_k)
         rng = np.random.default_rng(seed)
-        self.reset()
-        logits = self.prefill(prompt)
-        out: list[int] = []
-        for i in range(max_new_tokens):
-            tok = _pick(logits, temperature, top_k, rng)
-            out.append(tok)
-            if on_token is not None:
-                on_token(tok)
-            if (eos_token_id is not None and tok == eos_token_id) or i + 1 == max_new_tokens:
-                break
-            logits = self.decode(tok)
+        with self._lock:  # one sequence: no other thread's call may move the state in between
+            self.reset()
+            logits = self.prefill(prompt)
+            out: list[int] = []
+            for i in range(max_new_tokens):
+                tok = _pick(logits, temperature, top_k, rng)
+                out.append(tok)
+                if on_token is not None:
+                    on_token(tok)
+                if (eos_token_id is not None and tok == eos_token_id) or i + 1 == max_new_tokens:
+                    break
+                logits = self.decode(tok)
         return out
 
     def bench(self, n_prompt: int = 128, n_gen: int = 64, reps: int = 5) -> dict[str, list[float]]:
         """llama-bench's pp / tg protocol timed inside the engine: tokens/s for each repetition (the CPU
         engine's, whatever the device)."""
+        for name, v in (("n_prompt", n_prompt), ("n_gen", n_gen), ("reps", reps)):
+            if not isinstance(v, int) or v <= 0:
+                raise SparsambaError(f"{name} must be a positive integer, got {v!r}")
         pp = (ctypes.c_double * reps)()
         tg = (ctypes.c_double * reps)()
         err = _err()
-        if self._lib.sb_bench(self.model_handle, n_prompt, n_gen, reps, pp, tg, err, len(err)):
-            raise EngineError(err.value.decode(errors="replace"))
+        with self._lock:
+            if self._lib.sb_bench(self.model_handle, n_prompt, n_gen, reps, pp, tg, err, len(err)):
+                raise EngineError(err.value.decode(errors="replace"))
         return {"pp": list(pp), "tg": list(tg)}
 
     # ------------------------------------------------------------------ text
@@ -280,6 +305,31 @@ class Engine:
 
             self._tokenizer = load_gguf_tokenizer(self.path)
         return self._tokenizer
+
+
+def max_threads() -> int:
+    """The most threads an engine takes: 4 per core this process may use. More only wait on each
+    other (and libgomp's stacks overflow near 100000)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 4 * max(cores, 1)
+
+
+def check_threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= max_threads():
+        raise SparsambaError(
+            f"threads must be a whole number from 1 to {max_threads()} (4 per core here), got {threads!r}"
+        )
+    return threads
+
+
+def check_sampling(max_new_tokens, temperature, top_k) -> None:
+    """One clear error for each sampling setting out of range (a NaN temperature included)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise SparsambaError(f"number of tokens to generate must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise SparsambaError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise SparsambaError(f"top-k must be a whole number >= 0 (0 = all tokens), got {top_k!r}")
 
 
 def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:

@@ -67,10 +67,10 @@ PROTOTYPES: dict[str, tuple] = {
 }
 
 
-def _candidates() -> list[Path]:
-    env = os.environ.get("SPARSAMBA_ENGINE_LIB")
-    if env:
-        return [Path(env)]
+def _candidates(name: str = LIB_NAME, env: str = "SPARSAMBA_ENGINE_LIB", sub: str = "") -> list[Path]:
+    """Where the build put ``name`` (the library, or ``sparsamba-run`` in ``bin``)."""
+    if os.environ.get(env):
+        return [Path(os.environ[env])]
     import sparsamba
 
     # an installed wheel keeps the library inside the package; an editable install may spread the
@@ -78,7 +78,30 @@ def _candidates() -> list[Path]:
     # in build/engine
     dirs = [Path(p) for p in getattr(sparsamba, "__path__", [])] + [Path(__file__).parents[1]]
     root = Path(__file__).resolve().parents[3]
-    return [d / LIB_NAME for d in dirs] + [root / "build" / "engine" / LIB_NAME]
+    return [d / sub / name for d in dirs] + [root / "build" / "engine" / name]
+
+
+def standalone() -> Path:
+    """The path of ``sparsamba-run``, the engine as a program with no Python (installed inside the
+    package; ``SPARSAMBA_RUN`` overrides)."""
+    tried = _candidates("sparsamba-run", "SPARSAMBA_RUN", "bin")
+    path = next((p for p in tried if p.is_file()), None)
+    if path is None:
+        raise SparsambaError(
+            f"sparsamba-run is not built: looked in {', '.join(str(p.parent) for p in tried)}. "
+            "Reinstall the package (pip install -e .), which builds it with CMake"
+        )
+    return path
+
+
+def run_standalone() -> None:
+    """The ``sparsamba-run`` command on PATH: runs the bundled program with the same arguments."""
+    try:
+        exe = standalone()
+    except SparsambaError as e:
+        print(f"sparsamba-run: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    os.execv(exe, [str(exe), *sys.argv[1:]])
 
 
 _lib: ctypes.CDLL | None = None
