@@ -101,7 +101,7 @@ def _eval_text(model_path, m, tok, data: str | None, seqlen: int, max_windows: i
     data = data or assets.HELDOUT
     ids = tokenize(read_text(data), tok)
     windows = eval_windows(ids, seqlen, max_windows, source=str(data))
-    return data, perplexity(m, windows, batch_size=batch_size, progress=sys.stderr.isatty())
+    return data, perplexity(m, windows, batch_size=batch_size)
 
 
 def cmd_eval(a) -> None:
@@ -161,7 +161,7 @@ def cmd_demo(a) -> None:
     print(f"generate    {DEFAULT_PROMPT}{_generate_text(m, tok, DEFAULT_PROMPT, a.n, 0.0, 0)}")
     calib = calibration_windows(tokenize(read_text(assets.CALIB), tok), a.nsamples, 256, seed=0)
     cfg = PruneConfig(method="c4", pattern="c4", sparsity=0.5, learn=LearnConfig(steps=a.steps))
-    rep = prune_model(m, calib, cfg, progress=sys.stderr.isatty(), log=_log)
+    rep = prune_model(m, calib, cfg, log=_log)
     t = rep["total"]
     print(
         f"pruned      C_4^n learned, {t['sparsity']:.1%} of prunable weights removed, rows by n "
@@ -245,7 +245,7 @@ def cmd_prune(a) -> None:
         if a.device.startswith("cuda") and not torch.cuda.is_available():
             raise SparsambaError(f"--device {a.device}: no CUDA device is available; use --device cpu")
         model, windows = model.to(a.device), windows.to(a.device)
-    report = prune_model(model, windows, cfg, progress=sys.stderr.isatty(), log=_log)
+    report = prune_model(model, windows, cfg, log=_log)
     model = model.cpu()
     report["source_model"] = str(src)
     report["calibration"]["file"] = str(calib)

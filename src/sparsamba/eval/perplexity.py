@@ -26,11 +26,11 @@ class PerplexityResult:
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = True) -> PerplexityResult:
     """windows: (n, seqlen) token ids -> perplexity of ``model`` (anything mapping (b, l) ids to
     (b, l, V) logits)."""
-    from tqdm import tqdm
+    from ..progress import progress as progress_bar
 
     t0 = time.time()
     total, count = 0.0, 0
-    bar = tqdm(total=len(windows), desc="perplexity", unit="win", disable=not progress, leave=False)
+    bar = progress_bar(total=len(windows), desc="perplexity", unit="windows", enabled=progress, leave=False)
     for i in range(0, len(windows), batch_size):
         w = windows[i : i + batch_size]
         logits = model(w)[:, :-1].float()

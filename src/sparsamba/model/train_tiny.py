@@ -92,7 +92,7 @@ def train_tiny(
 ) -> dict:
     """Train tokenizer + model from ``data_dir`` (train.txt[.gz], heldout.txt) and write an HF-format
     directory to ``out``. Returns a summary (times, losses)."""
-    from tqdm import tqdm
+    from ..progress import progress
 
     from .hf import save_model
 
@@ -139,7 +139,7 @@ def train_tiny(
     model.train()
     history = []
     t_train = time.time()
-    bar = tqdm(range(tc.steps), desc="train", unit="step", mininterval=5)
+    bar = progress(range(tc.steps), desc="train", unit="steps")
     for step in bar:
         starts = torch.randint(0, ids.numel() - tc.seqlen - 1, (tc.batch,), generator=g)
         w = torch.stack([ids[s : s + tc.seqlen + 1] for s in starts.tolist()])
@@ -151,7 +151,7 @@ def train_tiny(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.set_postfix_str(f"loss {loss.item():.3f}")
         if (step + 1) % 250 == 0 or step + 1 == tc.steps:
             hl = _heldout_loss(model, held)
             history.append({"step": step + 1, "train_loss": loss.item(), "heldout_loss": hl})

@@ -155,7 +155,7 @@ def learn_logits(
     log=print,
 ) -> None:
     """Train the logits of ``choices`` in place (weights frozen)."""
-    from tqdm import tqdm
+    from ..progress import progress as progress_bar
 
     g = torch.Generator().manual_seed(cfg.seed)
     for c in choices:
@@ -174,7 +174,7 @@ def learn_logits(
     t0 = time.time()
     try:
         with _Patched(choices, cfg) as patch:
-            bar = tqdm(range(cfg.steps), desc="learn", unit="step", disable=not progress, mininterval=2)
+            bar = progress_bar(range(cfg.steps), desc="learn", unit="steps", enabled=progress)
             for step in bar:
                 idx = torch.randint(0, len(windows), (cfg.batch_size,), generator=g)
                 batch = windows[idx]
@@ -194,9 +194,8 @@ def learn_logits(
                 opt.step()
                 sched.step()
                 if step % 50 == 0 or step + 1 == cfg.steps:
-                    bar.set_postfix(
-                        kl=f"{kl.item():.4f}", constraint=f"{cons.mean().item():.3f}", refresh=False
-                    )
+                    what = "latency" if target.kind == "latency" else "expected sparsity"
+                    bar.set_postfix_str(f"KL {kl.item():.4f}, {what} {cons.mean().item():.3f} → {goal:.3f}")
     finally:
         for p, f in zip(model.parameters(), frozen):
             p.requires_grad_(f)

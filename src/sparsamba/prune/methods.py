@@ -96,12 +96,12 @@ def _select_c4(W, st, pattern, cfg, plan):
 
 def _plan_c4(model, windows, layers, pattern, cfg, progress, log, timings) -> dict[str, LayerPlan]:
     """Scores come from the dense model: one walk without pruning; then, for pattern c4, n per row."""
-    from tqdm import tqdm
+    from ..progress import progress as progress_bar
 
     t = time.time()
     dense: dict[str, LayerStats] = {}
     walker = BlockWalker(model, windows)
-    for b, block in enumerate(tqdm(layers, desc="calibrate (dense)", disable=not progress)):
+    for b, block in enumerate(progress_bar(layers, desc="calibrate (dense)", unit="blocks", enabled=progress)):
         dense.update(walker.stats(b, block))
         walker.advance(b)
     timings["calibrate_dense_s"] = time.time() - t

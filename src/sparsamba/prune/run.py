@@ -26,7 +26,7 @@ def prune_model(
 ) -> dict:
     """Prune ``model`` in place with calibration ``windows`` (n, seqlen); returns the report that
     becomes ``sparsity.json``."""
-    from tqdm import tqdm
+    from ..progress import progress as progress_bar
 
     pattern, method = cfg.pattern, METHODS[cfg.method]
     t0 = time.time()
@@ -47,7 +47,7 @@ def prune_model(
     walker = BlockWalker(model, windows)
     errors = {}
     for b, block in enumerate(
-        tqdm(layers, desc="prune" + (" + compensate" if compensate else ""), disable=not progress)
+        progress_bar(layers, desc="prune" + (" + compensate" if compensate else ""), unit="blocks", enabled=progress)
     ):
         stats = walker.stats(b, block) if not cfg.true_sequential else {}
         for name, mod in block:
