@@ -93,7 +93,6 @@ def train_tiny(
     """Train tokenizer + model from ``data_dir`` (train.txt[.gz], heldout.txt) and write an HF-format
     directory to ``out``. Returns a summary (times, losses)."""
     from ..progress import progress
-
     from .hf import save_model
 
     t0 = time.time()
