@@ -131,7 +131,7 @@ def _llama(exe: Path, gguf: Path, threads: int, reps: int) -> tuple[dict, machin
         str(reps),
     ]
     # --repack 0: llama.cpp's default repacking is slower for F16 and costs RSS on these machines
-    # (shared/notes/llamacpp.md); -o json gives every sample
+    # (docs/llamacpp.md); -o json gives every sample
     c = machine.run_child([*cmd, "--repack", "0", "-o", "json"], threads)
     if c.rc != 0:
         raise RuntimeError(c.why())

@@ -159,3 +159,14 @@ def test_sparsamba_run_is_on_path(tmp_path, monkeypatch):
     assert exe, "sparsamba-run is not installed beside the Python that runs the tests"
     p = subprocess.run([exe, str(tmp_path / "missing.gguf")], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "missing.gguf" in p.stderr and "cannot open" in p.stderr, p.stderr
+
+
+def test_the_readme_lists_every_command_as_the_parser_does():
+    """The README's table of commands is made from the parser; a command added without it fails here
+    (python scripts/readme_commands.py rewrites it)."""
+    from pathlib import Path
+
+    from sparsamba.cli import command_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert command_table() in readme, "README.md's table of commands is stale: run scripts/readme_commands.py"

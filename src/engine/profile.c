@@ -1,6 +1,6 @@
 /* Latency profiling: what a decode step's matrix-vector products cost on this machine, measured
  * with the kernels and the thread count the engine runs, for the latency tables that a latency
- * target learns against (DESIGN.md §4, sparsamba/profile.py).
+ * target learns against (docs/DESIGN.md §4, sparsamba/runtime/profile.py).
  *
  * Decode reads every weight once per token, and a model of any useful size is larger than the last
  * level cache, so weights arrive from DRAM. A profile that timed one small matrix over and over

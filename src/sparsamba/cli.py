@@ -473,7 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, formatter_class=_Help)
 
-    s = command("demo", "the main job on the embedded model: evaluate, prune (C_4^n 50%%), compile, generate")
+    s = command(
+        "demo",
+        "the main job on the embedded model: dense perplexity, C_4^n 50%% prune, sparse perplexity, "
+        "compile to a packed f16 GGUF, generate with the native engine",
+    )
     s.add_argument("--seqlen", type=int, default=256, help="evaluation window length in tokens")
     s.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     s.add_argument("-n", type=int, default=24, help="tokens to generate")
@@ -482,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     _threads(s, "torch and the engine")
     s.set_defaults(func=cmd_demo)
 
-    s = command("eval", "perplexity of a model on held-out text")
+    s = command("eval", "perplexity of a model (directory or hub id) on a text / .jsonl / .gz file or folder")
     s.add_argument("model", nargs="?", help=MODEL_HELP)
     s.add_argument("--data", help="text / .jsonl / .gz file or folder (default: the embedded held-out split)")
     s.add_argument("--seqlen", type=int, default=256, help="window length in tokens")
@@ -491,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     _threads(s)
     s.set_defaults(func=cmd_eval)
 
-    s = command("generate", "generate text with the torch reference")
+    s = command("generate", "generate text with the torch reference (prefill, then a recurrent step per token)")
     s.add_argument("model", nargs="?", help=MODEL_HELP)
     s.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
     s.add_argument("-n", type=int, default=32, help="tokens to generate")
@@ -500,7 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     _threads(s)
     s.set_defaults(func=cmd_generate)
 
-    s = command("prune", "prune a model and write an HF-format directory with sparsity.json")
+    s = command(
+        "prune",
+        "prune (learned C_4^n: --method c4 --pattern c4 --sparsity S; or a baseline); writes an HF-format "
+        "directory with exact zeros and sparsity.json",
+    )
     s.add_argument("model", nargs="?", help=MODEL_HELP)
     s.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     s.add_argument("--method", help="magnitude, wanda, sparsegpt or c4 (default)")
@@ -554,14 +562,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_train_tiny)
 
-    s = command("export-gguf", "write a model as a dense GGUF that llama.cpp runs (the baseline)")
+    s = command("export-gguf", "the same weights as a plain mamba / mamba2 GGUF that llama.cpp runs (the speed baseline)")
     s.add_argument("model", nargs="?", help=MODEL_HELP)
     s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
     s.add_argument("--dtype", choices=formats.LLAMACPP, default="f32", help="dtype of the weight matrices")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_export_gguf)
 
-    s = command("compile", "compile a (pruned) Mamba-1 into the packed GGUF the native engine runs")
+    s = command(
+        "compile",
+        "a (pruned) Mamba-1 into the packed GGUF the native engine runs (reorder, fold, fuse, pack); "
+        "prints the bytes of each format (dense, CSR, ours)",
+    )
     s.add_argument(
         "model", nargs="?", help="HF-format Mamba-1 directory, dense or pruned with exact zeros (default: the embedded model)"
     )
@@ -577,7 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_compile)
 
     packed_help = "packed .gguf file (sparsamba compile); default: the embedded model, compiled once into a cache"
-    s = command("run", "generate with the native engine from a packed GGUF (sparsamba compile)")
+    s = command(
+        "run", "generate with the native engine from a packed GGUF (--tokens for ids, --device opencl)"
+    )
     s.add_argument("model", nargs="?", help=packed_help)
     g = s.add_mutually_exclusive_group()
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="text, tokenized with the file's tokenizer")
@@ -618,6 +632,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_profile)
     return p
+
+
+def command_table() -> str:
+    """The README's table of commands, made from the parser (so the two cannot drift apart): each
+    command's positionals and required options, then its help line. ``scripts/readme_commands.py``
+    writes it into the README, and a test checks that the README holds it."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    rows = ["| command | what it does |", "| --- | --- |"]
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, cmd in sub.choices.items():
+        words = [f"sparsamba {name}"]
+        for a in cmd._actions:
+            if not a.option_strings and a.dest != "help":
+                meta = a.dest.upper()
+                words.append(f"[{meta}...]" if a.nargs == "*" else f"[{meta}]" if a.nargs == "?" else meta)
+            elif a.required:
+                words.append(f"{a.option_strings[0]} {a.dest.upper()}")
+        rows.append(f"| `{' '.join(words)}` | {helps[name].replace('%%', '%')} |")
+    return "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

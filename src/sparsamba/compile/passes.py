@@ -1,4 +1,4 @@
-"""The compiler's passes, each a function Plan -> Plan, run in this order (DESIGN.md §6):
+"""The compiler's passes, each a function Plan -> Plan, run in this order (docs/DESIGN.md §6):
 
     reorder        group each layer's rows by n; rows of n = 4 vanish
     fold_layouts   one channel order π per block, applied to every d_inner tensor at compile time

@@ -1,7 +1,7 @@
 """Export an HF-format Mamba-1 / Mamba-2 directory (dense, or pruned = dense with exact zeros) as a plain
 dense GGUF of architecture ``mamba`` / ``mamba2`` that llama.cpp runs: the speed baseline, same weights.
 
-The layout is llama.cpp's (see shared/notes/llamacpp.md and llama.cpp's ``llama_model_mamba[2]``
+The layout is llama.cpp's (see docs/llamacpp.md and llama.cpp's ``llama_model_mamba[2]``
 loaders). Shapes below are numpy shapes; a GGUF stores ggml's ``ne``, the same dims reversed.
 
     GGUF tensor               Mamba-1                         Mamba-2

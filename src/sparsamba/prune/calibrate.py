@@ -9,7 +9,7 @@ calibration tokens x (in,):
     sq  = Σ x²          (in,)      ‖X_j‖², whose square root is Wanda's activation norm
 
 Mamba-1 prunes in_proj, x_proj, dt_proj and out_proj of every block, Mamba-2 in_proj and out_proj
-(DESIGN.md §2); embeddings, LM head, conv1d, A_log, D and norms stay dense. Any other model
+(docs/DESIGN.md §2); embeddings, LM head, conv1d, A_log, D and norms stay dense. Any other model
 (a LLaMA-style transformers model) prunes every ``nn.Linear`` inside its repeated blocks.
 """
 

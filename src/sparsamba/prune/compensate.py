@@ -1,4 +1,4 @@
-"""Weight compensation with a fixed mask (DESIGN.md §5): re-solve the kept weights of every row.
+"""Weight compensation with a fixed mask (docs/DESIGN.md §5): re-solve the kept weights of every row.
 
 Glossary (shapes in comments use these letters):
     o, i     out / in features of an nn.Linear; W is (o, i), one row = one kernel

@@ -1,4 +1,4 @@
-"""Sparse learning: choose n ∈ {0..4} for every row (Algorithm 1 of the paper, as DESIGN.md §4 defines it).
+"""Sparse learning: choose n ∈ {0..4} for every row (Algorithm 1 of the paper, as docs/DESIGN.md §4 defines it).
 
 Weights stay frozen. Each prunable row r (or block of ``row_block`` rows) has logits α_r ∈ R⁵ over
 n = 0..4; with p_r = softmax(α_r / τ) the layer trains with the expected weight

@@ -4,7 +4,7 @@
     sparsegpt            blocked OBS with its own error feedback (unstructured, N:M, c4n*)
     c4                   C_4^n: fixed n (pattern c4n1/2/3) or n learned per row (pattern c4) toward a
                          sparsity / latency / loss-budget target; masks from the dense model's
-                         statistics; kept weights compensated (DESIGN.md §5) unless compensate=False
+                         statistics; kept weights compensated (docs/DESIGN.md §5) unless compensate=False
 
 Every method is ``select(W, st, pattern, cfg, plan) -> (mask, Ŵ or None)``: W (out, in) the layer's
 weight, ``st`` its input statistics as the walker sees them (after the layers pruned before it),
@@ -122,7 +122,7 @@ METHODS: dict[str, Method] = {
 
 
 # ---------------------------------------------------------------------------------------------------
-# c4's learned structure (DESIGN.md §4): targets in, n per row out; the algorithm is learn.py's
+# c4's learned structure (docs/DESIGN.md §4): targets in, n per row out; the algorithm is learn.py's
 
 
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

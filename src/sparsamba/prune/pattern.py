@@ -1,6 +1,6 @@
 """Sparsity patterns of a linear weight: parse a spec, build keep-masks from scores, check and report.
 
-Conventions (DESIGN.md §2), shapes in comments use these names:
+Conventions (docs/DESIGN.md §2), shapes in comments use these names:
     W          (out, in): a linear layer's weight; each row is one kernel (one dot product in the engine)
     group      M contiguous weights of one row along ``in``: M = 4 for C_4^n, M for N:M
     n_removed  C_4^n's n: weights REMOVED from every group of 4 (c4n1 keeps 3 of 4, c4n3 keeps 1 of 4)

@@ -56,7 +56,7 @@ def prune_model(
             W = mod.weight.detach()
             st = stats[name]
             mask, new = method.select(W, st, pattern, cfg, plans.get(name))
-            if new is None:  # a mask alone: apply it, re-solving the kept weights if asked (DESIGN.md §5)
+            if new is None:  # a mask alone: apply it, re-solving the kept weights if asked (docs/DESIGN.md §5)
                 new = (
                     compensate_weights(W, st.H, mask, damp=cfg.compensate_damp, debug=cfg.debug, name=name)
                     if compensate

@@ -1,4 +1,4 @@
-"""Per-weight importance scores of a linear layer from its calibration statistics (DESIGN.md §3).
+"""Per-weight importance scores of a linear layer from its calibration statistics (docs/DESIGN.md §3).
 
 Pure functions on tensors; a higher score means more important, kept first by
 ``pattern.mask_from_scores``. Shapes use these names:

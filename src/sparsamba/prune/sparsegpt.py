@@ -25,7 +25,7 @@ Pattern conventions — n always counts REMOVED weights:
                                4 of 8), as the N:M of other tools; c4n1..c4n3 remove n of 4, c4
                                takes the per-row n, unstructured takes ``sparsity``
 If ``i`` is not a multiple of M the last group is short: it is treated as padded with zeros (which go
-first), so it removes max(0, n − padding) real weights (DESIGN.md §2 pads ``in`` with zeros).
+first), so it removes max(0, n − padding) real weights (docs/docs/DESIGN.md §2 pads ``in`` with zeros).
 
 Faithful to the reference code (IST-DASLab/sparsegpt) in every step above (dead inputs: diag set to
 1 and their weights zeroed; damping; U; blocks; lazy selection; per-column and lazy batch updates),
