@@ -170,3 +170,17 @@ def test_the_readme_lists_every_command_as_the_parser_does():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert command_table() in readme, "README.md's table of commands is stale: run scripts/readme_commands.py"
+
+
+def test_bench_warns_when_sparsity_costs_speed():
+    from sparsamba.cli import BenchRow, slower_despite_fewer_bytes
+
+    shape = (768, 24, 50280)
+    dense = BenchRow("dense.gguf", 1, shape, 1000, 50.0, "avx2")
+    fast = BenchRow("c4-50.gguf", 1, shape, 600, 70.0, "avx2")
+    slow = BenchRow("c4-70.gguf", 1, shape, 400, 45.0, "avx2")
+    other = BenchRow("other.gguf", 1, (1024, 48, 50280), 300, 10.0, "avx2")
+    warnings = slower_despite_fewer_bytes([dense, fast, slow, other])
+    assert len(warnings) == 2 and all(w.startswith("warning: c4-70.gguf decodes slower") for w in warnings)
+    assert "60% fewer bytes" in warnings[0] and "compute-bound" in warnings[0]
+    assert slower_despite_fewer_bytes([dense, fast]) == []

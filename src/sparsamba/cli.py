@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, formats
@@ -407,6 +408,7 @@ def cmd_bench(a) -> None:
     models = [_packed_model(m) for m in a.models] or [_packed_model(None)]
     print(f"| model | kernels | threads | size MB | pp{a.n_prompt} t/s | tg{a.n_gen} t/s |")
     print("| --- | --- | --- | --- | --- | --- |")
+    rows = []
     for path in models:
         for th in threads:
             with Engine(path, threads=th) as eng:
@@ -417,6 +419,36 @@ def cmd_bench(a) -> None:
                     f"| {pp:.1f} | {tg:.1f} |",
                     flush=True,
                 )
+                i = eng.info
+                shape = (i.d_model, i.n_layer, i.vocab_size)
+                rows.append(BenchRow(Path(path).name, th, shape, i.weight_bytes, tg, eng.kernels))
+    for w in slower_despite_fewer_bytes(rows):
+        _log(w)
+
+
+@dataclass
+class BenchRow:
+    name: str
+    threads: int
+    shape: tuple
+    weight_bytes: int
+    tg: float
+    kernels: str
+
+
+def slower_despite_fewer_bytes(rows: list[BenchRow]) -> list[str]:
+    """Sparsity is meant to be speed: a warning for each model that reads fewer bytes per token than
+    one of the same shape yet decodes slower (its kernels, not the memory, are then the limit)."""
+    out = []
+    for r in rows:
+        for o in rows:
+            if r.threads == o.threads and r.shape == o.shape and r.weight_bytes < o.weight_bytes and r.tg < o.tg:
+                out.append(
+                    f"warning: {r.name} decodes slower than {o.name} ({r.tg:.1f} vs {o.tg:.1f} t/s, {r.threads} "
+                    f"threads) although it reads {1 - r.weight_bytes / o.weight_bytes:.0%} fewer bytes per token: "
+                    f"its kernels ({r.kernels}) are compute-bound here, so this sparsity costs speed on this CPU"
+                )
+    return out
 
 
 def cmd_profile(a) -> None:
