@@ -8,7 +8,7 @@ from pathlib import Path
 from statistics import median
 
 CSV_COLUMNS = [
-    "engine", "model", "shape", "dtype", "sparsity", "mix", "threads",
+    "engine", "model", "shape", "dtype", "isa", "sparsity", "mix", "threads",
     "pp128_tps", "tg64_tps", "pp128_samples", "tg64_samples",
     "size_bytes", "rss_peak_mib", "rss_base_mib",
     "bytes_per_token", "bandwidth_gbs", "roofline_tg_tps", "roofline_pct",
@@ -96,9 +96,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         md += [
             f"## Mamba {shape}" if shape != "pruned" else "## Pruned models",
             "",
-            f"| engine, weights | file MiB | peak RSS MiB ({tt}) | pp128 t/s ({tt}) | tg64 t/s ({tt}) "
+            f"| engine, weights | kernels | file MiB | peak RSS MiB ({tt}) | pp128 t/s ({tt}) | tg64 t/s ({tt}) "
             f"| tg roofline t/s ({tt}) | tg % of roofline | tg ÷ llama.cpp F16 |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for rs in groups.values():
             r0 = rs[min(rs)]
@@ -114,7 +114,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             busy = max(r.get("others_busy") or 0 for r in rs.values())
             mark = " ⚠" if busy > BUSY else ""
             md.append(
-                f"| {label(r0)}{mark} | {r0['size_bytes'] / 2**20:.0f} | {cells('rss_peak_mib', lambda x: _f(x, 0))} "
+                f"| {label(r0)}{mark} | {r0.get('isa') or '–'} | {r0['size_bytes'] / 2**20:.0f} | {cells('rss_peak_mib', lambda x: _f(x, 0))} "
                 f"| {cells('pp128_tps')} | {cells('tg64_tps')} | {cells('roofline_tg_tps')} "
                 f"| {cells('roofline_pct', lambda x: '–' if x is None else f'{x:.0f}%')} | {ratio} |"
             )

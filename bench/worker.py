@@ -4,7 +4,9 @@
     python bench/worker.py sparsamba PACKED.gguf --threads T --reps R
     python bench/worker.py bandwidth --mib 512
 
-Prints one JSON object on the last line of stdout: {"pp": [t/s per rep], "tg": [...], "rss_base_kib": ...}.
+Prints one JSON object on the last line of stdout: {"pp": [t/s per rep], "tg": [...], "rss_base_kib": ...,
+"isa": ...}. ``isa`` is the SIMD family that ran the products: the engine's kernels (``Engine.kernels``:
+avx2, scalar, ...) or torch's CPU capability (its ATen kernels, AVX2 / AVX512 / DEFAULT).
 ``rss_base_kib`` is the process's peak RSS after its imports and before it loads any weights (the
 Python + torch floor), so a reader can tell the model's share of the parent-measured peak.
 """
@@ -63,7 +65,7 @@ def transformers_bench(model_dir: str, threads: int, reps: int) -> dict:
         decode(8)
         pp = [prefill() for _ in range(reps)]
         tg = [decode(N_GEN) for _ in range(reps)]
-    return dict(pp=pp, tg=tg, rss_base_kib=base)
+    return dict(pp=pp, tg=tg, rss_base_kib=base, isa=f"torch {torch.backends.cpu.get_cpu_capability()}")
 
 
 def sparsamba_bench(path: str, threads: int, reps: int) -> dict:
@@ -75,9 +77,10 @@ def sparsamba_bench(path: str, threads: int, reps: int) -> dict:
     eng = Engine(path, threads=threads)
     try:
         r = eng.bench(n_prompt=N_PROMPT, n_gen=N_GEN, reps=reps)
+        isa = eng.kernels
     finally:
         eng.close()
-    return dict(pp=list(r["pp"]), tg=list(r["tg"]), rss_base_kib=base)
+    return dict(pp=list(r["pp"]), tg=list(r["tg"]), rss_base_kib=base, isa=isa)
 
 
 # ----------------------------------------------------------------------------------------------

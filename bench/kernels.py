@@ -1,0 +1,387 @@
+"""The kernel microbenchmark: the engine's decode GEMV, every class (n = 0..3 weights removed per group
+of 4) and dtype (f16, int8, f32), on the Mamba-130M and -370M layer shapes, 1 thread, weights cold,
+against the single-thread memory read probe measured in the same run. Not part of CI; see
+bench/README.md.
+
+    python bench/kernels.py                 # 3 interleaved rounds, ~50 ms of calls per entry (~5 min)
+    python bench/kernels.py --quick         # 1 round, ~20 ms per entry, to check that it runs
+    python bench/kernels.py --isa scalar    # another kernel family (process-wide, as the engine's)
+
+Every timing is the engine's own ``sb_profile_linear`` (src/engine/profile.c, through
+``sparsamba.runtime.profile.profile_linear``): one synthetic layer whose rows all remove n of every 4
+weights, laid out as a packed file lays it out, copied round robin over the profiler's working set
+(max(64 MiB, 2 x the LLC of one core), at most 512 MiB) so that each call reads its weights from
+memory, timed per call through the decode path (``sb_linear_vec``), median of the calls. GB/s = the
+bytes one call streams (``streamed_bytes``: values + codes + row indices + scales of the layout the
+engine reads) / that median. The read probe is the engine's ``sb_read_bandwidth`` (SIMD sums over a
+``--probe-mib`` buffer, best of 3 passes), measured right before every group of entries (one model's
+products in one dtype) at that group's thread count; % of the probe is against the median of the
+run's probes.
+
+Writes bench/results/kernels.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+# bench/ is not a package: run as a script, its own folder is on sys.path
+import machine
+
+from sparsamba import formats
+
+DTYPES = ("f16", "int8", "f32")
+NS = (0, 1, 2, 3)
+# (layer, out, in) of one Mamba block, per published shape (d_model 768 / 1024, expand 2, N 16,
+# dt_rank = ceil(d_model / 16)): the four prunable products of a decode step
+SHAPES: dict[str, list[tuple[str, int, int]]] = {
+    "130m": [("in_proj", 3072, 768), ("x_proj", 80, 1536), ("dt_proj", 1536, 48), ("out_proj", 768, 1536)],
+    "370m": [("in_proj", 4096, 1024), ("x_proj", 96, 2048), ("dt_proj", 2048, 64), ("out_proj", 1024, 2048)],
+}
+TARGETS = {"f16": 90.0, "int8": 85.0}  # % of the read probe, 1 thread (issue 11)
+THREADS_TARGET = 1.8  # 2 threads vs 1 on the 370M shapes
+MIN_COLD_MIB = 128  # below this working set the weights could come from a large LLC
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes one decode product streams: the one place that knows the packed layout
+
+
+def _up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def streamed_bytes(out: int, inn: int, n: int, dtype: str, layout: int) -> int:
+    """Bytes of weights one decode product of an (out, inn) layer whose rows all remove n of every 4
+    inputs reads from memory, in packed-format ``layout`` (1 or 2; docs/packed-format.md). Headers that
+    the loader parses once are not counted; x and y stay in L1 and are not counted either.
+
+    v1 (row-major classes): per row the kept values, 4-bit keep masks (two groups a byte, n > 0), an
+    i32 output-row index, and for int8 an f32 scale.
+    v2 ("rows in lanes"): per 16-row block an i32 index per lane (and an f32 scale, int8), then the
+    stream: per panel of P inputs (K rounded to 64 if K <= 2048, else 1024) and chunk of 64 inputs one
+    record of 2-bit codes (0 / 64 / 128 / 64 bytes for n = 0 / 1 / 2 / 3) and 16 rows x slots values,
+    slots = groups x (4 - n) (int8: rounded up to even), the record padded to 64 bytes; rows padded
+    to a multiple of 16."""
+    d = formats.get(dtype)
+    if layout == 1:
+        groups = math.ceil(inn / 4)
+        kept = groups * (4 - n)
+        codes = math.ceil(groups / 2) if n else 0
+        return out * (kept * d.value_bytes + codes + 4 + (4 if d.scaled else 0))
+    if layout == 2:
+        B, CHUNK = 16, 64
+        nb = math.ceil(out / B)
+        code_bytes = (0, 4 * B, 8 * B, 4 * B)[n]
+
+        def record(groups: int) -> int:
+            slots = groups * (4 - n)
+            slots += slots & 1 if d.scaled else 0  # int8 values go in pairs of slots
+            return _up(code_bytes + slots * B * d.value_bytes, 64)
+
+        panel = _up(inn, CHUNK) if inn <= 2048 else 1024
+        per_block = 0
+        for p0 in range(0, inn, panel):
+            full, rest = divmod(min(panel, inn - p0), CHUNK)
+            per_block += full * record(16) + (record(math.ceil(rest / 4)) if rest else 0)
+        return nb * (4 * B + (4 * B if d.scaled else 0) + per_block)
+    raise ValueError(f"packed format layout {layout} is not known to streamed_bytes")
+
+
+def engine_layout() -> int:
+    """The packed-format version this checkout's compiler writes (and its engine reads)."""
+    from sparsamba.compile.packed_gguf import FORMAT_VERSION
+
+    return FORMAT_VERSION
+
+
+def working_set_mib() -> float:
+    """The profiler's working set as src/engine/profile.c sizes it (its own figure is not exported):
+    max(64 MiB, 2 x the largest cache of cpu0 in sysfs), at most 512 MiB."""
+    llc = 0
+    for i in range(8):
+        try:
+            s = Path(f"/sys/devices/system/cpu/cpu0/cache/index{i}/size").read_text().strip()
+        except OSError:
+            break
+        num = int("".join(c for c in s if c.isdigit()) or 0)
+        llc = max(llc, num << (10 if s.endswith("K") else 20 if s.endswith("M") else 0))
+    if not llc:
+        try:
+            llc = max(0, os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+        except (ValueError, OSError):
+            llc = 0
+    return min(max(64 << 20, 2 * llc), 512 << 20) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def probe_gbs(mib: int, threads: int, passes: int) -> float:
+    """The engine's read probe: best of ``passes`` passes of SIMD sums over ``mib`` MiB, GB/s."""
+    from sparsamba.runtime.engine import read_bandwidth
+
+    return read_bandwidth(mib, threads, passes) / 1e9
+
+
+def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
+    from sparsamba.runtime import profile
+    from sparsamba.runtime.engine import set_isa
+
+    isa = set_isa(a.isa)
+    layout = a.layout or engine_layout()
+    keys = [
+        (m, layer, o, i, n, dt) for m in a.models for layer, o, i in SHAPES[m] for n in NS for dt in a.dtypes
+    ]
+    # 2 threads vs 1: the 370M shapes (the engine runs the 130M model on 1 thread by default)
+    keys2 = [k for k in keys if k[0] == "370m"] if a.two_threads else []
+    # groups of entries (a model's products in one dtype, at one thread count), each measured right
+    # after a read probe at that thread count, so that the probes see the machine the kernels saw
+    groups: dict[tuple, list[tuple]] = {}
+    for T, ks in ((1, keys), (2, keys2)):
+        for k in ks:
+            groups.setdefault((T, k[0], k[5]), []).append(k)
+    times: dict[tuple, list[float]] = {(k, T): [] for (T, _, _), ks in groups.items() for k in ks}
+    probes: dict[int, list[float]] = {T: [] for T, _, _ in groups}
+    budget = 0.02 if a.quick else 0.05
+    t0 = time.time()
+    try:
+        for r in range(a.rounds):
+            # rounds interleave every entry, so a neighbour's burst of load lands on one round of each
+            # rather than on all of one entry; the median over rounds is kept
+            for (T, m, dt), ks in groups.items():
+                probes[T].append(probe_gbs(a.probe_mib, T, 3))
+                for k in ks:
+                    _, _, o, i, n, _ = k
+                    reps = a.reps or profile.default_reps(o, i, n, dt, budget)
+                    times[k, T].append(profile.profile_linear(o, i, n, dt, reps, threads=T))
+                log(
+                    f"round {r + 1}/{a.rounds} {m} {dt} {T}T: probe {probes[T][-1]:.1f} GB/s, "
+                    f"{len(ks)} entries ({time.time() - t0:.0f} s)"
+                )
+    finally:
+        profile.release()
+        profile._lib().sb_set_threads(1)
+    rows = []
+    probe1 = median(probes[1])
+    for k in keys:
+        m, layer, o, i, n, dt = k
+        nbytes = streamed_bytes(o, i, n, dt, layout)
+        s1 = median(times[k, 1])
+        dense = median(times[(m, layer, o, i, 0, dt), 1])
+        row = dict(
+            model=m, layer=layer, out=o, inn=i, n=n, dtype=dt, bytes=nbytes,
+            seconds_1t=s1, gbs_1t=nbytes / s1 / 1e9, pct_probe_1t=100 * nbytes / s1 / 1e9 / probe1,
+            speedup_vs_dense=dense / s1, samples_1t=times[k, 1],
+        )  # fmt: skip
+        if (k, 2) in times:
+            s2 = median(times[k, 2])
+            row.update(seconds_2t=s2, gbs_2t=nbytes / s2 / 1e9, speedup_2t=s1 / s2, samples_2t=times[k, 2])
+        rows.append(row)
+    meta = dict(
+        command="python bench/kernels.py" + "".join(" " + shlex.quote(x) for x in a.argv),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=machine.machine_info(),
+        git=machine.git_info(),
+        versions=machine.versions(),
+        kernels=isa,
+        layout=layout,
+        rounds=a.rounds,
+        reps=a.reps or f"auto (~{budget * 1000:.0f} ms of calls per entry)",
+        working_set_mib=working_set_mib(),
+        probe_mib=a.probe_mib,
+        probe_gbs={str(T): median(v) for T, v in probes.items()},
+        probe_samples={str(T): v for T, v in probes.items()},
+        load_average=os.getloadavg(),
+        seconds=round(time.time() - t0, 1),
+    )
+    return meta, rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Views
+
+
+def _aggregate(rows: list[dict], key: str) -> float:
+    """A decode step's rate over several products: their bytes over their summed time."""
+    return sum(r["bytes"] for r in rows) / sum(r[key] for r in rows) / 1e9
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    m, g, p1 = meta["machine"], meta["git"], meta["probe_gbs"]["1"]
+    md = [
+        "# Kernels: the decode GEMV per class and dtype, 1 thread, weights cold",
+        "",
+        f"Generated by `{meta['command']}` on {m['cpu']} ({m['cores']} cores, {', '.join(m['simd'])}), "
+        f"commit {g['commit']}{' (with uncommitted changes)' if g['dirty'] else ''}, {meta['date']}; "
+        f"kernels **{meta['kernels']}**, packed format v{meta['layout']}. Each entry: the engine's "
+        f"`sb_profile_linear` (one synthetic layer, every row at n, copies rotated over a "
+        f"{meta['working_set_mib']:.0f} MiB working set), median of the calls, median of {meta['rounds']} "
+        f"interleaved round(s). GB/s = bytes streamed per call (values + codes + row indices + scales) ÷ "
+        f"time. Read probe (the engine's SIMD sum over {meta['probe_mib']} MiB, best of 3 passes, taken before "
+        f"each model × dtype group; the median of the run's probes): **1 thread {p1:.1f} GB/s**"
+        + (f", 2 threads {meta['probe_gbs']['2']:.1f} GB/s" if "2" in meta["probe_gbs"] else "")
+        + f". Load average at the end: {' '.join(f'{x:.2f}' for x in meta['load_average'])}.",
+        "",
+    ]
+    if meta["working_set_mib"] < MIN_COLD_MIB:
+        md += [
+            f"⚠ working set {meta['working_set_mib']:.0f} MiB < {MIN_COLD_MIB} MiB: weights may be served by the LLC.",
+            "",
+        ]
+    # the summary: per dtype and n, a model's four products together, against the target
+    md += [
+        "## Summary: % of the read probe (a model's 4 products together), 1 thread",
+        "",
+        "| dtype | model | " + " | ".join(f"n = {n}" for n in NS) + " | target |",
+        "| --- | --- |" + " ---: |" * len(NS) + " ---: |",
+    ]
+    for dt in dict.fromkeys(r["dtype"] for r in rows):
+        for mod in dict.fromkeys(r["model"] for r in rows):
+            cells = []
+            for n in NS:
+                rs = [r for r in rows if r["dtype"] == dt and r["model"] == mod and r["n"] == n]
+                pct = 100 * _aggregate(rs, "seconds_1t") / p1 if rs else None
+                miss = dt in TARGETS and pct is not None and pct < TARGETS[dt]
+                cells.append(
+                    "–" if pct is None else f"{'**' if miss else ''}{pct:.0f}%{'**' if miss else ''}"
+                )
+            md.append(
+                f"| {dt} | {mod} | "
+                + " | ".join(cells)
+                + (f" | ≥ {TARGETS[dt]:.0f}% |" if dt in TARGETS else " | – |")
+            )
+    md += ["", "Bold: below the target.", ""]
+    # per layer: GB/s, % of probe, time vs dense (n = 0) of the same shape and dtype
+    md += [
+        "## Per layer, 1 thread: GB/s (% of the read probe), time of dense ÷ time of the class",
+        "",
+        "| model | layer (out × in) | dtype | " + " | ".join(f"n = {n}" for n in NS) + " |",
+        "| --- | --- | --- |" + " ---: |" * len(NS),
+    ]
+    for mod in dict.fromkeys(r["model"] for r in rows):
+        for layer in dict.fromkeys(r["layer"] for r in rows if r["model"] == mod):
+            for dt in dict.fromkeys(r["dtype"] for r in rows):
+                rs = {
+                    r["n"]: r for r in rows if r["model"] == mod and r["layer"] == layer and r["dtype"] == dt
+                }
+                if not rs:
+                    continue
+                r0 = next(iter(rs.values()))
+                cells = [
+                    f"{rs[n]['gbs_1t']:.1f} ({rs[n]['pct_probe_1t']:.0f}%), {rs[n]['speedup_vs_dense']:.2f}×"
+                    if n in rs
+                    else "–"
+                    for n in NS
+                ]
+                md.append(
+                    f"| {mod} | {layer} ({r0['out']} × {r0['inn']}) | {dt} | " + " | ".join(cells) + " |"
+                )
+    two = [r for r in rows if "seconds_2t" in r]
+    if two:
+        md += [
+            "",
+            f"## 2 threads vs 1 (time 1T ÷ time 2T; target ≥ {THREADS_TARGET}×)",
+            "",
+            "| model | dtype | " + " | ".join(f"n = {n}" for n in NS) + " | per layer (n = 0 .. 3) |",
+            "| --- | --- |" + " ---: |" * len(NS) + " --- |",
+        ]
+        for mod in dict.fromkeys(r["model"] for r in two):
+            for dt in dict.fromkeys(r["dtype"] for r in two):
+                rs = [r for r in two if r["model"] == mod and r["dtype"] == dt]
+                if not rs:
+                    continue
+                agg = []
+                for n in NS:
+                    rn = [r for r in rs if r["n"] == n]
+                    agg.append(
+                        f"{sum(r['seconds_1t'] for r in rn) / sum(r['seconds_2t'] for r in rn):.2f}×"
+                        if rn
+                        else "–"
+                    )
+                per = "; ".join(
+                    f"{layer} " + " ".join(f"{r['speedup_2t']:.2f}" for r in rs if r["layer"] == layer)
+                    for layer in dict.fromkeys(r["layer"] for r in rs)
+                )
+                md.append(f"| {mod} | {dt} | " + " | ".join(agg) + f" | {per} |")
+        if "2" in meta["probe_gbs"]:
+            md += ["", f"Read probe 2T ÷ 1T: {meta['probe_gbs']['2'] / p1:.2f}×."]
+    md.append("")
+    return "\n".join(md)
+
+
+def write_all(out: Path, meta: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    (out / "kernels.md").write_text(markdown(meta, rows))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from sparsamba.runtime.engine import ISAS
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 round of ~20 ms per entry (default: 3 of ~50 ms)")
+    ap.add_argument("--models", default="130m,370m", help="layer shapes of: 130m,370m")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="any of f16,int8,f32")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; 1 with --quick)")
+    ap.add_argument(
+        "--reps", type=int, default=None, help="calls per entry and round (default: ~50 ms of them)"
+    )
+    ap.add_argument(
+        "--isa", default="auto", choices=list(ISAS), help="kernel family (auto: what the CPU has)"
+    )
+    ap.add_argument("--no-two-threads", dest="two_threads", action="store_false", help="skip 2 threads vs 1")
+    ap.add_argument("--probe-mib", type=int, default=512, help="buffer of the read probe")
+    ap.add_argument(
+        "--layout",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="byte count of this packed format (default: the checkout's)",
+    )
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results"), help="folder for kernels.{json,md}"
+    )
+    a = ap.parse_args(argv)
+    a.argv = sys.argv[1:] if argv is None else argv
+    a.rounds = a.rounds or (1 if a.quick else 3)
+    a.models = [s.strip() for s in a.models.split(",") if s.strip()]
+    a.dtypes = [s.strip() for s in a.dtypes.split(",") if s.strip()]
+    for s in a.models:
+        if s not in SHAPES:
+            ap.error(f"unknown model shape {s!r}; choose from {', '.join(SHAPES)}")
+    for d in a.dtypes:
+        if d not in DTYPES:
+            ap.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    meta, rows = run(a)
+    if meta["working_set_mib"] < MIN_COLD_MIB:
+        log(
+            f"WARNING: the profiler's working set is {meta['working_set_mib']:.0f} MiB (< {MIN_COLD_MIB} MiB)"
+        )
+    write_all(Path(a.out), meta, rows)
+    print()
+    print(markdown(meta, rows))
+    log(f"done in {meta['seconds']:.0f} s: {a.out}/kernels.md")
+
+
+if __name__ == "__main__":
+    main()
