@@ -1,18 +1,25 @@
 """Measure every pruning method on the embedded model (and on a small LLaMA-style model trained here
-on the same text) and write docs/results.{json,md,svg}.
+on the same text) and write docs/results.{json,md} (+ docs/results_n.png with the `plots` extra).
 
-    python scripts/prune_results.py                 # everything (about an hour on 2 cores)
-    python scripts/prune_results.py --quick         # 50% only, 200 learning steps
+    python scripts/prune_results.py                          # the whole grid (hours on one thread)
+    python scripts/prune_results.py --sparsities 0.5 0.7     # a part of it; rows not run say so
+    python scripts/prune_results.py --shard 0/2 & python scripts/prune_results.py --shard 1/2
 
-Rows already in results.json with the same configuration are reused, so an interrupted run resumes.
+Every row runs in its own process (its peak RSS is the row's memory) and is stored on its own under
+build/prune_results/ as soon as it is done, so an interrupted or sharded run resumes where it
+stopped; the docs are rewritten from every stored row after each one (``--write-only``: just that).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import multiprocessing as mp
 import platform
+import resource
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -23,42 +30,53 @@ import torch.nn.functional as F
 from sparsamba import assets, load_tokenizer
 from sparsamba.eval.data import calibration_windows, eval_windows, read_text, tokenize
 from sparsamba.eval.perplexity import perplexity
-from sparsamba.model.hf import LogitsOnly, load_any
+from sparsamba.model.hf import load_any
+from sparsamba.prune.config import PruneConfig
 from sparsamba.prune.learn import LearnConfig
-from sparsamba.prune.run import PruneConfig, prune_model
+from sparsamba.prune.run import prune_model
 
 ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "build" / "prune_results"
+SEEDS = (0, 1, 2)  # calibration seeds of the headline rows
+RECONSTRUCT = 50  # Adam steps per block of the "+ reconstruction" rows (lr 1e-3)
+C4N2 = "c4n2: SparseGPT 2:4's masks, exact re-solve"
 
 
-def runs(sparsities: list[float]) -> list[dict]:
+def runs(model: str, sparsities: list[float], steps: int) -> list[dict]:
+    """The grid of one model: label, PruneConfig fields, calibration seed."""
     out = [dict(label="dense", method=None)]
+    learned = f"C_4^n learned ({steps} steps)"
     for s in sparsities:
         for m in ("magnitude", "wanda", "sparsegpt"):
             out.append(dict(label=f"{m} unstructured", method=m, pattern="unstructured", sparsity=s))
-        out.append(dict(label="C_4^n learned (c4), compensated", method="c4", pattern="c4", sparsity=s))
-        out.append(
-            dict(
-                label="C_4^n learned (c4), no compensation",
-                method="c4",
-                pattern="c4",
-                sparsity=s,
-                compensate=False,
-            )
-        )
+        out.append(dict(label="C_4^n allocated (0 steps)", method="c4", pattern="c4", sparsity=s, steps=0))
+        out.append(dict(label=learned, method="c4", pattern="c4", sparsity=s, steps=steps))
     if 0.5 in sparsities:
         for m in ("magnitude", "wanda", "sparsegpt"):
             for p in ("2:4", "4:8"):
-                out.append(dict(label=f"{m} {p}", method=m, pattern=p, sparsity=0.5))
-        out.append(dict(label="C_4^n fixed (c4n2), compensated", method="c4", pattern="c4n2", sparsity=0.5))
+                out.append(dict(label=f"{m} {p}", method=m, pattern=p))
+        out.append(dict(label=C4N2, method="c4", pattern="c4n2"))
+        out.append(
+            dict(label=C4N2 + ", toward its own weights", method="c4", pattern="c4n2", dense_target=False)
+        )
         out.append(
             dict(
-                label="C_4^n fixed (c4n2), no compensation",
+                label="C_4^n allocated, per-block scope",
                 method="c4",
-                pattern="c4n2",
+                pattern="c4",
                 sparsity=0.5,
-                compensate=False,
+                steps=0,
+                scope="block",
             )
         )
+        for r in [r for r in out if r.get("method") in ("sparsegpt", "c4") and r.get("sparsity", 0.5) == 0.5]:
+            if r.get("dense_target") is False or r.get("scope") == "block" or r["pattern"] == "4:8":
+                continue
+            out.append({**r, "label": r["label"] + " + reconstruction", "reconstruct": RECONSTRUCT})
+        if model == "kjv-mamba-tiny":  # the headline: 3 calibration seeds
+            for r in [r for r in out if r.get("sparsity", 0.5) == 0.5 and r.get("method") == "c4"]:
+                if r["label"] in (learned, "C_4^n allocated (0 steps)", C4N2):
+                    out += [{**r, "seed": sd} for sd in SEEDS[1:]]
     return out
 
 
@@ -100,80 +118,99 @@ def train_tiny_llama(out: Path, tok, text_ids: torch.Tensor, steps: int = 800, s
         (out / name).write_bytes((assets.DEFAULT_MODEL / name).read_bytes())
 
 
-def key(r: dict, model: str, steps: int) -> str:
-    return json.dumps(
-        [model, r.get("method"), r.get("pattern"), r.get("sparsity"), r.get("compensate"), steps]
+def key(r: dict, model: str, nsamples: int, seqlen: int) -> str:
+    fields = {k: v for k, v in sorted(r.items()) if k != "label"}
+    return json.dumps([model, nsamples, seqlen, fields])
+
+
+def run_row(r: dict, mpath: str, nsamples: int, seqlen: int, q) -> None:
+    """One row in a fresh process: prune, evaluate, report its peak memory."""
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(1)  # the pruner's many small solves are far slower with 2 contended threads
+    tok = load_tokenizer(assets.DEFAULT_MODEL)
+    held = eval_windows(tokenize(read_text(assets.HELDOUT), tok), seqlen)
+    calib = calibration_windows(
+        tokenize(read_text(assets.CALIB), tok), nsamples, seqlen, seed=r.get("seed", 0)
+    )
+    model = load_any(mpath)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rep = None
+    if r["method"] is not None:
+        cfg = PruneConfig(
+            method=r["method"],
+            pattern=r["pattern"],
+            sparsity=r.get("sparsity") if r["pattern"] in ("unstructured", "c4") else None,
+            scope=r.get("scope", "global"),
+            dense_target=r.get("dense_target", True),
+            reconstruct=r.get("reconstruct", 0),
+            learn=LearnConfig(steps=r.get("steps", 0)),
+        )
+        rep = prune_model(model, calib, cfg, progress=False, log=lambda *_: None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ppl = perplexity(model, held, batch_size=16, progress=False).perplexity
+    layer_n = {k: v["n_hist"] for k, v in rep["layers"].items()} if rep and r["pattern"] == "c4" else None
+    q.put(
+        dict(
+            measured_sparsity=rep["total"]["sparsity"] if rep else 0.0,
+            perplexity=ppl,
+            prune_seconds=rep["seconds"]["total_s"] if rep else 0.0,
+            peak_rss_mb=round(peak),
+            model_rss_mb=round(loaded),
+            learning=rep.get("learning") if rep else None,
+            layer_n=layer_n,
+        )
     )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=1000, help="sparse-learning steps")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    ap.add_argument("--llama-sparsities", type=float, nargs="+", default=[0.5])
+    ap.add_argument(
+        "--steps", type=int, default=LearnConfig().steps, help="learning steps of the learned rows"
+    )
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th row from the i-th")
+    ap.add_argument("--write-only", action="store_true", help="rewrite the docs from the stored rows")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     a = ap.parse_args()
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(1)  # the pruner's many small solves are far slower with 2 contended threads
-    steps = 200 if a.quick else a.steps
-    sparsities = [0.5] if a.quick else [0.3, 0.5, 0.7]
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if out.with_suffix(".json").exists():
-        for r in json.loads(out.with_suffix(".json").read_text())["rows"]:
-            done[r["key"]] = r
+    CACHE.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(assets.DEFAULT_MODEL)
-    held = eval_windows(tokenize(read_text(assets.HELDOUT), tok), a.seqlen)
-    calib = calibration_windows(tokenize(read_text(assets.CALIB), tok), a.nsamples, a.seqlen, seed=0)
-    models = {"kjv-mamba-tiny": assets.DEFAULT_MODEL}
+    models = {"kjv-mamba-tiny": (assets.DEFAULT_MODEL, a.sparsities)}
     if not a.no_llama:
         llama = ROOT / "build" / "kjv-llama-tiny"
-        if not (llama / "config.json").exists():
+        if not (llama / "config.json").exists() and not a.write_only:
             t = time.time()
             train_tiny_llama(llama, tok, tokenize(read_text(assets.KJV_TEXT / "train.txt.gz"), tok))
             print(f"trained {llama} in {time.time() - t:.0f} s", flush=True)
-        models["kjv-llama-tiny"] = llama
-    rows = []
-    for mname, mpath in models.items():
-        # the transformer is the paper's side table: 50% only
-        for r in runs(sparsities if mname == "kjv-mamba-tiny" else [0.5]):
-            k = key(r, mname, steps)
-            if k in done:
-                rows.append(done[k])
-                continue
-            model = load_any(mpath)
-            t = time.time()
-            rep = None
-            if r["method"] is not None:
-                cfg = PruneConfig(
-                    method=r["method"],
-                    pattern=r["pattern"],
-                    sparsity=r["sparsity"] if r["pattern"] in ("unstructured", "c4") else None,
-                    compensate=r.get("compensate"),
-                    learn=LearnConfig(steps=steps),
-                )
-                rep = prune_model(model, calib, cfg, progress=False, log=lambda *_: None)
-            ppl = perplexity(model, held, batch_size=16, progress=False).perplexity
-            row = dict(
-                key=k,
-                model=mname,
-                arch="llama" if isinstance(model, LogitsOnly) else "mamba",
-                **r,
-                measured_sparsity=rep["total"]["sparsity"] if rep else 0.0,
-                perplexity=ppl,
-                prune_seconds=rep["seconds"]["total_s"] if rep else 0.0,
-            )
-            rows.append(row)
-            print(
-                f"{mname:15s} {r['label']:40s} {row['measured_sparsity']:.3f} ppl {ppl:8.2f} "
-                f"({row['prune_seconds']:.0f} s, {time.time() - t:.0f} s in all)",
-                flush=True,
-            )
-            write(out, rows, a, steps)
-    write(out, rows, a, steps)
+        models["kjv-llama-tiny"] = (llama, a.llama_sparsities)
+    grid = [(m, p, r) for m, (p, sps) in models.items() for r in runs(m, sps, a.steps)]
+    i, n = (int(x) for x in a.shard.split("/"))
+    ctx = mp.get_context("spawn")
+    for j, (mname, mpath, r) in enumerate(grid):
+        k = key(r, mname, a.nsamples, a.seqlen)
+        f = CACHE / (hashlib.sha1(k.encode()).hexdigest()[:16] + ".json")
+        if a.write_only or f.exists() or j % n != i:
+            continue
+        t = time.time()
+        q = ctx.Queue()
+        p = ctx.Process(target=run_row, args=(r, str(mpath), a.nsamples, a.seqlen, q))
+        p.start()
+        res = q.get()
+        p.join()
+        row = dict(key=k, model=mname, commit=COMMIT, wall_seconds=round(time.time() - t), **r, **res)
+        f.write_text(json.dumps(row) + "\n")
+        print(
+            f"{mname:15s} {r['label']:55s} seed {r.get('seed', 0)} {res['measured_sparsity']:.3f} "
+            f"ppl {res['perplexity']:8.2f} ({res['prune_seconds']:.0f} s prune, {row['wall_seconds']} s in all, "
+            f"{res['peak_rss_mb']} MB peak)",
+            flush=True,
+        )
+        write(out, grid, a)
+    write(out, grid, a)
 
 
 def _commit() -> str:
@@ -188,106 +225,160 @@ def _commit() -> str:
 COMMIT = _commit()  # the code the run started with
 
 
-def write(out: Path, rows: list[dict], a, steps: int) -> None:
-    commit = COMMIT
+def _stored(grid, a) -> tuple[list[dict], list[tuple]]:
+    rows, missing = [], []
+    for mname, _, r in grid:
+        k = key(r, mname, a.nsamples, a.seqlen)
+        f = CACHE / (hashlib.sha1(k.encode()).hexdigest()[:16] + ".json")
+        if f.exists():
+            rows.append(json.loads(f.read_text()))
+        else:
+            missing.append((mname, r))
+    return rows, missing
+
+
+def write(out: Path, grid, a) -> None:
+    rows, missing = _stored(grid, a)
+    commits = sorted({r["commit"] for r in rows})
     meta = dict(
         machine=platform.machine(),
         processor=platform.processor(),
         threads=1,
-        commit=commit,
+        commits=commits,
         torch=torch.__version__,
-        calibration=f"{a.nsamples} windows x {a.seqlen} tokens of calib.txt (seed 0)",
+        calibration=f"{a.nsamples} windows x {a.seqlen} tokens of calib.txt (seed 0; seeds {SEEDS} for the headline)",
         evaluation=f"held-out split, non-overlapping windows of {a.seqlen}",
-        learn_steps=steps,
+        learn_steps=a.steps,
+        reconstruct_steps=RECONSTRUCT,
+        not_run=[
+            f"{m}: {r['label']} at {r.get('sparsity', 0.5):.0%}, seed {r.get('seed', 0)}" for m, r in missing
+        ],
     )
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    cmd = "python scripts/prune_results.py " + " ".join(
+        ["--sparsities", *map(str, a.sparsities)]
+        + ([] if a.no_llama else ["--llama-sparsities", *map(str, a.llama_sparsities)])
+    )
     md = [
         "# Pruning results",
         "",
-        "Generated by `python scripts/prune_results.py` "
-        f"(commit {commit}, torch {torch.__version__}, 1 thread). Perplexity on the held-out split "
-        f"(non-overlapping windows of {a.seqlen} tokens); calibration: {meta['calibration']}; "
-        f"sparse learning: {steps} steps. Sparsity counts the prunable projections only.",
+        f"Generated by `{cmd}` (commit {', '.join(commits) or '-'}, torch {torch.__version__}, 1 thread). "
+        f"Perplexity on the held-out split (non-overlapping windows of {a.seqlen} tokens); calibration: "
+        f"{meta['calibration']}. Sparsity counts the prunable projections only. Every method aims at the "
+        "dense model's layer outputs (`dense_target`, the default) unless its row says otherwise; "
+        f"'+ reconstruction' rows add {RECONSTRUCT} Adam steps per block (lr 1e-3) toward the dense block's "
+        "outputs. Cells give the mean ± standard deviation over calibration seeds where there are several "
+        "(their count in brackets); '—' marks a row of the grid that was not run. Time and memory: the 50% "
+        "row's prune seconds (1 thread) and its process's peak RSS (model, prune and evaluation).",
         "",
     ]
-    for mname in dict.fromkeys(r["model"] for r in rows):
+    for mname in dict.fromkeys(m for m, _, _ in grid):
+        mgrid = [r for m, _, r in grid if m == mname]
         mr = [r for r in rows if r["model"] == mname]
         dense = next((r["perplexity"] for r in mr if r["method"] is None), float("nan"))
-        sps = sorted({r["sparsity"] for r in mr if r.get("sparsity")})
+        sps = sorted({r["sparsity"] for r in mgrid if r.get("sparsity")})
         md += [
             f"## {mname}",
             "",
             f"Dense perplexity: **{dense:.2f}**.",
             "",
-            "| method | " + " | ".join(f"{s:.0%}" for s in sps) + " | prune time at 50% |",
-            "| --- |" + " --- |" * (len(sps) + 1),
+            "| method | " + " | ".join(f"{s:.0%}" for s in sps) + " | 50%: prune time | 50%: peak memory |",
+            "| --- |" + " --- |" * (len(sps) + 2),
         ]
-        for label in dict.fromkeys(r["label"] for r in mr if r["method"]):
+        for label in dict.fromkeys(r["label"] for r in mgrid if r["method"]):
             cells = []
             for s in sps:
-                hit = [r for r in mr if r["label"] == label and r.get("sparsity") == s]
-                cells.append(f"{hit[0]['perplexity']:.2f}" if hit else "")
-            t50 = [r for r in mr if r["label"] == label and r.get("sparsity") == 0.5]
-            t = f"{t50[0]['prune_seconds']:.0f} s" if t50 else ""
-            md.append(f"| {label} | " + " | ".join(cells) + f" | {t} |")
+                want = [r for r in mgrid if r["label"] == label and r.get("sparsity", 0.5) == s]
+                hit = [r["perplexity"] for r in mr if r["label"] == label and r.get("sparsity", 0.5) == s]
+                if not want:
+                    cells.append("")
+                elif not hit:
+                    cells.append("—")
+                elif len(hit) == 1:
+                    cells.append(f"{hit[0]:.2f}" + (" (1)" if len(want) > 1 else ""))
+                else:
+                    cells.append(f"{statistics.mean(hit):.2f} ± {statistics.stdev(hit):.2f} ({len(hit)})")
+            r50 = [
+                r
+                for r in mr
+                if r["label"] == label and r.get("sparsity", 0.5) == 0.5 and r.get("seed", 0) == 0
+            ]
+            t = f"{r50[0]['prune_seconds']:.0f} s" if r50 else ""
+            mem = f"{r50[0]['peak_rss_mb']} MB" if r50 else ""
+            md.append(f"| {label} | " + " | ".join(cells) + f" | {t} | {mem} |")
+        learned = [r for r in mr if r.get("steps") and r.get("learning") and r.get("seed", 0) == 0]
+        if learned:
+            md += [
+                "",
+                "Learning diagnostics (seed 0): expected sparsity at the start → before the fix-up, rows "
+                "moved by the fix-up, rows whose n differs from the allocation.",
+                "",
+            ]
+            for r in learned:
+                d = r["learning"]
+                md.append(
+                    f"- {r['sparsity']:.0%}: {d['expected_at_start']:.3f} → {d['expected_before_fixup']:.3f}, "
+                    f"{d['rows_moved_by_fixup']:.1%} moved, {d['rows_changed_from_start']:.1%} changed"
+                )
+        md += _layer_map(out, mname, mr)
         md.append("")
-    md += ["![perplexity vs sparsity](results.svg)", ""]
+    if missing:
+        md += [f"Not run ({len(missing)} rows of the grid): see `meta.not_run` in results.json.", ""]
     out.with_suffix(".md").write_text("\n".join(md))
-    out.with_suffix(".svg").write_text(svg_plot(rows))
 
 
-def svg_plot(rows: list[dict]) -> str:
-    """Perplexity vs sparsity, one line per unstructured / learned method, per model (plain SVG)."""
-    series = {}
-    for r in rows:
-        if r["method"] and r["pattern"] in ("unstructured", "c4"):
-            series.setdefault(f"{r['model']}: {r['label']}", []).append((r["sparsity"], r["perplexity"]))
-    series = {k: v for k, v in series.items() if len(v) > 1}  # lines only: models run at several sparsities
-    if not series:
-        return "<svg xmlns='http://www.w3.org/2000/svg'/>"
-    W, H, L, B = 960, 420, 60, 40
-    pts = [p for s in series.values() for p in s]
-    ymin, ymax = math.log(min(p[1] for p in pts)), math.log(max(p[1] for p in pts))
-    ymax = ymax if ymax > ymin else ymin + 1
-
-    def xy(s, ppl):
-        return L + (s - 0.25) / 0.5 * (W - L - 400), H - B - (math.log(ppl) - ymin) / (ymax - ymin) * (
-            H - 2 * B
+def _layer_map(out: Path, mname: str, mr: list[dict]) -> list[str]:
+    """Mean n per layer of the learned 50% row as a table, and a picture layers × n if matplotlib is there."""
+    r = next(
+        (
+            r
+            for r in mr
+            if r.get("layer_n") and r.get("steps") and r.get("sparsity") == 0.5 and r.get("seed", 0) == 0
+        ),
+        None,
+    )
+    r = r or next(
+        (r for r in mr if r.get("layer_n") and r.get("sparsity") == 0.5 and r.get("seed", 0) == 0), None
+    )
+    if r is None:
+        return []
+    names = list(r["layer_n"])
+    frac = [[c / max(sum(h), 1) for c in h] for h in (r["layer_n"][k] for k in names)]
+    md = [
+        "",
+        f"Per-layer n of '{r['label']}' at 50% (fraction of the layer's rows at each n):",
+        "",
+        "| layer | n=0 | n=1 | n=2 | n=3 | n=4 | sparsity |",
+        "| --- |" + " --- |" * 6,
+    ]
+    for k, f in zip(names, frac):
+        md.append(
+            f"| {k} | "
+            + " | ".join(f"{x:.2f}" for x in f)
+            + f" | {sum(n * x for n, x in enumerate(f)) / 4:.0%} |"
         )
+    try:
+        import matplotlib
 
-    colors = [
-        "#1f77b4",
-        "#ff7f0e",
-        "#2ca02c",
-        "#d62728",
-        "#9467bd",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-        "#bcbd22",
-        "#17becf",
-    ]
-    el = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{W}' height='{H}' font-family='sans-serif' font-size='11'>",
-        f"<rect width='{W}' height='{H}' fill='white'/>",
-        f"<text x='{L}' y='16'>held-out perplexity (log scale) vs sparsity</text>",
-    ]
-    for s in (0.3, 0.5, 0.7):
-        x, _ = xy(s, math.exp(ymin))
-        el.append(f"<text x='{x - 10:.0f}' y='{H - 20}'>{s:.0%}</text>")
-    for i, (name, p) in enumerate(sorted(series.items())):
-        p = sorted(p)
-        c = colors[i % len(colors)]
-        d = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(*q) for q in p))
-        el.append(f"<polyline fill='none' stroke='{c}' stroke-width='2' points='{d}'/>")
-        for q in p:
-            x, y = xy(*q)
-            el.append(
-                f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3' fill='{c}'><title>{name} {q[0]:.0%}: {q[1]:.2f}</title></circle>"
-            )
-        el.append(f"<text x='{W - 380}' y='{40 + 15 * i}' fill='{c}'>{name}</text>")
-    el.append("</svg>")
-    return "\n".join(el)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return md
+    png = out.with_name(f"{out.name}_n_{mname}.png")
+    fig, ax = plt.subplots(figsize=(5, 0.22 * len(names) + 1.2))
+    im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(5), [f"n={n}" for n in range(5)])
+    ax.set_yticks(
+        range(len(names)),
+        [k.replace("backbone.layers.", "").replace("inner.model.layers.", "") for k in names],
+        fontsize=6,
+    )
+    ax.set_title(f"{mname}: rows at each n (50%)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="fraction of rows")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return md + ["", f"![rows at each n per layer]({png.name})"]
 
 
 if __name__ == "__main__":

@@ -141,6 +141,11 @@ def run_cmd(*extra: str, model: str = "m.gguf") -> Callable[[Path, Path], list[s
 CASES += [
     Case("prune: --row-block 0", nothing, prune_cmd("--row-block", "0"), r"row_block must be a whole number >= 1"),
     Case("prune: --steps -3", nothing, prune_cmd("--steps", "-3"), r"steps must be a whole number >= 0"),
+    Case("prune: --reconstruct -1", nothing, prune_cmd("--reconstruct", "-1"), r"--reconstruct must be a whole number of steps >= 0, got -1"),
+    Case("prune: --reconstruct-lr 5", nothing, prune_cmd("--reconstruct-lr", "5"), r"--reconstruct-lr must be in \(0, 1\), got 5.0"),
+    Case("prune: --reconstruct-lr nan", nothing, prune_cmd("--reconstruct-lr", "nan"), r"--reconstruct-lr must be in \(0, 1\), got nan"),
+    Case("prune: --lr inf", nothing, prune_cmd("--lr", "inf"), r"lr must be a finite number >= 0, got inf"),
+    Case("prune: --scope layer", nothing, prune_cmd("--scope", "layer"), r"unknown scope 'layer'; use global or block"),
     Case("prune: -o under a file", nothing, prune_cmd("-o", "{tmp}/text.txt/sub"), r"text.txt is a file and not a folder"),
     Case("prune: --threads 100000", nothing, prune_cmd("--threads", "100000"), r"threads must be a whole number from 1"),
     Case("run: a model folder", nothing, run_cmd(model=""), r"is a model folder, not a packed model; compile it first"),

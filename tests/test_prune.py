@@ -1,5 +1,5 @@
 """The pruning driver end to end on small random models: structure, exact targets, the sequential
-calibration flow, learning's soft masks, and the command's output and refusals."""
+calibration flow, and the command's output and refusals."""
 
 import json
 import subprocess
@@ -14,9 +14,9 @@ from sparsamba.model.mamba1 import Mamba1Config, Mamba1LM
 from sparsamba.model.mamba2 import Mamba2Config, Mamba2LM
 from sparsamba.prune.calibrate import BlockWalker, collect_stats, prunable_layers
 from sparsamba.prune.latency import cost_model_table, expected_latency
-from sparsamba.prune.learn import LearnConfig, _row_probs, _soft_mask, make_choice
+from sparsamba.prune.learn import LearnConfig
 from sparsamba.prune.methods import calibration_loss
-from sparsamba.prune.pattern import check_pattern, group_masks, parse_pattern, removed_per_row
+from sparsamba.prune.pattern import check_pattern, parse_pattern, removed_per_row
 from sparsamba.prune.run import PruneConfig, prune_model
 
 FAST = LearnConfig(steps=6, batch_size=2)
@@ -109,19 +109,6 @@ def test_compensation_lowers_reconstruction_error():
     for name in errs[True]:
         assert errs[True][name] <= errs[False][name] + 1e-7, name
     assert sum(errs[True].values()) < 0.9 * sum(errs[False].values())
-
-
-def test_soft_mask_is_the_expected_mask():
-    """W ⊙ soft_mask equals Σ_n p_n (W ⊙ M_n), computed with the five masks explicitly."""
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(10, 6)
-    scores = torch.rand(6, 10)
-    c = make_choice("x", lin, 0, scores)
-    c.logits = torch.randn(6, 5)
-    p = _row_probs(c, 0.7, 1)
-    M = group_masks(scores).float()  # (5, out, in)
-    want = torch.einsum("rn,nrj->rj", p, M)
-    assert torch.allclose(_soft_mask(c, p), want, atol=1e-6)
 
 
 @pytest.mark.parametrize("scope", ["block", "global"])

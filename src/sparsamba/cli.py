@@ -140,8 +140,9 @@ def cmd_generate(a) -> None:
 
 def cmd_demo(a) -> None:
     """The main job on the embedded model, end to end (grows with the pipeline): evaluate the dense
-    model, prune it to C_4^n at 50% (learned n per row, compensated; short learning so that the demo
-    takes about a minute), evaluate and generate again."""
+    model, prune it to C_4^n at 50% (n per row by the loss-aware allocation, compensated toward the
+    dense outputs; no learning or reconstruction, 32 calibration windows, so that the whole demo takes
+    about a minute), evaluate and generate again."""
     from . import assets
     from .eval.data import calibration_windows, read_text, tokenize
     from .prune.learn import LearnConfig
@@ -164,9 +165,10 @@ def cmd_demo(a) -> None:
     cfg = PruneConfig(method="c4", pattern="c4", sparsity=0.5, learn=LearnConfig(steps=a.steps))
     rep = prune_model(m, calib, cfg, log=_log)
     t = rep["total"]
+    how = f"{a.steps} learning steps" if a.steps else "allocated, no learning"
     print(
-        f"pruned      C_4^n learned, {t['sparsity']:.1%} of prunable weights removed, rows by n "
-        f"{dict(enumerate(t['n_hist']))} ({rep['seconds']['total_s']:.0f} s, {a.steps} learning steps)"
+        f"pruned      C_4^n, {t['sparsity']:.1%} of prunable weights removed, rows by n "
+        f"{dict(enumerate(t['n_hist']))} ({rep['seconds']['total_s']:.0f} s, {how})"
     )
     _, r = _eval_text(path, m, tok, None, a.seqlen, a.max_windows, 8)
     print(f"sparse      perplexity {r.perplexity:.2f}")
@@ -222,11 +224,15 @@ def cmd_prune(a) -> None:
     torch.set_flush_denormal(True)
     out = Path(a.output)
     check_output(out, a.overwrite)  # fail before any work, not after it
-    given = ("method", "pattern", "sparsity", "scope", "latency", "loss_budget", "score", "damp")
+    given = (
+        "method", "pattern", "sparsity", "scope", "latency", "loss_budget", "score", "damp", "reconstruct",
+        "reconstruct_lr",
+    )
     cfg = from_recipe(  # options not given are None: the recipe's value, else the default, stands
         a.recipe,
         learn=dict(steps=a.steps, lr=a.lr, row_block=a.row_block),
         compensate=False if a.no_compensate else True if a.compensate else None,
+        dense_target=False if a.no_dense_target else None,
         latency_table=load_latency_table(a.latency_table) if a.latency_table else None,
         debug=a.debug,
         **{k: getattr(a, k) for k in given},
@@ -513,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seqlen", type=int, default=256, help="evaluation window length in tokens")
     s.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     s.add_argument("-n", type=int, default=24, help="tokens to generate")
-    s.add_argument("--steps", type=int, default=100, help="sparse-learning steps")
+    s.add_argument("--steps", type=int, default=0, help="sparse-learning steps (0 = the loss-aware allocation alone)")
     s.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     _threads(s, "torch and the engine")
     s.set_defaults(func=cmd_demo)
@@ -548,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pattern", help="c4 (learned n per row, default), c4n1/c4n2/c4n3, N:M such as 2:4, or unstructured"
     )
     s.add_argument("--sparsity", type=float, help="target fraction of prunable weights removed, in [0, 1)")
-    s.add_argument("--scope", help="c4 sparsity: uniform per block (block, default) or global")
+    s.add_argument("--scope", help="c4 sparsity: over the model (global, default) or uniform per block (block)")
     s.add_argument("--latency-table", help="JSON latency table (sparsamba profile, or the cost model)")
     s.add_argument("--latency", type=float, help="c4: target latency, in the table's unit")
     s.add_argument(
@@ -559,14 +565,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-compensate", action="store_true", help="skip weight compensation (on by default for c4)"
     )
     g.add_argument("--compensate", action="store_true", help="compensate magnitude / wanda masks too")
+    s.add_argument(
+        "--no-dense-target",
+        action="store_true",
+        help="aim each layer at its own weights on the pruned inputs, not at the dense model's outputs",
+    )
+    s.add_argument(
+        "--reconstruct", type=int, metavar="STEPS", help="Adam steps per block toward the dense block's outputs (default 0)"
+    )
+    s.add_argument("--reconstruct-lr", type=float, help="the reconstruction's learning rate (default 0.001)")
     s.add_argument("--score", help="c4 mask score: obs (default), wanda or magnitude")
     s.add_argument("--damp", type=float, help="SparseGPT / OBS damping (default 0.01)")
     s.add_argument("--calib", help="calibration text (default: the embedded calibration split)")
     s.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     s.add_argument("--seqlen", type=int, default=256, help="calibration window length in tokens")
     s.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' offsets")
-    s.add_argument("--steps", type=int, help="sparse-learning steps (default 1000)")
-    s.add_argument("--lr", type=float, help="sparse-learning SGD learning rate (default 0.1)")
+    s.add_argument("--steps", type=int, help="sparse-learning steps (default 150; 0 = the loss-aware allocation alone)")
+    s.add_argument("--lr", type=float, help="sparse-learning Adam learning rate (default 0.05)")
     s.add_argument("--row-block", type=int, help="rows sharing one n (default 1; 4 or 8 for wider SIMD)")
     s.add_argument("--recipe", help="TOML file with PruneConfig fields ([prune] and [prune.learn] tables)")
     s.add_argument("--device", default="cpu", help="where to prune: cpu or cuda")

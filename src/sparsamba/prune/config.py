@@ -28,11 +28,14 @@ class PruneConfig:
     method: str = "c4"  # a key of methods.METHODS
     pattern: Pattern | str = "c4"  # a spec string is parsed in __post_init__; afterwards a Pattern
     sparsity: float | None = None  # unstructured and c4 (learned); implied by fixed patterns
-    scope: str = "block"  # c4 sparsity target: uniform per block ("block") or over the model ("global")
+    scope: str = "global"  # c4 sparsity target: over the model ("global") or uniform per block ("block")
     latency: float | None = None  # c4: target latency, in the table's unit
     latency_table: dict | None = field(default=None, repr=False)
     loss_budget: float | None = None  # c4: max effectiveness-loss ratio (L_sparse − L_dense) / L_dense
     compensate: bool | None = None  # default: on for c4, off for magnitude / wanda (sparsegpt has its own)
+    dense_target: bool = True  # every method aims at the dense model's layer outputs (dense_target.py)
+    reconstruct: int = 0  # Adam steps per block on the kept weights toward the dense block's outputs
+    reconstruct_lr: float = 1e-3
     score: str = "obs"  # c4 masks: "obs" (W²/[H⁻¹]_jj), "wanda" or "magnitude" (a key of methods.SCORES)
     select: str = "sparsegpt"  # c4 masks chosen by SparseGPT's sequential OBS ("sparsegpt") or by score
     damp: float = 0.01  # SparseGPT's and the OBS score's damping
@@ -86,7 +89,20 @@ class PruneConfig:
         if self.score not in SCORES:
             raise SparsambaError(f"unknown score {self.score!r}; use {', '.join(SCORES)}")
         if self.scope not in ("block", "global"):
-            raise SparsambaError(f"unknown scope {self.scope!r}; use block or global")
+            raise SparsambaError(f"unknown scope {self.scope!r}; use global or block")
+        r = self.reconstruct
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise SparsambaError(f"--reconstruct must be a whole number of steps >= 0, got {r!r}")
+        lr = self.reconstruct_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:  # NaN fails too
+            raise SparsambaError(f"--reconstruct-lr must be in (0, 1), got {lr!r}")
+        if not isinstance(self.dense_target, bool):
+            raise SparsambaError(f"dense_target must be true or false, got {self.dense_target!r}")
+
+    @property
+    def compensating(self) -> bool:
+        """Whether masks are followed by the re-solve of the kept weights (the method's default unless set)."""
+        return self.compensate if self.compensate is not None else METHODS[self.method].compensate
 
     def to_dict(self) -> dict:
         """JSON-able fields for the report (the pattern as its spec, the latency table left out)."""

@@ -2,16 +2,19 @@
 
     magnitude / wanda    mask from |W| or |W|·‖X_j‖ under the pattern (optionally compensated)
     sparsegpt            blocked OBS with its own error feedback (unstructured, N:M, c4n*)
-    c4                   C_4^n: fixed n (pattern c4n1/2/3) or n learned per row (pattern c4) toward a
-                         sparsity / latency / loss-budget target; masks from the dense model's
-                         statistics; kept weights compensated (docs/DESIGN.md §5) unless compensate=False
+    c4                   C_4^n: fixed n (pattern c4n1/2/3) or n chosen per row (pattern c4) toward a
+                         sparsity / latency / loss-budget target: every row priced at every n from the
+                         dense model (cost F_r·e_r(n), alloc.py), allocated, then learned (learn.py);
+                         masks by SparseGPT's selection, kept weights compensated (docs/DESIGN.md §5)
+                         unless compensate=False
 
-Every method is ``select(W, st, pattern, cfg, plan) -> (mask, Ŵ or None)``: W (out, in) the layer's
-weight, ``st`` its input statistics as the walker sees them (after the layers pruned before it),
+Every method is ``select(W, st, pattern, cfg, plan) -> (mask, Ŵ or None)``: W (out, in) the weight to
+approximate (the layer's own, or W*, the one that gives the dense model's outputs on the pruned inputs
+when ``cfg.dense_target``: dense_target.py), ``st`` its input statistics as the walker sees them (after the layers pruned before it),
 ``plan`` what the method's ``plan`` step fixed for this layer before the walk (c4: the dense model's
 statistics and the learned n per row; None for the others). Ŵ None means "apply the mask", and the
 walker re-solves the kept weights when compensation is on. The numerics live in scores.py,
-sparsegpt.py, compensate.py and learn.py; this file only says which of them each method uses.
+sparsegpt.py, compensate.py, alloc.py and learn.py; this file only says which of them each method uses.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import alloc
 from . import scores as S
-from .calibrate import BlockWalker, LayerStats
-from .learn import LayerChoice, Target, fixup, learn_logits, make_choice
+from .calibrate import BlockWalker, LayerStats, output_fisher
+from .learn import fixup, learn_logits, start_logits
 from .pattern import Pattern, mask_from_scores, parse_pattern
 from .sparsegpt import sparsegpt
 
@@ -94,22 +98,30 @@ def _select_c4(W, st, pattern, cfg, plan):
     return _mask(SCORES[cfg.score](W, plan.dense, cfg.damp), pattern, cfg, plan.n_removed), None
 
 
-def _plan_c4(model, windows, layers, pattern, cfg, progress, log, timings) -> dict[str, LayerPlan]:
-    """Scores come from the dense model: one walk without pruning; then, for pattern c4, n per row."""
+def _plan_c4(model, windows, layers, pattern, cfg, progress, log, timings, notes) -> dict[str, LayerPlan]:
+    """Scores come from the dense model: one walk without pruning; for pattern c4 the same walk
+    prices every row at every n, and the allocation (and learning) choose n per row."""
     from ..progress import progress as progress_bar
 
     t = time.time()
     dense: dict[str, LayerStats] = {}
+    curves: dict[str, RowCurves] = {}
     walker = BlockWalker(model, windows)
-    for b, block in enumerate(progress_bar(layers, desc="calibrate (dense)", unit="blocks", enabled=progress)):
-        dense.update(walker.stats(b, block))
+    for b, block in enumerate(
+        progress_bar(layers, desc="calibrate (dense)", unit="blocks", enabled=progress)
+    ):
+        st = walker.stats(b, block)
+        dense.update(st)
+        if pattern.kind == "c4":
+            for name, mod in block:
+                curves[name] = _row_curves(mod.weight.detach(), st[name].H, b, cfg)
         walker.advance(b)
     timings["calibrate_dense_s"] = time.time() - t
     n_removed: dict[str, torch.Tensor] = {}
     if pattern.kind == "c4":
         t = time.time()
-        n_removed = _learn_structure(model, windows, layers, dense, cfg, progress, log)
-        timings["learn_s"] = time.time() - t
+        n_removed = _choose_n(model, windows, layers, curves, cfg, progress, log, notes)
+        timings["allocate_learn_s"] = time.time() - t
     return {name: LayerPlan(dense[name], n_removed.get(name)) for block in layers for name, _ in block}
 
 
@@ -142,60 +154,118 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 
     return tot / n
 
 
-def _latency_costs(choices: list[LayerChoice], table: dict) -> None:
+@dataclass
+class RowCurves:
+    """One layer's rows priced at every n (alloc.py), from the dense model."""
+
+    block: int
+    err: (
+        torch.Tensor
+    )  # (out, 5) float64 e_r(n): output error of row r at n, kept weights as the walk leaves them
+    removed: torch.Tensor  # (5,) float64: weights removed from one row at n
+    cand: torch.Tensor | None  # (5, out, in) the rows' weights at each n, kept for learning / a loss budget
+
+
+def _row_curves(W: torch.Tensor, H: torch.Tensor, block: int, cfg: PruneConfig) -> RowCurves:
+    masks = alloc.c4_masks(W, H, cfg.damp)
+    cand = alloc.compensated_weights(W, H, masks, cfg.compensate_damp) if cfg.compensating else W * masks
+    removed = torch.tensor([float(W.shape[1] - masks[n, 0].sum()) for n in range(5)], dtype=torch.float64)
+    keep = cfg.learn.steps > 0 or cfg.loss_budget is not None  # 5 copies of the weights: only if needed
+    return RowCurves(block, alloc.row_errors(W, cand, H), removed, cand if keep else None)
+
+
+def _choose_n(model, windows, layers, curves: dict[str, RowCurves], cfg: PruneConfig, progress, log, notes):
+    """n per row toward the config's target: cost F_r·e_r(n), the allocation, then learning from it."""
     from .latency import row_costs
 
-    for c in choices:
-        c.cost = row_costs(table, c.out, c.module.in_features).to(c.module.weight.device)
+    mods = {name: mod for block in layers for name, mod in block}
+    fisher = output_fisher(model, windows[: cfg.learn.fisher_windows], list(mods.items()), progress=progress)
+    costs = {k: fisher[k][:, None] * c.err for k, c in curves.items()}
+    if cfg.latency is not None:  # gain = latency saved per row at n; one budget over the model
+        lat = {
+            k: row_costs(cfg.latency_table, m.out_features, m.in_features).double() for k, m in mods.items()
+        }
+        gains = {k: v[0] - v for k, v in lat.items()}
+        dense_lat = sum(float(v[0]) * mods[k].out_features for k, v in lat.items())
+        most = sum(float(g[-1]) * mods[k].out_features for k, g in gains.items())
+        fraction = min(max((dense_lat - cfg.latency) / most, 0.0), 1.0)
+        groups, what = dict.fromkeys(mods, 0), "expected latency saved"
+    else:
+        gains = {k: c.removed for k, c in curves.items()}
+        groups = {k: (c.block if cfg.scope == "block" else 0) for k, c in curves.items()}
+        what = "expected sparsity"
+        fraction = (
+            cfg.sparsity
+            if cfg.sparsity is not None
+            else _loss_budget_sparsity(model, windows, mods, curves, costs, groups, cfg, log)
+        )
+    names = list(costs)
+    ns, prices = alloc.allocate_scoped(
+        [costs[k] for k in names],
+        [gains[k][None] for k in names],
+        [groups[k] for k in names],
+        fraction,
+        cfg.learn.row_block,
+    )
+    n0, price = dict(zip(names, ns)), dict(zip(names, prices))
+    notes.update(steps=cfg.learn.steps, start="loss-aware allocation", target_fraction=round(fraction, 4))
+    if cfg.learn.steps == 0:
+        return n0
+    logits = start_logits(costs, {k: g[None] for k, g in gains.items()}, n0, price, cfg.learn.confidence)
+    diag = learn_logits(
+        model,
+        windows,
+        mods,
+        {k: c.cand for k, c in curves.items()},
+        logits,
+        gains,
+        fraction,
+        cfg.learn,
+        what,
+        progress,
+        log,
+    )
+    n, moved = fixup(logits, gains, groups, fraction, cfg.learn.row_block)
+    changed = sum(int((n[k] != n0[k]).sum()) for k in names) / sum(len(n0[k]) for k in names)
+    notes.update(
+        expected_before_fixup=diag["expected_after"],
+        expected_at_start=diag["expected_before"],
+        rows_moved_by_fixup=round(moved, 4),
+        rows_changed_from_start=round(changed, 4),
+    )
+    log(f"fix-up moved {moved:.1%} of rows; {changed:.1%} of rows differ from the allocation")
+    return n
 
 
-def _learn_structure(
-    model, windows, layers, dense_stats, cfg: PruneConfig, progress, log
-) -> dict[str, torch.Tensor]:
-    score = SCORES[cfg.score]
-    choices = []
-    for b, block in enumerate(layers):
-        for name, mod in block:
-            sc = score(mod.weight.detach(), dense_stats[name], cfg.damp)
-            choices.append(make_choice(name, mod, b, sc))
-    rb = cfg.learn.row_block
-    if cfg.latency is not None:
-        _latency_costs(choices, cfg.latency_table)
-        target = Target("latency", cfg.latency)
-        learn_logits(model, windows, choices, target, cfg.learn, progress, log)
-        return fixup(choices, target, rb)
-    if cfg.sparsity is not None:
-        target = Target("sparsity", cfg.sparsity, cfg.scope)
-        learn_logits(model, windows, choices, target, cfg.learn, progress, log)
-        return fixup(choices, target, rb)
-    # loss budget: learn the row ordering at 50%, then the largest sparsity (bisection over the
-    # fix-up's exact targets) whose effectiveness-loss ratio on the calibration data stays ≤ R
-    learn_logits(model, windows, choices, Target("sparsity", 0.5, cfg.scope), cfg.learn, progress, log)
+def _loss_budget_sparsity(model, windows, mods, curves, costs, groups, cfg: PruneConfig, log) -> float:
+    """The largest sparsity (bisection over allocations) whose effectiveness-loss ratio
+    (L_sparse − L_dense)/L_dense on the calibration data stays ≤ the budget, each row at its
+    candidate weights."""
     base = calibration_loss(model, windows)
-    originals = {c.name: c.module.weight.detach().clone() for c in choices}
+    originals = {k: m.weight.detach().clone() for k, m in mods.items()}
+    names = list(costs)
 
-    def ratio_at(s: float) -> tuple[float, dict]:
-        ns = fixup(choices, Target("sparsity", s, cfg.scope), rb)
+    def ratio_at(s: float) -> float:
+        ns, _ = alloc.allocate_scoped(
+            [costs[k] for k in names],
+            [curves[k].removed[None] for k in names],
+            [groups[k] for k in names],
+            s,
+            cfg.learn.row_block,
+        )
         with torch.no_grad():
-            for c in choices:
-                sc = score(originals[c.name], dense_stats[c.name], cfg.damp)
-                mask = mask_from_scores(sc, C4, n_removed=ns[c.name])
-                c.module.weight.copy_(originals[c.name] * mask)
-        r = (calibration_loss(model, windows) - base) / base
-        with torch.no_grad():
-            for c in choices:
-                c.module.weight.copy_(originals[c.name])
-        return r, ns
+            for k, n in zip(names, ns):
+                rows = torch.arange(len(n))
+                mods[k].weight.copy_(curves[k].cand[n, rows].to(mods[k].weight.dtype))
+            r = (calibration_loss(model, windows) - base) / base
+            for k in names:
+                mods[k].weight.copy_(originals[k])
+        return r
 
-    lo, hi, best = 0.0, 0.95, None
+    lo, hi = 0.0, 0.95
     for _ in range(8):
         mid = (lo + hi) / 2
-        r, ns = ratio_at(mid)
+        r = ratio_at(mid)
         log(f"loss budget: sparsity {mid:.3f} -> loss ratio {r:.4f}")
-        if r <= cfg.loss_budget:
-            lo, best = mid, ns
-        else:
-            hi = mid
-    if best is None:
-        best = ratio_at(0.0)[1]
-    return best
+        lo, hi = (mid, hi) if r <= cfg.loss_budget else (lo, mid)
+    return lo
