@@ -190,6 +190,7 @@ def main() -> None:
             print(f"trained {llama} in {time.time() - t:.0f} s", flush=True)
         models["kjv-llama-tiny"] = (llama, a.llama_sparsities)
     grid = [(m, p, r) for m, (p, sps) in models.items() for r in runs(m, sps, a.steps)]
+    grid.sort(key=lambda g: _priority(g[0], g[2], a.steps))  # the headline first, for a run cut short
     i, n = (int(x) for x in a.shard.split("/"))
     ctx = mp.get_context("spawn")
     for j, (mname, mpath, r) in enumerate(grid):
@@ -222,6 +223,23 @@ def main() -> None:
         )
         write(out, grid, a)
     write(out, grid, a)
+
+
+def _priority(model: str, r: dict, steps: int) -> int:
+    s, label, mamba = r.get("sparsity", 0.5), r["label"], model == "kjv-mamba-tiny"
+    head = label in (C4N2, "C_4^n allocated (0 steps)", f"C_4^n learned ({steps} steps)")
+    head = head or label in ("sparsegpt 2:4", "sparsegpt unstructured")
+    if r["method"] is None:
+        return 0
+    if mamba and r.get("seed"):
+        return 4
+    if mamba and s == 0.5 and head:
+        return 1
+    if mamba and s == 0.7 and (head or label == "sparsegpt unstructured"):
+        return 2
+    if mamba and "reconstruction" in label:
+        return 3
+    return 5 if mamba else 6
 
 
 def _commit() -> str:
