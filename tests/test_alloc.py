@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 import torch
+from test_prune import _llama, _mamba1, _windows
 
-from sparsamba.model.mamba1 import Mamba1Config, Mamba1LM
 from sparsamba.prune.alloc import allocate, allocate_scoped, row_errors
 from sparsamba.prune.compensate import compensate
 from sparsamba.prune.dense_target import dense_target_weights
@@ -95,15 +95,6 @@ def test_dense_target_is_exact_least_squares():
         assert torch.allclose(v[r, k], ls, atol=1e-8)
 
 
-def _mamba1(seed=0):
-    torch.manual_seed(seed)
-    return Mamba1LM(Mamba1Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8)).eval()
-
-
-def _windows(n=8, l=24, seed=1):
-    return torch.randint(0, 64, (n, l), generator=torch.Generator().manual_seed(seed))
-
-
 def test_straight_through_learning_moves_the_logits_with_the_target():
     m, w = _mamba1(), _windows()
     mod = m.backbone.layers[0].mixer.out_proj
@@ -159,22 +150,18 @@ def test_prune_options_end_to_end(kw):
 
 
 def test_reconstruction_and_dense_target_on_a_llama_style_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sparsamba.model.hf import LogitsOnly
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    m = LogitsOnly(LlamaForCausalLM(cfg).eval())
+    m = _llama(2)
     rep = prune_model(m, _windows(), PruneConfig(method="sparsegpt", pattern="2:4", reconstruct=3), **QUIET)
     assert abs(rep["total"]["sparsity"] - 0.5) < 1e-9
     assert set(rep["reconstruction"]) == {"inner.model.layers.0", "inner.model.layers.1"}
     assert all(v["mse_after"] <= v["mse_before"] for v in rep["reconstruction"].values())
+
+
+def test_dense_walk_of_an_unpruned_model_gives_g_equal_to_h():
+    from sparsamba.prune.calibrate import BlockWalker, prunable_layers
+
+    for m in (_mamba1(), _llama(2)):
+        block = prunable_layers(m)[1]
+        st = BlockWalker(m, _windows(), batch_size=3, dense=True).stats(1, block)
+        for name, _ in block:
+            assert torch.allclose(st[name].G, st[name].H), name

@@ -12,7 +12,7 @@ from conftest import quick_prune_args
 from sparsamba import SparsambaError, load_model
 from sparsamba.model.mamba1 import Mamba1Config, Mamba1LM
 from sparsamba.model.mamba2 import Mamba2Config, Mamba2LM
-from sparsamba.prune.calibrate import BlockWalker, collect_stats, prunable_layers
+from sparsamba.prune.calibrate import BlockWalker, LayerStats, prunable_layers
 from sparsamba.prune.latency import cost_model_table, expected_latency
 from sparsamba.prune.learn import LearnConfig
 from sparsamba.prune.methods import calibration_loss
@@ -52,6 +52,17 @@ def test_prunable_layers_follow_the_design():
     assert len(names) == 8
     names2 = [n.rsplit(".", 1)[1] for block in prunable_layers(_mamba2()) for n, _ in block]
     assert names2 == ["in_proj", "out_proj"] * 2
+
+
+def collect_stats(run, layers):
+    """The reference: hooks on every layer while ``run()`` pushes the whole model forward."""
+    stats = {n: LayerStats.empty(m.in_features, m.weight.device) for n, m in layers}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0])) for n, m in layers]
+    with torch.no_grad():
+        run()
+    for h in handles:
+        h.remove()
+    return stats
 
 
 def test_cached_walk_equals_hooked_full_forward():

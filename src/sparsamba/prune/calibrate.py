@@ -86,21 +86,6 @@ def prunable_layers(model: nn.Module, include_lm_head: bool = False) -> list[lis
     return out
 
 
-@torch.no_grad()
-def collect_stats(run: Callable[[], None], layers: list[tuple[str, nn.Linear]]) -> dict[str, LayerStats]:
-    """Accumulate ``LayerStats`` of ``layers`` while ``run()`` pushes the calibration data through."""
-    stats = {n: LayerStats.empty(m.in_features, m.weight.device) for n, m in layers}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0])) for n, m in layers]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    for n, s in stats.items():
-        s.check(n)
-    return stats
-
-
 class _Stop(Exception):
     """Raised by a hook once everything it needs from a batch is captured: the rest of the forward
     (for in_proj the whole selective scan, for a generic model the later blocks) need not run."""
