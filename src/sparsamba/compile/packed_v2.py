@@ -353,3 +353,10 @@ def quantise_activations(x: np.ndarray) -> np.ndarray:
     s = np.where(m > 0, m / np.float32(32767), np.float32(1)).astype(np.float32)
     q = np.clip(np.rint(c * (np.float32(1) / s)), -32767, 32767)
     return (q * s).reshape(xp.shape)[..., :K]
+
+
+def matvec(m: MatrixV2, W: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """y = W x for x (..., in) as the engine's kernels compute it: W = ``dense_of(m)``; int8 matrices
+    multiply the activations rounded per chunk (``quantise_activations``), float sums in fp32."""
+    xe = quantise_activations(x) if m.dtype == "int8" else x
+    return xe.astype(np.float32) @ W.T
