@@ -360,3 +360,26 @@ def matvec(m: MatrixV2, W: np.ndarray, x: np.ndarray) -> np.ndarray:
     multiply the activations rounded per chunk (``quantise_activations``), float sums in fp32."""
     xe = quantise_activations(x) if m.dtype == "int8" else x
     return xe.astype(np.float32) @ W.T
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiler's plan <-> blobs
+
+
+def classes_of_plan(lp) -> list:
+    """A plan's LinearPlan (fp32: ``weight``, or ``classes`` of rows / keep / weight) -> the packer's
+    classes; a dense layer is one n = 0 class of every row, in order."""
+    import torch
+
+    if lp.classes is None:
+        W = lp.weight.float().numpy()
+        G = -(-lp.in_features // 4)
+        return [(0, np.arange(lp.out_features), np.ones((lp.out_features, 4 * G), bool), W)]
+    return [
+        (c.n, c.rows.numpy().astype(np.int64), c.keep.numpy(), c.weight.to(torch.float32).numpy())
+        for c in lp.classes
+    ]
+
+
+def pack_plan_linear(lp, dtype: str, what: str) -> np.ndarray:
+    return pack_matrix(lp.out_features, lp.in_features, classes_of_plan(lp), dtype, what=what)
