@@ -97,6 +97,7 @@ def offsets(path: Path):
     # tensor info parts: name length, name, n_dims, dims, type, offset
     ti = {
         t.name: dict(
+            name=at(t.field.parts[1]),
             dims=at(t.field.parts[3]),
             type=at(t.field.parts[4]),
             offset=at(t.field.parts[5]),
@@ -143,10 +144,18 @@ def test_tensor_info_errors(good, asan_run, tmp_path):
         asan_run,
         "'blk.0.ssm_in.c2.values': type 2 is not one this engine reads",
     )
+    # F16 would double the values' bytes into the next tensor's: caught as an overlap
     expect_error(
         mutated(good, tmp_path, [(t["type"], (1).to_bytes(4, "little"))]),
         asan_run,
-        "'blk.0.ssm_in.c2.values' has type F16, expected I8",
+        "overlaps the data of another tensor",
+    )
+    # a type of the same size that the loader does not expect there
+    d = ti["blk.0.ssm_d"]
+    expect_error(
+        mutated(good, tmp_path, [(d["type"], (26).to_bytes(4, "little"))]),
+        asan_run,
+        "'blk.0.ssm_d' has type I32, expected F32",
     )
     expect_error(
         mutated(good, tmp_path, [(t["dims"], (2**62).to_bytes(8, "little"))]),
@@ -163,6 +172,38 @@ def test_tensor_info_errors(good, asan_run, tmp_path):
         mutated(good, tmp_path, [(t["offset"], (2**40).to_bytes(8, "little"))]), asan_run, "outside the"
     )
     expect_error(mutated(good, tmp_path, [(t["offset"], (3).to_bytes(8, "little"))]), asan_run, "misaligned")
+
+
+def test_alignment_overlap_and_duplicate_names(good, asan_run, tmp_path):
+    kv, ti = offsets(good)
+    # an alignment of 1 or 2 would let f32 / i32 tensors sit misaligned (undefined behaviour in C)
+    for a in (1, 2, 3):
+        expect_error(
+            mutated(good, tmp_path, [(kv["general.alignment"], a.to_bytes(4, "little"))]),
+            asan_run,
+            "general.alignment must be a u32 power of two from 8",
+        )
+    # two tensors pointing at the same bytes: a small file must not describe a larger model
+    data = good.read_bytes()
+    a, b = ti["blk.0.ssm_d"], ti["blk.0.ssm_dt.bias"]
+    expect_error(
+        mutated(good, tmp_path, [(b["offset"], data[a["offset"] : a["offset"] + 8])]),
+        asan_run,
+        "overlaps the data of another tensor",
+    )
+    # one name twice (blk.1.ssm_d renamed blk.0.ssm_d: same length)
+    n = ti["blk.1.ssm_d"]["name"]
+    expect_error(mutated(good, tmp_path, [(n, b"blk.0.ssm_d")]), asan_run, "'blk.0.ssm_d' appears twice")
+
+
+def test_a_fifo_is_refused_without_waiting(asan_run, tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    # in a child first, with a time limit: a regression would block in open() forever
+    p = subprocess.run([str(asan_run), str(fifo), "-n", "2"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "not a regular file" in p.stderr, p.stderr
+    with pytest.raises(EngineError, match="not a regular file"):
+        Engine(fifo, threads=1)
 
 
 def test_model_level_errors(good, asan_run, tmp_path):

@@ -87,6 +87,26 @@ size_t gg_type_size(uint32_t type) {
     }
 }
 
+/* byte-wise order of two length-delimited names */
+static int name_cmp(const char *a, uint64_t alen, const char *b, uint64_t blen) {
+    int c = memcmp(a, b, alen < blen ? alen : blen);
+    return c ? c : (alen > blen) - (alen < blen);
+}
+
+/* qsort has no context argument in C11, so the file being sorted is set here (per thread) just
+ * before each sort */
+static _Thread_local const gg_file *sort_f;
+
+static int cmp_name(const void *x, const void *y) {
+    const gg_tensor *a = &sort_f->tensors[*(const uint64_t *)x], *b = &sort_f->tensors[*(const uint64_t *)y];
+    return name_cmp(a->name, a->name_len, b->name, b->name_len);
+}
+
+static int cmp_data(const void *x, const void *y) {
+    const gg_tensor *a = &sort_f->tensors[*(const uint64_t *)x], *b = &sort_f->tensors[*(const uint64_t *)y];
+    return (a->data > b->data) - (a->data < b->data);
+}
+
 int gg_parse(gg_file *f, const uint8_t *base, uint64_t size, char *err, size_t errlen) {
     memset(f, 0, sizeof *f);
     f->base = base;
@@ -138,8 +158,12 @@ int gg_parse(gg_file *f, const uint8_t *base, uint64_t size, char *err, size_t e
     const gg_kv *al = gg_find_kv(f, "general.alignment");
     if (al) {
         uint32_t a = 0;
-        if (al->type != GV_U32 || (memcpy(&a, al->val, 4), a == 0) || (a & (a - 1)) || a > 65536) {
-            snprintf(err, errlen, "general.alignment must be a u32 power of two (got type %u, value %u)",
+        /* at least 8: the engine reads f32 / i32 / i64 tensors in place, and a smaller alignment
+         * would make those reads misaligned (undefined behaviour in C) */
+        if (al->type != GV_U32 || (memcpy(&a, al->val, 4), a < 8) || (a & (a - 1)) || a > 65536) {
+            snprintf(err, errlen,
+                     "general.alignment must be a u32 power of two from 8 to 65536 (got type %u, value %u); "
+                     "recompile the model with sparsamba compile",
                      al->type, a);
             gg_free(f);
             return SB_ERR_FORMAT;
@@ -202,14 +226,50 @@ int gg_parse(gg_file *f, const uint8_t *base, uint64_t size, char *err, size_t e
         }
         t->data = base + data_start + off;
     }
+    /* Tensors may not share bytes: a small file whose thousands of tensors all point at one blob
+     * would otherwise describe a model far larger than itself. Names must be distinct, and a
+     * name-sorted index makes every lookup a binary search. */
+    if (f->n_tensors) {
+        f->by_name = malloc(f->n_tensors * sizeof *f->by_name);
+        uint64_t *by_off = malloc(f->n_tensors * sizeof *by_off);
+        if (!f->by_name || !by_off) {
+            free(by_off);
+            gg_free(f);
+            snprintf(err, errlen, "out of memory");
+            return SB_ERR_NOMEM;
+        }
+        for (uint64_t i = 0; i < f->n_tensors; i++) f->by_name[i] = by_off[i] = i;
+        sort_f = f;
+        qsort(f->by_name, f->n_tensors, sizeof *f->by_name, cmp_name);
+        qsort(by_off, f->n_tensors, sizeof *by_off, cmp_data);
+        for (uint64_t i = 1; i < f->n_tensors; i++) {
+            const gg_tensor *a = &f->tensors[f->by_name[i - 1]], *b = &f->tensors[f->by_name[i]];
+            const gg_tensor *p = &f->tensors[by_off[i - 1]], *q = &f->tensors[by_off[i]];
+            const char *what = NULL;
+            if (a->name_len == b->name_len && memcmp(a->name, b->name, a->name_len) == 0) {
+                what = "appears twice";
+                q = b;
+            } else if (p->data + p->nbytes > q->data)
+                what = "overlaps the data of another tensor";
+            if (what) {
+                snprintf(err, errlen, "tensor '%.*s' %s", (int)(q->name_len > 200 ? 200 : q->name_len), q->name, what);
+                free(by_off);
+                gg_free(f);
+                return SB_ERR_FORMAT;
+            }
+        }
+        free(by_off);
+    }
     return SB_OK;
 }
 
 void gg_free(gg_file *f) {
     free(f->kv);
     free(f->tensors);
+    free(f->by_name);
     f->kv = NULL;
     f->tensors = NULL;
+    f->by_name = NULL;
 }
 
 static int name_eq(const char *s, uint64_t len, const char *z) {
@@ -224,8 +284,18 @@ const gg_kv *gg_find_kv(const gg_file *f, const char *key) {
 }
 
 const gg_tensor *gg_find_tensor(const gg_file *f, const char *name) {
-    for (uint64_t i = 0; i < f->n_tensors; i++)
-        if (name_eq(f->tensors[i].name, f->tensors[i].name_len, name)) return &f->tensors[i];
+    size_t zl = strlen(name);
+    uint64_t lo = 0, hi = f->n_tensors;
+    while (lo < hi) { /* binary search of the name-sorted index */
+        uint64_t mid = lo + (hi - lo) / 2;
+        const gg_tensor *t = &f->tensors[f->by_name[mid]];
+        int c = name_cmp(t->name, t->name_len, name, zl);
+        if (c == 0) return t;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
     return NULL;
 }
 

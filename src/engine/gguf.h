@@ -38,6 +38,7 @@ typedef struct {
     uint64_t n_kv, n_tensors;
     gg_kv *kv;
     gg_tensor *tensors;
+    uint64_t *by_name; /* tensor indices sorted by name, for gg_find_tensor's binary search */
 } gg_file;
 
 /* Parse the mapping [base, base+size). Returns 0, or SB_ERR_* with a message in err. */

@@ -300,7 +300,9 @@ static int load_model(loader *L) {
 int sb_model_load(const char *path, sb_model **out, char *err, size_t errlen) {
     char msg[512] = "";
     *out = NULL;
-    int fd = open(path, O_RDONLY);
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; the
+     * fstat below then refuses anything that is not a regular file */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
         snprintf(err, errlen, "%s: cannot open (%s)", path, strerror(errno));
         return SB_ERR_IO;
