@@ -52,34 +52,6 @@ void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise) {
 
 /* ---------------------------------------------------------------- one dense row */
 
-static float value_of(int dtype, const uint8_t *v, size_t i) {
-    if (dtype == SB_V2_F32) {
-        float f;
-        memcpy(&f, v + 4 * i, 4);
-        return f;
-    }
-    if (dtype == SB_V2_F16) {
-        uint16_t h;
-        memcpy(&h, v + 2 * i, 2);
-        uint32_t s = (uint32_t)(h & 0x8000) << 16, e = h >> 10 & 0x1f, m = h & 0x3ff, u;
-        if (e == 0 && m == 0) {
-            u = s;
-        } else if (e == 0) { /* subnormal: normalise */
-            e = 127 - 15 + 1;
-            while (!(m & 0x400)) m <<= 1, e--;
-            u = s | e << 23 | (m & 0x3ff) << 13;
-        } else if (e == 31) {
-            u = s | 0x7f800000 | m << 13;
-        } else {
-            u = s | (e + 127 - 15) << 23 | m << 13;
-        }
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    return (float)(int8_t)v[i];
-}
-
 void sb_v2_row(const sb_v2_class *c, int r, float *out) {
     int b = r / SB_V2_B, l = r % SB_V2_B;
     float s = c->scale ? c->scale[r] : 1.0f;
@@ -89,7 +61,7 @@ void sb_v2_row(const sb_v2_class *c, int r, float *out) {
         for (int j0 = 0; j0 < len; j0 += SB_V2_CHUNK) {
             int rest = len - j0, G = rest >= SB_V2_CHUNK ? 16 : (rest + 3) / 4;
             for (int t = 0; t < 4 * G && j0 + t < len; t++)
-                out[p * c->panel + j0 + t] = value_of(c->dtype, rec, sb_v2_value_at(c->dtype, t, l)) * s;
+                out[p * c->panel + j0 + t] = sb_v2_value(c->dtype, rec, sb_v2_value_at(c->dtype, t, l)) * s;
             rec += sb_v2_record_bytes(0, c->dtype, G);
         }
     }

@@ -94,6 +94,44 @@ static inline size_t sb_v2_value_at(int dtype, int t, int r) {
     return dtype == SB_V2_I8 ? (size_t)32 * (t / 2) + 2 * r + (t & 1) : (size_t)SB_V2_B * t + r;
 }
 
+/* fp16 -> fp32 without a compiler half type (the scalar paths) */
+static inline float sb_v2_h2f(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = h >> 10 & 0x1f, m = h & 0x3ff, u;
+    if (e == 0 && m == 0) {
+        u = s;
+    } else if (e == 0) { /* subnormal: normalise */
+        e = 127 - 15 + 1;
+        while (!(m & 0x400)) m <<= 1, e--;
+        u = s | e << 23 | (m & 0x3ff) << 13;
+    } else if (e == 31) {
+        u = s | 0x7f800000 | m << 13;
+    } else {
+        u = s | (e + 127 - 15) << 23 | m << 13;
+    }
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+/* stored value i of a record's values v, as fp32 (int8: q, before the row scale) */
+static inline float sb_v2_value(int dtype, const uint8_t *v, size_t i) {
+    if (dtype == SB_V2_F32) {
+        float f;
+        __builtin_memcpy(&f, v + 4 * i, 4);
+        return f;
+    }
+    if (dtype == SB_V2_F16) return sb_v2_h2f((uint16_t)(v[2 * i] | v[2 * i + 1] << 8));
+    return (float)(int8_t)v[i];
+}
+
+/* the SIMD families specialise their block loop per (dtype, n): BODY(n, dtype) sees constants */
+#define SB_V2_SPECIALISE(c, BODY)                                                                    \
+    switch ((c)->dtype * 4 + (c)->n) {                                                               \
+    case 0: BODY(0, 0); break; case 1: BODY(1, 0); break; case 2: BODY(2, 0); break;                 \
+    case 3: BODY(3, 0); break; case 4: BODY(0, 1); break; case 5: BODY(1, 1); break;                 \
+    case 6: BODY(2, 1); break; case 7: BODY(3, 1); break; case 8: BODY(0, 2); break;                 \
+    case 9: BODY(1, 2); break; case 10: BODY(2, 2); break; default: BODY(3, 2); break;               \
+    }
+
 /* ---- run-time views ---- */
 
 typedef struct {

@@ -177,16 +177,15 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
 
 /* one specialised body per (n, dtype): the inner loops see constants */
 #define BODY(N, DT, V) run(c, act, T, Y, ldy, b0, b1, N, DT, V)
-#define SWITCH(V)                                                                                   \
-    switch (c->dtype * 4 + c->n) {                                                                  \
-    case 0: BODY(0, 0, V); break; case 1: BODY(1, 0, V); break; case 2: BODY(2, 0, V); break;       \
-    case 3: BODY(3, 0, V); break; case 4: BODY(0, 1, V); break; case 5: BODY(1, 1, V); break;       \
-    case 6: BODY(2, 1, V); break; case 7: BODY(3, 1, V); break; case 8: BODY(0, 2, V); break;       \
-    case 9: BODY(1, 2, V); break; case 10: BODY(2, 2, V); break; default: BODY(3, 2, V); break;     \
-    }
 
-static void gemm_vnni(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1) { SWITCH(1) }
-static void gemm_plain(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1) { SWITCH(0) }
+#define BODY1(N, DT) BODY(N, DT, 1)
+#define BODY0(N, DT) BODY(N, DT, 0)
+static void gemm_vnni(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1) {
+    SB_V2_SPECIALISE(c, BODY1)
+}
+static void gemm_plain(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1) {
+    SB_V2_SPECIALISE(c, BODY0)
+}
 
 static int g_ready, g_vnni;
 

@@ -133,11 +133,7 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
 
 #define BODY(N, DT) run(c, act, T, Y, ldy, b0, b1, N, DT)
 void sb_v2_gemm_neon(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1) {
-    switch (c->dtype * 4 + c->n) { /* one specialised body per (dtype, n): the inner loops see constants */
-    case 0: BODY(0, 0); break; case 1: BODY(1, 0); break; case 2: BODY(2, 0); break; case 3: BODY(3, 0); break;
-    case 4: BODY(0, 1); break; case 5: BODY(1, 1); break; case 6: BODY(2, 1); break; case 7: BODY(3, 1); break;
-    case 8: BODY(0, 2); break; case 9: BODY(1, 2); break; case 10: BODY(2, 2); break; default: BODY(3, 2); break;
-    }
+    SB_V2_SPECIALISE(c, BODY)
 }
 
 void sb_v2_gemv_neon(const sb_v2_class *c, const sb_v2_act *a, float *y, int b0, int b1) {

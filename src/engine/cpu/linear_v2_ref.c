@@ -5,33 +5,6 @@
 
 #include "linear_v2.h"
 
-static float h2f(uint16_t h) { /* fp16 -> fp32 without a compiler half type */
-    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = h >> 10 & 0x1f, m = h & 0x3ff, u;
-    if (e == 0 && m == 0) {
-        u = s;
-    } else if (e == 0) { /* subnormal: normalise */
-        e = 127 - 15 + 1;
-        while (!(m & 0x400)) m <<= 1, e--;
-        u = s | e << 23 | (m & 0x3ff) << 13;
-    } else if (e == 31) {
-        u = s | 0x7f800000 | m << 13;
-    } else {
-        u = s | (e + 127 - 15) << 23 | m << 13;
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static float value(int dtype, const uint8_t *v, size_t i) {
-    if (dtype == SB_V2_F32) {
-        float f;
-        memcpy(&f, v + 4 * i, 4);
-        return f;
-    }
-    if (dtype == SB_V2_F16) return h2f((uint16_t)(v[2 * i] | v[2 * i + 1] << 8));
-    return (float)(int8_t)v[i];
-}
 
 /* the 16 rows of block b over panel p: out[r] = Σ over the panel's chunks (int8: scaled chunk sums) */
 static void block_panel(const sb_v2_class *c, const sb_v2_act *a, int p, int b, float out[SB_V2_B]) {
@@ -50,7 +23,7 @@ static void block_panel(const sb_v2_class *c, const sb_v2_act *a, int p, int b, 
                 for (int t = 0; t < S; t++) s += (int8_t)v[sb_v2_value_at(c->dtype, t, r)] * a->xq[j0 + sb_v2_slot_pos(c->n, w, t)];
                 acc += (float)s * a->xs[j0 / SB_V2_CHUNK];
             } else {
-                for (int t = 0; t < S; t++) acc += value(c->dtype, v, sb_v2_value_at(c->dtype, t, r)) * a->x[j0 + sb_v2_slot_pos(c->n, w, t)];
+                for (int t = 0; t < S; t++) acc += sb_v2_value(c->dtype, v, sb_v2_value_at(c->dtype, t, r)) * a->x[j0 + sb_v2_slot_pos(c->n, w, t)];
             }
             rec += sb_v2_record_bytes(c->n, c->dtype, G);
         }
