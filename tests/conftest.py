@@ -6,10 +6,16 @@ import torch
 torch.set_flush_denormal(True)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(max |a-b| / max |b|, mean |a-b|): the figures every parity assertion reports."""
-    d = (a.float() - b.float()).abs()
-    return (d.max() / b.float().abs().max()).item(), d.mean().item()
+def rel_err(a, b) -> tuple[float, float]:
+    """(max |a-b| / max |b|, mean |a-b|) of two tensors or numpy arrays (compared in fp32): the figures
+    every parity assertion reports."""
+    d = (torch.as_tensor(a).float() - torch.as_tensor(b).float()).abs()
+    return (d.max() / torch.as_tensor(b).float().abs().max()).item(), d.mean().item()
+
+
+def max_rel(a, b) -> float:
+    """max |a-b| / max |b|."""
+    return rel_err(a, b)[0]
 
 
 @pytest.fixture

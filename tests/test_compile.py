@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import PRUNED_CONFIGS, random_pruned
+from conftest import PRUNED_CONFIGS, max_rel, random_pruned
 
 from sparsamba.cli import main
 from sparsamba.compile import (
@@ -48,10 +48,6 @@ def models(tmp_path_factory):
 def reference(model_dir, ids):
     with torch.no_grad():
         return load_model(model_dir)(ids)
-
-
-def max_rel(a, b) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import EMBEDDED, compiled_models
+from conftest import EMBEDDED, compiled_models, max_rel
 from conftest import PRUNED_CONFIGS as CONFIGS
 
 from sparsamba.cli import main
@@ -24,10 +24,6 @@ from sparsamba.runtime.engine import Engine, EngineError, set_isa
 SAME_WEIGHTS = 1e-4
 VS_SOURCE = {"f32": 1e-4, "f16": 3e-3, "int8": 8e-2}
 ISAS = ["scalar", "avx2"] if set_isa("avx2") == "avx2" else ["scalar"]
-
-
-def max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PRUNED_CONFIGS, compiled_models
+from conftest import PRUNED_CONFIGS, compiled_models, max_rel
 
 from sparsamba.runtime.engine import Engine
 
@@ -96,10 +96,6 @@ def run_arm64(
     info, tokens = p.stdout.splitlines()
     assert info.endswith(f"kernels {want or ('neon' if isa == 'auto' else isa)}"), info
     return np.fromfile(out, dtype="<f4").reshape(len(ids), vocab), [int(t) for t in tokens.split()]
-
-
-def max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.mark.parametrize("isa", ["neon", "scalar"])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PRUNED_CONFIGS, compiled_models
+from conftest import PRUNED_CONFIGS, compiled_models, max_rel
 
 from sparsamba.runtime.engine import Engine, EngineError, opencl_devices
 
@@ -32,10 +32,6 @@ INSTALL = "apt-get install pocl-opencl-icd ocl-icd-opencl-dev opencl-c-headers, 
 # models: <= 1.1e-6 for f32, f16 and int8 alike, prefill, decode and pieces).
 PARITY = 1e-4
 PROMPT = 23
-
-
-def max_rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ from sparsamba.model.mamba2 import Mamba2Config, Mamba2LM
 from sparsamba.prune.calibrate import BlockWalker, collect_stats, prunable_layers
 from sparsamba.prune.latency import cost_model_table, expected_latency
 from sparsamba.prune.learn import LearnConfig, _row_probs, _soft_mask, make_choice
+from sparsamba.prune.methods import calibration_loss
 from sparsamba.prune.pattern import check_pattern, group_masks, parse_pattern, removed_per_row
-from sparsamba.prune.run import PruneConfig, calibration_loss, prune_model
+from sparsamba.prune.run import PruneConfig, prune_model
 
 FAST = LearnConfig(steps=6, batch_size=2)
 

@@ -77,12 +77,19 @@ extern const sb_kernels sb_kernels_avx2;
 extern const sb_kernels sb_kernels_neon;
 extern const sb_kernels sb_kernels_neon_fp16; /* ARMv8.2-A fp16 gemv for f16 classes, the rest neon's */
 #endif
+/* the family in effect (cpu/dispatch.c): the best this CPU has, unless sb_set_isa forced one */
 const sb_kernels *sb_active_kernels(void);
 /* tokens, count and logits mode checked as every forward does (the messages users see) */
 int sb_check_forward(const sb_model *m, const int32_t *tokens, int32_t n, const float *logits, int32_t mode, char *err,
                      size_t errlen);
-/* y[out] += W x over every class of lin, rows split over the current threads (forward.c's decode path) */
+/* threads.c: the thread count of the next parallel region, and the products split over it by blocks of rows.
+ * sb_linear_vec: y[out] += W x over every class of lin (decode, and the profiler's timings).
+ * sb_linear_mat: Y[out * ldx + t] += W X[:, t] for t < T, channel-major (prefill); scr holds
+ * sb_n_threads() slices of scr_size bytes, one gemm scratch per thread. */
+int sb_n_threads(void);
 void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const float *x, float *y);
+void sb_linear_mat(const sb_kernels *k, const sb_linear *lin, const float *X, int ldx, int T, float *Y, void *scr,
+                   size_t scr_size);
 /* bytes the profiler spreads its weights over, so that they come from memory: max(64 MiB, 2 x LLC) */
 size_t sb_profile_working_set(void);
 

@@ -1,4 +1,4 @@
-/* The forward pass: decode (one token, vectors) and prefill (a chunk of tokens at once, with
+/* The forward pass: the state, decode (one token, vectors) and prefill (a chunk of tokens at once, with
  * channel-major activations X[channel * ldx + t] so that every matrix is a sparse x dense GEMM and
  * every per-channel op — conv, scan, gate — walks contiguous memory). The fusions of the design are
  * loops here: RMSNorm's weight is folded into in_proj by the compiler and its scale applied while
@@ -8,21 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "engine.h"
-#if defined(__x86_64__) || defined(_M_X64)
-#include <cpuid.h>
-#endif
-#if defined(__aarch64__) && defined(__linux__)
-#include <sys/auxv.h>
-#ifndef HWCAP_ASIMDHP
-#define HWCAP_ASIMDHP (1 << 10) /* asm/hwcap.h: Advanced SIMD half-precision arithmetic */
-#endif
-#endif
 
 #define PREFILL_CHUNK 256 /* longer prompts run in chunks: bounded scratch, state carried */
 
@@ -40,121 +27,6 @@ struct sb_state {
     int gthreads;
     size_t gsize;
 };
-
-/* ---------------------------------------------------------------- kernels and threads */
-
-static const sb_kernels *g_kernels;
-
-#if defined(__x86_64__) || defined(_M_X64)
-/* F16C is CPUID.1:ECX bit 29; asked of cpuid directly because clang's __builtin_cpu_supports does
- * not know "f16c" (gcc's does) */
-static int cpu_has_f16c(void) {
-    unsigned a, b, c, d;
-    return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1);
-}
-#endif
-
-static const sb_kernels *best_kernels(void) {
-#if defined(__x86_64__) || defined(_M_X64)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
-        return &sb_kernels_avx2;
-#endif
-#if defined(__aarch64__)
-#if defined(__linux__)
-    if (getauxval(AT_HWCAP) & HWCAP_ASIMDHP) return &sb_kernels_neon_fp16; /* ARMv8.2-A fp16 arithmetic */
-#endif
-    return &sb_kernels_neon; /* Advanced SIMD is part of every ARMv8-A core */
-#endif
-    return &sb_kernels_ref;
-}
-
-const sb_kernels *sb_active_kernels(void) {
-    if (!g_kernels) g_kernels = best_kernels();
-    return g_kernels;
-}
-
-int32_t sb_set_isa(int32_t isa) {
-    const sb_kernels *best = best_kernels();
-    if (isa == SB_ISA_SCALAR) g_kernels = &sb_kernels_ref;
-#if defined(__x86_64__) || defined(_M_X64)
-    else if (isa == SB_ISA_AVX2 && best == &sb_kernels_avx2) g_kernels = &sb_kernels_avx2;
-#endif
-#if defined(__aarch64__)
-    else if (isa == SB_ISA_NEON) g_kernels = &sb_kernels_neon;
-    else if (isa == SB_ISA_NEON_FP16 && best == &sb_kernels_neon_fp16) g_kernels = &sb_kernels_neon_fp16;
-#endif
-    else g_kernels = isa == SB_ISA_AUTO ? best : &sb_kernels_ref;
-#if defined(__aarch64__)
-    if (g_kernels == &sb_kernels_neon) return SB_ISA_NEON;
-    if (g_kernels == &sb_kernels_neon_fp16) return SB_ISA_NEON_FP16;
-#endif
-    return g_kernels == &sb_kernels_ref ? SB_ISA_SCALAR : SB_ISA_AVX2;
-}
-
-const char *sb_isa_name(void) { return sb_active_kernels()->name; }
-
-int32_t sb_set_threads(int32_t n) {
-#ifdef _OPENMP
-    if (n <= 0) n = omp_get_num_procs();
-    omp_set_num_threads(n);
-    return n;
-#else
-    (void)n;
-    return 1;
-#endif
-}
-
-static int n_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-/* y[out] += W x for every class; rows are split over threads block by block (classes write
- * disjoint outputs, so no thread waits for another between classes) */
-static void linear_vec(const sb_kernels *k, const sb_linear *lin, const float *x, float *y) {
-    long work = 0;
-    for (int ci = 0; ci < lin->nclass; ci++) work += (long)lin->cls[ci].rows * lin->cls[ci].len;
-    (void)work; /* read only by the pragma, which a build without OpenMP ignores */
-#pragma omp parallel if (work > 16384)
-    for (int ci = 0; ci < lin->nclass; ci++) {
-        const sb_class *c = &lin->cls[ci];
-        int nb = (c->rows + 15) / 16;
-#pragma omp for schedule(static) nowait
-        for (int b = 0; b < nb; b++) k->gemv(c, x, y, b * 16, b * 16 + 16 < c->rows ? b * 16 + 16 : c->rows);
-    }
-}
-
-/* the same path for the profiler (profile.c), so that its timings include the same threading */
-void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const float *x, float *y) { linear_vec(k, lin, x, y); }
-
-static void linear_mat(const sb_kernels *k, const sb_linear *lin, const float *X, int ldx, int T, float *Y, void *scr,
-                       size_t scr_size) {
-#pragma omp parallel
-    {
-        void *mine = (char *)scr + scr_size * (size_t)thread_id();
-        for (int ci = 0; ci < lin->nclass; ci++) {
-            const sb_class *c = &lin->cls[ci];
-            int nb = (c->rows + SB_GEMM_ROWS - 1) / SB_GEMM_ROWS;
-#pragma omp for schedule(static) nowait
-            for (int b = 0; b < nb; b++) {
-                int r0 = b * SB_GEMM_ROWS, r1 = r0 + SB_GEMM_ROWS < c->rows ? r0 + SB_GEMM_ROWS : c->rows;
-                k->gemm(c, X, ldx, T, Y, ldx, r0, r1, mine);
-            }
-        }
-    }
-}
 
 /* ---------------------------------------------------------------- small ops */
 
@@ -227,7 +99,7 @@ oom:
 }
 
 static int grow_prefill(sb_state *s, int T) {
-    int threads = n_threads();
+    int threads = sb_n_threads();
     if (T <= s->cap && threads <= s->gthreads) return SB_OK;
     free_prefill(s);
     const sb_info *I = &s->m->info;
@@ -276,7 +148,7 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv;
     rmsnorm_vec(s->h, ly->norm, m->eps, d, s->un);
     fill_bias(s->xz, ly->in.bias, 2 * di);
-    linear_vec(k, &ly->in, s->un, s->xz);
+    sb_linear_vec(k, &ly->in, s->un, s->xz);
     float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
     for (int c = 0; c < di; c++) { /* conv1d + SiLU, window shifted in place */
         const float *w = ly->conv_w + (size_t)c * K;
@@ -288,10 +160,10 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     }
     k->silu(s->xc, di);
     memset(s->xdbl, 0, sizeof(float) * (size_t)(R + 2 * N));
-    linear_vec(k, &ly->x, s->xc, s->xdbl);
+    sb_linear_vec(k, &ly->x, s->xc, s->xdbl);
     memcpy(s->dtin, s->xdbl, sizeof(float) * (size_t)R);
     fill_bias(s->dt, ly->dt_bias, di);
-    linear_vec(k, &ly->dt, s->dtin, s->dt);
+    sb_linear_vec(k, &ly->dt, s->dtin, s->dt);
     k->softplus(s->dt, di);
     const float *B = s->xdbl + R, *C = s->xdbl + R + N;
     float *ssm = s->ssm + (size_t)i * di * N;
@@ -304,13 +176,13 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     k->mul_silu(s->y, s->xz + di, di); /* the SiLU(z) gate */
     if (ly->out.bias)
         for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
-    linear_vec(k, &ly->out, s->y, s->h); /* out_proj accumulates into the residual */
+    sb_linear_vec(k, &ly->out, s->y, s->h); /* out_proj accumulates into the residual */
 }
 
 static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float *logits) {
     rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, s->un);
     memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
-    linear_vec(k, &m->head, s->un, logits);
+    sb_linear_vec(k, &m->head, s->un, logits);
 }
 
 /* ---------------------------------------------------------------- prefill: T tokens at once */
@@ -337,7 +209,7 @@ static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, in
             float b = ly->in.bias ? ly->in.bias[c] : 0.0f;
             for (int t = 0; t < ldx; t++) s->XZ[(size_t)c * ldx + t] = b;
         }
-        linear_mat(k, &ly->in, s->HN, ldx, T, s->XZ, scr, ss);
+        sb_linear_mat(k, &ly->in, s->HN, ldx, T, s->XZ, scr, ss);
         float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
 #pragma omp parallel for schedule(static)
         for (int c = 0; c < di; c++) { /* conv1d + SiLU over the chunk, carried window first */
@@ -358,11 +230,11 @@ static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, in
             }
         }
         memset(s->XDBL, 0, sizeof(float) * (size_t)(R + 2 * N) * ldx);
-        linear_mat(k, &ly->x, s->XC, ldx, T, s->XDBL, scr, ss);
+        sb_linear_mat(k, &ly->x, s->XC, ldx, T, s->XDBL, scr, ss);
         memcpy(s->DTIN, s->XDBL, sizeof(float) * (size_t)R * ldx);
         for (int c = 0; c < di; c++)
             for (int t = 0; t < ldx; t++) s->DT[(size_t)c * ldx + t] = ly->dt_bias[c];
-        linear_mat(k, &ly->dt, s->DTIN, ldx, T, s->DT, scr, ss);
+        sb_linear_mat(k, &ly->dt, s->DTIN, ldx, T, s->DT, scr, ss);
         for (int n = 0; n < N; n++) /* B, C token-major: the scan reads all N of one token at once */
             for (int t = 0; t < T; t++) {
                 s->BT[(size_t)t * N + n] = s->XDBL[(size_t)(R + n) * ldx + t];
@@ -384,7 +256,7 @@ static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, in
         if (ly->out.bias)
             for (int c = 0; c < d; c++)
                 for (int t = 0; t < T; t++) s->H[(size_t)c * ldx + t] += ly->out.bias[c];
-        linear_mat(k, &ly->out, s->Y, ldx, T, s->H, scr, ss);
+        sb_linear_mat(k, &ly->out, s->Y, ldx, T, s->H, scr, ss);
     }
     /* logits only where asked: the last position, or (tests, scoring) every position */
     for (int t = mode == 2 ? 0 : T - 1; mode && t < T; t++) {
@@ -441,82 +313,4 @@ int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n,
                       mode == 2 ? 2 : (last ? mode : 0));
     }
     return SB_OK;
-}
-
-/* ---------------------------------------------------------------- bench */
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-int sb_bench(const sb_model *m, int32_t n_prompt, int32_t n_gen, int32_t reps, double *pp_ts, double *tg_ts,
-             char *err, size_t errlen) {
-    if (n_prompt <= 0 || n_gen <= 0 || reps <= 0) {
-        snprintf(err, errlen, "n_prompt, n_gen and reps must be positive (got %d, %d, %d)", n_prompt, n_gen, reps);
-        return SB_ERR_ARG;
-    }
-    sb_state *s;
-    int rc = sb_state_new(m, &s, err, errlen);
-    if (rc) return rc;
-    int V = m->info.vocab_size;
-    int32_t *tok = malloc(sizeof(int32_t) * (size_t)n_prompt);
-    float *logits = malloc(sizeof(float) * (size_t)V);
-    if (!tok || !logits) {
-        rc = SB_ERR_NOMEM;
-        snprintf(err, errlen, "out of memory");
-        goto done;
-    }
-    for (int t = 0; t < n_prompt; t++) tok[t] = (int32_t)((t * 7919L + 1) % V);
-    for (int r = -1; r < reps; r++) { /* r = -1: the warm-up run, as llama-bench does */
-        sb_state_reset(s);
-        double t0 = now();
-        if ((rc = sb_forward(m, s, tok, n_prompt, logits, 1, err, errlen))) goto done;
-        double t1 = now();
-        for (int g = 0; g < n_gen; g++) {
-            int32_t next = (int32_t)((g * 104729L + 3) % V); /* fixed tokens: no sampling in the timing */
-            if ((rc = sb_forward(m, s, &next, 1, logits, 1, err, errlen))) goto done;
-        }
-        double t2 = now();
-        if (r >= 0) {
-            pp_ts[r] = n_prompt / (t1 - t0);
-            tg_ts[r] = n_gen / (t2 - t1);
-        }
-    }
-done:
-    free(tok);
-    free(logits);
-    sb_state_free(s);
-    return rc;
-}
-
-/* ---------------------------------------------------------------- roofline */
-
-double sb_read_bandwidth(int64_t bytes, int32_t reps) {
-    size_t n = (size_t)(bytes / (int64_t)sizeof(float)) / 64 * 64;
-    if (n == 0 || reps <= 0) return -1.0;
-    float *buf = aligned_alloc(64, n * sizeof(float));
-    if (!buf) return -1.0;
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 255); /* first touch by the reading thread */
-    double best = 0.0;
-    volatile float sink = 0.0f;
-    for (int r = 0; r < reps; r++) {
-        double t0 = now();
-        float total = 0.0f;
-        const sb_kernels *k = sb_active_kernels();
-        size_t chunks = (size_t)n_threads() * 16, per = (n / chunks) / 64 * 64;
-#pragma omp parallel for schedule(static) reduction(+ : total)
-        for (size_t c = 0; c < chunks; c++) {
-            size_t lo = c * per, len = c + 1 == chunks ? n - lo : per;
-            total += k->read_sum(buf + lo, len);
-        }
-        double dt = now() - t0;
-        sink = total;
-        if (n * sizeof(float) / dt > best) best = n * sizeof(float) / dt;
-    }
-    (void)sink;
-    free(buf);
-    return best;
 }

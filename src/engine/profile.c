@@ -10,7 +10,7 @@
  *    round robin: by the time a copy comes round again, the whole working set has been read since;
  *  - sb_profile_model reads (sums) a buffer of that size before every pass over the model, so each
  *    pass starts with the model's matrices out of cache, as they are for a model larger than the LLC.
- * Times are per call (clock_gettime around linear_vec, OpenMP fork and join included), and the
+ * Times are per call (clock_gettime around sb_linear_vec, OpenMP fork and join included), and the
  * median over repetitions is returned: a shared machine's interruptions land in the tail. */
 #include <stdio.h>
 #include <stdlib.h>

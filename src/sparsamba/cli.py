@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from . import formats
 from .errors import SparsambaError
+from .outputs import check_output
 
 DEFAULT_PROMPT = "In the beginning"
 
@@ -153,33 +155,22 @@ def cmd_prune(a) -> None:
     from . import assets
     from .eval.data import calibration_windows, read_text, tokenize
     from .model.hf import load_any, load_tokenizer, resolve, save_any
+    from .prune.config import from_recipe
     from .prune.latency import load_latency_table
-    from .prune.learn import LearnConfig
-    from .prune.run import PruneConfig, prune_model
+    from .prune.run import prune_model
 
     torch.set_flush_denormal(True)
     out = Path(a.output)
-    if out.exists() and not a.overwrite:  # fail before any work, not after it
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
-    recipe = _read_recipe(a.recipe) if a.recipe else {}
-    learn_kw = recipe.pop("learn", {})
-    cfg = PruneConfig(**recipe)
-    for key in ("method", "pattern", "sparsity", "scope", "latency", "loss_budget", "score", "damp"):
-        if getattr(a, key) is not None:
-            setattr(cfg, key, getattr(a, key))
-    if a.no_compensate:
-        cfg.compensate = False
-    elif a.compensate:
-        cfg.compensate = True
-    if a.latency_table:
-        cfg.latency_table = load_latency_table(a.latency_table)
-    learn = {
-        **learn_kw,
-        **{k: v for k, v in (("steps", a.steps), ("lr", a.lr), ("row_block", a.row_block)) if v is not None},
-    }
-    cfg.learn = LearnConfig(**{**vars(LearnConfig()), **learn})
-    cfg.debug = a.debug
-    cfg.validate()
+    check_output(out, a.overwrite)  # fail before any work, not after it
+    given = ("method", "pattern", "sparsity", "scope", "latency", "loss_budget", "score", "damp")
+    cfg = from_recipe(  # options not given are None: the recipe's value, else the default, stands
+        a.recipe,
+        learn=dict(steps=a.steps, lr=a.lr, row_block=a.row_block),
+        compensate=False if a.no_compensate else True if a.compensate else None,
+        latency_table=load_latency_table(a.latency_table) if a.latency_table else None,
+        debug=a.debug,
+        **{k: getattr(a, k) for k in given},
+    )
 
     src = a.model or assets.DEFAULT_MODEL
     model_dir = resolve(src)
@@ -214,28 +205,6 @@ def cmd_prune(a) -> None:
     if t.get("n_hist"):
         print(f"rows by n   {dict(enumerate(t['n_hist']))}")
     print(f"wrote       {out}")
-
-
-def _read_recipe(path: str) -> dict:
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            r = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise SparsambaError(f"{path}: cannot read recipe ({e})") from None
-    r = r.get("prune", r)
-    from .prune.learn import LearnConfig
-    from .prune.run import PruneConfig
-
-    known = set(PruneConfig.__dataclass_fields__) - {"latency_table", "learn", "debug"}
-    bad = [k for k in r if k not in known and k != "learn"]
-    bad += [f"learn.{k}" for k in r.get("learn", {}) if k not in LearnConfig.__dataclass_fields__]
-    if bad:
-        raise SparsambaError(
-            f"{path}: unknown recipe keys {bad}; known: {sorted(known)} and [learn] {sorted(LearnConfig.__dataclass_fields__)}"
-        )
-    return r
 
 
 def cmd_lm_eval(a) -> None:
@@ -348,8 +317,7 @@ def cmd_profile(a) -> None:
     from .runtime.profile import profile_table, write_table
 
     out = Path(a.output)
-    if out.exists() and not a.overwrite:  # fail before any work, not after it
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
+    check_output(out, a.overwrite)  # fail before any work, not after it
     t = profile_table(a.model, dtype=a.dtype, threads=a.threads, reps=a.reps, device=a.device, log=_log)
     write_table(t, out, overwrite=a.overwrite)
     shapes = len(t["entries"]) // 5
@@ -392,16 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prune", help="prune a model and write an HF-format directory with sparsity.json")
     s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
     s.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    s.add_argument(
-        "--method", choices=("magnitude", "wanda", "sparsegpt", "c4"), default=None, help="default c4"
-    )
+    s.add_argument("--method", help="magnitude, wanda, sparsegpt or c4 (default)")
     s.add_argument(
         "--pattern", help="c4 (learned n per row, default), c4n1/c4n2/c4n3, N:M such as 2:4, or unstructured"
     )
     s.add_argument("--sparsity", type=float, help="target fraction of prunable weights removed, in [0, 1)")
-    s.add_argument(
-        "--scope", choices=("block", "global"), help="c4 sparsity: uniform per block (default) or global"
-    )
+    s.add_argument("--scope", help="c4 sparsity: uniform per block (block, default) or global")
     s.add_argument("--latency-table", help="JSON latency table (sparsamba profile, or the cost model)")
     s.add_argument("--latency", type=float, help="c4: target latency, in the table's unit")
     s.add_argument(
@@ -412,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-compensate", action="store_true", help="skip weight compensation (on by default for c4)"
     )
     g.add_argument("--compensate", action="store_true", help="compensate magnitude / wanda masks too")
-    s.add_argument("--score", choices=("obs", "wanda", "magnitude"), help="c4 mask score (default obs)")
+    s.add_argument("--score", help="c4 mask score: obs (default), wanda or magnitude")
     s.add_argument("--damp", type=float, help="SparseGPT / OBS damping (default 0.01)")
     s.add_argument("--calib", help="calibration text (default: the embedded calibration split)")
     s.add_argument("--nsamples", type=int, default=128, help="calibration windows")
@@ -450,14 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export-gguf", help="write a model as a dense GGUF that llama.cpp runs (the baseline)")
     s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
     s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
-    s.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="dtype of the weight matrices")
+    s.add_argument("--dtype", choices=formats.LLAMACPP, default="f32", help="dtype of the weight matrices")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export_gguf)
 
     s = sub.add_parser("compile", help="compile a (pruned) Mamba-1 into the packed GGUF the native engine runs")
     s.add_argument("model", help="HF-format Mamba-1 directory (dense, or pruned with exact zeros)")
     s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
-    s.add_argument("--dtype", choices=("f32", "f16", "int8"), default="f16", help="dtype of the weight matrices")
+    s.add_argument("--dtype", choices=formats.PACKED, default="f16", help="dtype of the weight matrices")
     s.add_argument(
         "--dump-after",
         choices=("reorder", "fold", "fuse", "pack"),
@@ -501,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--device", default="cpu", help="where the model will run: cpu (opencl: not available yet)"
     )
-    s.add_argument("--dtype", choices=("f32", "f16", "int8"), default="f16", help="the compile dtype")
+    s.add_argument("--dtype", choices=formats.PACKED, default="f16", help="the compile dtype")
     s.add_argument("--threads", type=int, default=None, help="default: what the engine picks for this model")
     s.add_argument("--reps", type=int, default=None, help="timed calls per entry (default: ~50 ms of calls)")
     s.add_argument("--overwrite", action="store_true")

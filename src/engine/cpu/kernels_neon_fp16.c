@@ -1,5 +1,5 @@
 /* NEON kernels with fp16 arithmetic (ARMv8.2-A FEAT_FP16, "asimdhp"): only this file is compiled with
- * -march=armv8.2-a+fp16, and forward.c picks it at run time where the CPU reports HWCAP_ASIMDHP.
+ * -march=armv8.2-a+fp16, and cpu/dispatch.c picks it at run time where the CPU reports HWCAP_ASIMDHP.
  *
  * What differs from kernels_neon.c is the decode (gemv) of f16 classes, dense and C_4^n: the input
  * vector is converted to fp16 once per call, scaled by a power of two so that max |x| lies in [1, 2)

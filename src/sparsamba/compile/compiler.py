@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
+from .. import formats
 from ..errors import SparsambaError
-from .passes import DTYPES, PASSES, run_pass
+from .passes import PASSES, run_pass
 from .plan import Plan, load_source, plan_from_state
 from .sizes import LayerSize, plan_sizes
-from .verify import TOLERANCE, check_plan, sample_ids, verify
+from .verify import check_plan, sample_ids, verify
 
 
 @dataclass
@@ -70,18 +71,17 @@ def compile_model(
     source model's on a few random tokens). ``dump_after`` = a pass name: summarize the plan after that
     pass (``CompileReport.dump``) and stop there, writing nothing. The file is written atomically.
     """
-    from ..export.llamacpp import check_output_path
+    from ..outputs import check_output
     from .packed_gguf import read_packed, write_packed
 
     t0 = time.time()
     say = log or (lambda _m: None)
-    if dtype not in DTYPES:
-        raise SparsambaError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    formats.get(dtype)
     if dump_after is not None and dump_after not in PASSES:
         raise SparsambaError(f"--dump-after {dump_after!r}: the passes are {', '.join(PASSES)}")
     out = Path(out_path)
     if dump_after is None:
-        check_output_path(out, overwrite)  # before any work, not after it
+        check_output(out, overwrite, file=True)  # before any work, not after it
     d, model, tok = load_source(model_dir)
     cfg = model.config
     plan = plan_from_state(model, d.resolve().name, tok)
@@ -94,7 +94,7 @@ def compile_model(
     for name in PASSES:
         plan = run_pass(plan, name, dtype)
         rep.errors[name] = verify(plan, name, ids, ref)
-        say(f"{name:8s} done, max rel. logit error {rep.errors[name]:.2g} (bound {TOLERANCE[plan.dtype]:g})")
+        say(f"{name:8s} done, max rel. logit error {rep.errors[name]:.2g} (bound {formats.get(plan.dtype).tolerance:g})")
         if name == dump_after:
             rep.dump = summarize(plan)
             break

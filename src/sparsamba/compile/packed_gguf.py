@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 from ..errors import SparsambaError
-from .plan import LINEARS, BlockPlan, Dims, LinearPlan, Plan, RowClass
+from ..gguf_io import GGUFTokenizer, open_gguf, write_gguf_atomically
+from ..model.names import LINEARS
+from .plan import BlockPlan, Dims, LinearPlan, Plan, RowClass
 
 ARCH = "sparsamba.mamba"
 FORMAT_VERSION = 1
@@ -75,10 +77,10 @@ def write_packed(plan: Plan, out_path: str | Path, overwrite: bool = False) -> P
     """Write a packed plan (after ``pack``) as ``out_path``, atomically (temporary file + rename)."""
     import gguf
 
-    from ..export.llamacpp import add_tokenizer, check_output_path, write_gguf_atomically
+    from ..outputs import check_output
 
     out = Path(out_path)
-    check_output_path(out, overwrite)
+    check_output(out, overwrite, file=True)
     if plan.dtype is None:
         raise SparsambaError("write_packed needs a packed plan: run the pack pass first")
     dm = plan.dims
@@ -101,7 +103,7 @@ def write_packed(plan: Plan, out_path: str | Path, overwrite: bool = False) -> P
     w.add_float32(_K + "attention.layer_norm_rms_epsilon", dm.eps)
     w.add_bool(_K + "norm_folded", plan.norm_folded)
     if plan.tokenizer is not None:
-        add_tokenizer(w, plan.tokenizer)
+        plan.tokenizer.write(w)
     for name, arr in tensors_of(plan):
         w.add_tensor(name, arr)
     return write_gguf_atomically(w, out)
@@ -113,8 +115,6 @@ def write_packed(plan: Plan, out_path: str | Path, overwrite: bool = False) -> P
 
 def read_packed(path: str | Path) -> Plan:
     """A file written by ``write_packed`` -> its plan (packed, perm None), tensors as stored."""
-    from ..export.llamacpp import GGUFTokenizer, open_gguf
-
     path = Path(path)
     r, kv, t = open_gguf(path, "packed model")
 
@@ -172,26 +172,13 @@ def read_packed(path: str | Path) -> Plan:
                 tensors[k] = take(p + k)
         for k in ("ssm_conv1d.weight", "ssm_conv1d.bias", "ssm_a", "ssm_d", "ssm_dt.bias"):
             tensors[k] = take(p + k)
-        lin = {k: matrix(p + k, *dims.linear_shape(k)) for k in LINEARS}
+        lin = {k: matrix(p + k, *dims.linear_shape(k)) for k in LINEARS["mamba"]}
         blocks.append(BlockPlan(tensors, lin))
     output_norm = take("output_norm.weight")
     head = None if dims.tied else matrix("output", dims.vocab_size, dims.d_model)
     if t:
         raise SparsambaError(f"{path}: unexpected tensors {sorted(t)[:3]}")
 
-    tok = None
-    if kv("tokenizer.ggml.tokens", required=False) is not None:
-        tok = GGUFTokenizer(
-            tokens=list(kv("tokenizer.ggml.tokens")),
-            types=[int(x) for x in kv("tokenizer.ggml.token_type")],
-            merges=list(kv("tokenizer.ggml.merges")),
-            bos_token_id=kv("tokenizer.ggml.bos_token_id", required=False),
-            eos_token_id=kv("tokenizer.ggml.eos_token_id", required=False),
-            pad_token_id=kv("tokenizer.ggml.padding_token_id", required=False),
-            add_bos=bool(kv("tokenizer.ggml.add_bos_token")),
-            add_eos=bool(kv("tokenizer.ggml.add_eos_token")),
-            hf_json=kv("tokenizer.huggingface.json", required=False),
-        )
     opts = json.loads(kv("sparsamba.compile.options"))
     passes = opts.pop("passes", [])
     return Plan(
@@ -201,7 +188,7 @@ def read_packed(path: str | Path) -> Plan:
         output=head,
         output_norm=output_norm,
         blocks=blocks,
-        tokenizer=tok,
+        tokenizer=GGUFTokenizer.from_gguf(kv),
         norm_folded=bool(kv(_K + "norm_folded")),
         dtype=kv("sparsamba.compile.dtype"),
         passes=passes,

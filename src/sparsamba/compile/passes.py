@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from .. import formats
 from ..errors import SparsambaError
 from .plan import BlockPlan, LinearPlan, Plan, RowClass, classify_rows, dense_rows, with_pass
 
-DTYPES = ("f32", "f16", "int8")
 PASSES = ("reorder", "fold", "fuse", "pack")
 
 
@@ -194,7 +193,7 @@ def _to_dtype(w: Tensor, dtype: str, what: str) -> tuple[Tensor, Tensor | None]:
     if dtype == "f32":
         return w.float().contiguous(), None
     if dtype == "f16":
-        if w.numel() and w.abs().max() > float(np.finfo(np.float16).max):
+        if w.numel() and w.abs().max() > formats.F16_MAX:
             raise SparsambaError(f"{what} has values beyond the fp16 range; compile with --dtype f32")
         return w.half().contiguous(), None
     # int8: symmetric per row over the values stored; an all-zero row takes scale 1 (not 0/127)
@@ -240,8 +239,7 @@ def _pack_linear(lp: LinearPlan, dtype: str, what: str) -> LinearPlan:
 def pack(plan: Plan, dtype: str = "f16") -> Plan:
     """Store every matrix in ``dtype`` (f32, f16, int8 with per-row scales): dense layers as they are,
     packed layers as values + codes per class; token_embd and output take the dtype too."""
-    if dtype not in DTYPES:
-        raise SparsambaError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    formats.get(dtype)
     if plan.dtype is not None:
         raise SparsambaError(f"the plan is already packed ({plan.dtype})")
     p = plan.copy()

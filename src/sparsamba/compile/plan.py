@@ -20,9 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SparsambaError
-
-# prunable linear layers of a block: GGUF name -> HF name
-LINEARS = {"ssm_in": "in_proj", "ssm_x": "x_proj", "ssm_dt": "dt_proj", "ssm_out": "out_proj"}
+from ..model.names import BLOCK, GLOBAL, LINEARS, OPTIONAL, to_gguf
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ class Plan:
     output: LinearPlan | None  # (V, d) when the head is not tied
     output_norm: Tensor  # (d,) fp32
     blocks: list[BlockPlan]
-    tokenizer: object | None = None  # export_gguf.GGUFTokenizer
+    tokenizer: object | None = None  # gguf_io.GGUFTokenizer
     norm_folded: bool = False
     dtype: str | None = None  # set by pack: "f32" | "f16" | "int8"
     passes: list[str] = field(default_factory=list)
@@ -187,7 +185,7 @@ def class_weight(c: RowClass, n_in: int) -> Tensor:
 def load_source(model_dir: str | Path):
     """An HF-format Mamba-1 directory -> (its directory, our Mamba1LM in eval mode, its GGUF tokenizer
     section or None when it has no tokenizer.json). Refuses Mamba-2 before reading any weights."""
-    from ..export.llamacpp import read_tokenizer
+    from ..gguf_io import GGUFTokenizer
     from ..model.hf import build_model, load_state, read_config, read_weights, resolve
 
     d = resolve(model_dir)
@@ -201,8 +199,7 @@ def load_source(model_dir: str | Path):
     load_state(model, read_weights(d), d)  # every name and shape checked against config.json
     tok = None
     if (d / "tokenizer.json").is_file():
-        tok = read_tokenizer(d, cfg)
-        tok.hf_json = (d / "tokenizer.json").read_text(encoding="utf-8")
+        tok = GGUFTokenizer.from_model_dir(d, cfg, hf_json=True)
     return d, model.eval(), tok
 
 
@@ -235,31 +232,24 @@ def plan_from_state(model, name: str, tokenizer=None) -> Plan:
     blocks = []
     for i in range(dims.n_layer):
         p = f"backbone.layers.{i}."
-        m = p + "mixer."
-        t = {
-            "attn_norm.weight": sd[p + "norm.weight"],
-            "ssm_conv1d.weight": sd[m + "conv1d.weight"][:, 0, :].contiguous(),  # (di, 1, K) -> (di, K)
-            "ssm_conv1d.bias": sd.get(m + "conv1d.bias", torch.zeros(di)),  # none = zeros, as the file says
-            "ssm_a": -torch.exp(sd[m + "A_log"]),  # the engine needs A itself
-            "ssm_d": sd[m + "D"],
-            "ssm_dt.bias": sd[m + "dt_proj.bias"],
-        }
-        if dims.use_bias:
-            t["ssm_in.bias"] = sd[m + "in_proj.bias"]
-            t["ssm_out.bias"] = sd[m + "out_proj.bias"]
-        lin = {}
-        for k, hf in LINEARS.items():
-            w = sd[m + hf + ".weight"]
-            lin[k] = LinearPlan(w.shape[0], w.shape[1], weight=w)
+        t, lin = {}, {}
+        for suffix, hf in BLOCK["mamba"].items():
+            layer = suffix.removesuffix(".weight")
+            if layer in LINEARS["mamba"]:
+                lin[layer] = LinearPlan(*sd[p + hf].shape, weight=sd[p + hf])
+            elif suffix == "ssm_conv1d.bias":
+                t[suffix] = sd.get(p + hf, torch.zeros(di))  # none = zeros, as the file says
+            elif suffix not in OPTIONAL or dims.use_bias:
+                t[suffix] = to_gguf(suffix, sd[p + hf], "mamba")  # the engine needs A itself, conv as (di, K)
         blocks.append(BlockPlan(t, lin))
-    embd = sd["backbone.embeddings.weight"]
-    out = None if dims.tied else LinearPlan(*sd["lm_head.weight"].shape, weight=sd["lm_head.weight"])
+    embd, head = sd[GLOBAL["token_embd.weight"]], sd.get(GLOBAL["output.weight"])
+    out = None if dims.tied else LinearPlan(*head.shape, weight=head)
     return Plan(
         dims=dims,
         name=name,
         token_embd=LinearPlan(*embd.shape, weight=embd),
         output=out,
-        output_norm=sd["backbone.norm_f.weight"],
+        output_norm=sd[GLOBAL["output_norm.weight"]],
         blocks=blocks,
         tokenizer=tokenizer,
     )

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import formats
 from .plan import LinearPlan, Plan
-
-_BYTES = {None: 4, "f32": 4, "f16": 2, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -33,9 +32,10 @@ def _nbytes(t) -> int:
 
 
 def layer_size(name: str, kind: str, lp: LinearPlan, dtype: str | None) -> LayerSize:
-    bw = _BYTES[dtype]
+    fmt = formats.get(dtype)
+    bw, scale_bytes = fmt.value_bytes, 4 if fmt.scaled else 0  # an fp32 scale per row
     out, n_in = lp.out_features, lp.in_features
-    scales = out * 4 if dtype == "int8" else 0
+    scales = out * scale_bytes
     if lp.dense:
         nnz = int((lp.weight != 0).sum())
         ours = out * n_in * bw + scales
@@ -46,7 +46,7 @@ def layer_size(name: str, kind: str, lp: LinearPlan, dtype: str | None) -> Layer
         else:  # before pack: what pack would write
             G = lp.groups
             ours = sum(
-                len(c.rows) * (G * (4 - c.n) * bw + (0 if c.n == 0 else (G + 1) // 2) + 4 + (4 if dtype == "int8" else 0))
+                len(c.rows) * (G * (4 - c.n) * bw + (0 if c.n == 0 else (G + 1) // 2) + 4 + scale_bytes)
                 for c in lp.classes
             )
     return LayerSize(name, kind, out, n_in, nnz, out * n_in * bw + scales, nnz * (bw + 4) + (out + 1) * 4 + scales, ours)

@@ -11,15 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import formats
 from ..errors import SparsambaError
 from .passes import unpack_codes
 from .plan import LinearPlan, Plan
-
-# max |plan - source| / max |source| over the logits, per stage. Before pack (and packed in f32) only
-# float rounding differs; f16 rounds every weight to 11 bits (2^-11 ≈ 5e-4 relative), int8 to 1/254
-# of the row's largest weight, both compounded over the blocks.
-TOLERANCE = {None: 1e-5, "f32": 1e-5, "f16": 1e-2, "int8": 1e-1}
-
 
 # ----------------------------------------------------------------------------------------------
 # The forward
@@ -103,11 +98,12 @@ def _fail(stage: str, what: str) -> None:
 
 def check_linear(name: str, lp: LinearPlan, dtype: str | None, stage: str) -> None:
     out, n_in, G = lp.out_features, lp.in_features, lp.groups
-    want = {None: (torch.float32,), "f32": (torch.float32,), "f16": (torch.float16,), "int8": (torch.int8,)}[dtype]
+    fmt = formats.get(dtype)
+    want = (fmt.torch,)
     if lp.dense:
         if lp.weight is None or tuple(lp.weight.shape) != (out, n_in) or lp.weight.dtype not in want:
             _fail(stage, f"{name}.weight is not a ({out}, {n_in}) {want[0]} matrix")
-        if (dtype == "int8") != (lp.scale is not None):
+        if fmt.scaled != (lp.scale is not None):
             _fail(stage, f"{name}.scale present {lp.scale is not None} for dtype {dtype}")
         return
     seen = torch.zeros(out, dtype=torch.bool)
@@ -135,7 +131,7 @@ def check_linear(name: str, lp: LinearPlan, dtype: str | None, stage: str) -> No
                     _fail(stage, f"{tag}.codes: the unused high nibble of an odd G is not 0")
             elif c.codes is not None:
                 _fail(stage, f"{tag}: n = 0 has no codes")
-            if (dtype == "int8") != (c.scale is not None):
+            if fmt.scaled != (c.scale is not None):
                 _fail(stage, f"{tag}.scale present {c.scale is not None} for dtype {dtype}")
             if c.scale is not None and not bool((torch.isfinite(c.scale) & (c.scale > 0)).all()):
                 _fail(stage, f"{tag}.scale has a value that is not finite and positive")
@@ -187,12 +183,12 @@ def sample_ids(vocab_size: int, batch: int = 2, length: int = 6, seed: int = 0) 
 
 def verify(plan: Plan, stage: str, ids: Tensor, ref_logits: Tensor) -> float:
     """Structural checks, then the plan's logits on ``ids`` against the source model's ``ref_logits``;
-    returns max |Δ| / max |ref| and raises SparsambaError above ``TOLERANCE[plan.dtype]``."""
+    returns max |Δ| / max |ref| and raises SparsambaError above the dtype's ``formats.Dtype.tolerance``."""
     check_plan(plan, stage)
     got = plan_forward(plan, ids)
     d = (got - ref_logits).abs()
     err = (d.max() / ref_logits.abs().max()).item()
-    tol = TOLERANCE[plan.dtype]
+    tol = formats.get(plan.dtype).tolerance  # before pack: fp32
     if not err <= tol:  # NaN fails too
         _fail(stage, f"logits differ from the source model's by {err:.3g} (max relative), over {tol:g}; mean |Δ| {d.mean():.3g}")
     return err

@@ -26,28 +26,19 @@ F32); the matrices (embedding, ssm_in, ssm_x, ssm_dt, ssm_out, output) take the 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import formats
 from ..errors import SparsambaError
+from ..gguf_io import GGUFTokenizer, open_gguf, write_gguf_atomically
+from ..model import names
+from ..outputs import check_output
 
-DTYPES = ("f32", "f16")
 # Mamba has no positional limit; llama.cpp's own converter writes this "arbitrary" 2**20 too
 CONTEXT_LENGTH = 2**20
-# llama.cpp's name for a GPT-2 pre-tokenizer (GGUF key tokenizer.ggml.pre). Our tokenizers are
-# tokenizers' ByteLevel(use_regex=True, add_prefix_space=False), which splits text with GPT-2's
-# regex ('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+); llama.cpp
-# maps "gpt-2" to LLAMA_VOCAB_PRE_TYPE_GPT2, its implementation of that regex (its converter writes
-# "gpt-2" for openai-community/gpt2). An unknown name is a load error in llama.cpp, and "default"
-# would split differently: its default BPE pre-tokenizer cuts runs of punctuation and digits apart.
-TOKENIZER_PRE = "gpt-2"
-PAD_TOKEN = "[PAD{}]"  # placeholder rows past the tokenizer, as llama.cpp's converter names them
 
 
 def _check_runnable(cfg, where: Path) -> None:
@@ -76,123 +67,7 @@ def _check_runnable(cfg, where: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer section
-
-
-def _read_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """tokenizer.json -> (tokens in id order padded to ``vocab_size``, their gguf token types, merges)."""
-    import gguf
-
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise SparsambaError(
-            f"{model_dir}: no tokenizer.json; a GGUF for llama.cpp carries its tokenizer, so add the model's "
-            "tokenizer.json to the directory"
-        )
-    try:
-        tj = json.loads(path.read_text(encoding="utf-8"))
-        model, pre = tj["model"], tj.get("pre_tokenizer") or {}
-        vocab = model["vocab"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise SparsambaError(f"{path}: not a valid tokenizers file ({type(e).__name__}: {e})") from None
-    if (
-        model.get("type") != "BPE"
-        or not isinstance(vocab, dict)
-        or pre.get("type") != "ByteLevel"
-        or not pre.get("use_regex", True)
-        or pre.get("add_prefix_space", False)
-    ):
-        raise SparsambaError(
-            f"{path}: export-gguf writes GPT-2-style byte-level BPE tokenizers only (model BPE, pre-tokenizer "
-            f"ByteLevel with its regex and no prefix space), this one is model {model.get('type')!r}, "
-            f"pre-tokenizer {pre.get('type')!r}; llama.cpp would tokenize text differently"
-        )
-
-    T = gguf.TokenType
-    by_id: dict[int, tuple[str, int]] = {i: (tok, T.NORMAL) for tok, i in vocab.items()}
-    for a in tj.get("added_tokens") or []:
-        by_id[a["id"]] = (a["content"], T.CONTROL if a.get("special") else T.USER_DEFINED)
-    top = max(by_id, default=-1)
-    if top >= vocab_size:
-        raise SparsambaError(
-            f"{path}: the tokenizer has token id {top} but the model has {vocab_size} embedding rows; "
-            "the tokenizer does not belong to this model"
-        )
-    tokens, types = [], []
-    for i in range(vocab_size):  # llama.cpp needs one token per embedding row
-        tok, ty = by_id.get(i, (PAD_TOKEN.format(i), T.UNUSED))
-        tokens.append(tok)
-        types.append(int(ty))
-
-    merges = []
-    for m in model.get("merges") or []:
-        pair = m.split(" ") if isinstance(m, str) else m
-        if len(pair) != 2 or any(" " in p for p in pair):
-            # a byte-level vocabulary never holds a raw space; GGUF merges are "left right" strings
-            raise SparsambaError(f"{path}: merge {m!r} is not a pair of byte-level tokens")
-        merges.append(f"{pair[0]} {pair[1]}")
-    return tokens, types, merges
-
-
-def _add_bos_eos(model_dir: Path) -> tuple[bool, bool]:
-    """Whether the tokenizer adds BOS / EOS itself (tokenizer_config.json); byte-level BPE adds neither."""
-    p = model_dir / "tokenizer_config.json"
-    try:
-        tc = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        tc = {}
-    return bool(tc.get("add_bos_token", False)), bool(tc.get("add_eos_token", False))
-
-
-@dataclass
-class GGUFTokenizer:
-    """The tokenizer section of a GGUF: llama.cpp's ``tokenizer.ggml.*`` keys, and the HF tokenizer.json
-    text (``tokenizer.huggingface.json``) where the file carries it."""
-
-    tokens: list[str]  # one per embedding row
-    types: list[int]  # gguf.TokenType of each
-    merges: list[str]  # "left right"
-    bos_token_id: int | None
-    eos_token_id: int | None
-    pad_token_id: int | None
-    add_bos: bool
-    add_eos: bool
-    hf_json: str | None = None
-
-
-def read_tokenizer(model_dir: Path, cfg) -> GGUFTokenizer:
-    """The tokenizer section for ``model_dir`` (tokenizer.json, tokenizer_config.json, ids from ``cfg``)."""
-    tokens, types, merges = _read_vocab(model_dir, cfg.vocab_size)
-    add_bos, add_eos = _add_bos_eos(model_dir)
-    ids = {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id}
-    for what, tid in ids.items():
-        if tid is not None and not 0 <= tid < len(tokens):
-            raise SparsambaError(f"{model_dir / 'config.json'}: {what}_token_id {tid} is outside the vocabulary")
-    return GGUFTokenizer(tokens, types, merges, ids["bos"], ids["eos"], ids["pad"], add_bos, add_eos)
-
-
-def add_tokenizer(w, tok: GGUFTokenizer) -> None:
-    """Write ``tok`` into the ``gguf.GGUFWriter`` ``w``."""
-    w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    w.add_tokenizer_pre(TOKENIZER_PRE)
-    w.add_token_list(tok.tokens)
-    w.add_token_types(tok.types)
-    w.add_token_merges(tok.merges)
-    for add, tid in (
-        (w.add_bos_token_id, tok.bos_token_id),
-        (w.add_eos_token_id, tok.eos_token_id),
-        (w.add_pad_token_id, tok.pad_token_id),
-    ):
-        if tid is not None:
-            add(tid)
-    w.add_add_bos_token(tok.add_bos)
-    w.add_add_eos_token(tok.add_eos)
-    if tok.hf_json is not None:
-        w.add_string("tokenizer.huggingface.json", tok.hf_json)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tensors: the name map, HF names on the left, llama.cpp's on the right
+# Tensors, by the name map of model/names.py
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
@@ -201,48 +76,34 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 
 def _gguf_tensors(model, dtype: str) -> list[tuple[str, np.ndarray]]:
     cfg = model.config
+    arch = cfg.model_type
     sd = model.state_dict()
     out: list[tuple[str, np.ndarray]] = []
 
-    def mat(name: str, key: str) -> None:
-        w = _f32(sd[key])
-        if dtype == "f16":
-            if np.abs(w).max(initial=0.0) > np.finfo(np.float16).max:
+    def add(name: str, suffix: str, key: str, t: torch.Tensor) -> None:
+        w = _f32(t)
+        if dtype == "f16" and suffix in names.MATRICES:
+            if np.abs(w).max(initial=0.0) > formats.F16_MAX:
                 raise SparsambaError(f"{key} has values beyond the fp16 range; export with --dtype f32")
-            w = w.astype(np.float16)
+            w = w.astype(formats.F16.numpy)
         out.append((name, w))
 
-    def vec(name: str, t: torch.Tensor) -> None:
-        out.append((name, _f32(t)))
+    def top(name: str) -> None:
+        add(name, name, names.GLOBAL[name], sd[names.GLOBAL[name]])
 
-    mat("token_embd.weight", "backbone.embeddings.weight")
+    top("token_embd.weight")
     for i in range(cfg.num_hidden_layers):
-        p, b = f"backbone.layers.{i}.", f"blk.{i}."
-        m = p + "mixer."
-        A = -torch.exp(sd[m + "A_log"].float())  # llama.cpp stores A itself
-        conv_w = sd[m + "conv1d.weight"]  # (C, 1, K)
-        # a missing conv bias is a zero one; llama.cpp requires the tensor
-        conv_b = sd.get(m + "conv1d.bias", torch.zeros(conv_w.shape[0]))
-        vec(b + "attn_norm.weight", sd[p + "norm.weight"])
-        mat(b + "ssm_in.weight", m + "in_proj.weight")
-        vec(b + "ssm_conv1d.weight", conv_w[:, 0, :])  # (C, K)
-        vec(b + "ssm_conv1d.bias", conv_b)
-        if cfg.model_type == "mamba":
-            mat(b + "ssm_x.weight", m + "x_proj.weight")
-            mat(b + "ssm_dt.weight", m + "dt_proj.weight")
-            vec(b + "ssm_dt.bias", sd[m + "dt_proj.bias"])
-            vec(b + "ssm_a", A)  # (di, N)
-            vec(b + "ssm_d", sd[m + "D"])  # (di,)
-        else:
-            g, di = cfg.n_groups, cfg.intermediate_size
-            vec(b + "ssm_dt.bias", sd[m + "dt_bias"])  # (h,)
-            vec(b + "ssm_a", A[:, None])  # (h, 1): ne {1, h}, what the loader asks for
-            vec(b + "ssm_d", sd[m + "D"][:, None])  # (h, 1)
-            vec(b + "ssm_norm.weight", sd[m + "norm.weight"].reshape(g, di // g))  # one row per group
-        mat(b + "ssm_out.weight", m + "out_proj.weight")
-    vec("output_norm.weight", sd["backbone.norm_f.weight"])
+        p = f"backbone.layers.{i}."
+        for suffix, hf in names.BLOCK[arch].items():
+            if suffix in names.OPTIONAL:  # use_bias: refused by _check_runnable
+                continue
+            t = sd.get(p + hf)
+            if t is None and suffix == "ssm_conv1d.bias":  # a missing conv bias is a zero one; llama.cpp requires it
+                t = torch.zeros(sd[p + "mixer.conv1d.weight"].shape[0])
+            add(f"blk.{i}.{suffix}", suffix, p + hf, names.to_gguf(suffix, t, arch, getattr(cfg, "n_groups", 1)))
+    top("output_norm.weight")
     if not cfg.tie_word_embeddings:  # absent = tied: llama.cpp reuses token_embd as the head
-        mat("output.weight", "lm_head.weight")
+        top("output.weight")
     return out
 
 
@@ -260,15 +121,14 @@ def export_gguf(
 
     from ..model.hf import build_model, load_state, read_config, read_weights, resolve
 
-    if dtype not in DTYPES:
-        raise SparsambaError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    fmt = formats.get(dtype, formats.LLAMACPP)
     out = Path(out_path)
-    check_output_path(out, overwrite)
+    check_output(out, overwrite, file=True)
     d = resolve(model_dir)
     cfg = read_config(d)
     arch = cfg.model_type
     _check_runnable(cfg, d)  # refuse before reading any weights
-    tok = read_tokenizer(d, cfg)
+    tok = GGUFTokenizer.from_model_dir(d, cfg)
     model = build_model(cfg)
     load_state(model, read_weights(d), d)  # every name and shape checked against config.json
     tensors = _gguf_tensors(model, dtype)
@@ -291,74 +151,17 @@ def export_gguf(
         w.add_ssm_time_step_rank(cfg.num_heads)  # llama.cpp's Mamba-2 reads the head count here
         w.add_ssm_group_count(cfg.n_groups)
     w.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
-    ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
-    w.add_file_type(int(ftype))
+    w.add_file_type(fmt.llama_ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    add_tokenizer(w, tok)
+    tok.write(w)
     for name, arr in tensors:
         w.add_tensor(name, arr)
     return write_gguf_atomically(w, out)
 
 
-def check_output_path(out: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that is a folder or that exists without ``overwrite``."""
-    if out.is_dir():
-        raise SparsambaError(f"{out}: is a directory; give the path of the .gguf file to write")
-    if out.exists() and not overwrite:
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
-
-
-def write_gguf_atomically(w, out: Path) -> Path:
-    """Write the filled ``gguf.GGUFWriter`` ``w`` to a temporary file beside ``out`` and rename it into
-    place when complete, so a failure leaves nothing behind (and an old file untouched)."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as e:
-        raise SparsambaError(f"{out}: cannot write ({e}); check the folder") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        tmp.chmod(0o666 & ~umask)  # mkstemp makes it owner-only; a model file is meant to be shared
-        os.replace(tmp, out)
-    except BaseException as e:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise SparsambaError(f"{out}: cannot write ({e}); check the folder and free space") from None
-        raise
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading back (tests, checks): GGUF -> HF config dict and HF-named state dict
-
-
-def open_gguf(path: Path, what: str):
-    """(reader, kv, tensors) of a GGUF: ``kv(key, required=True)`` reads a metadata value (a missing
-    required key is an error saying the file is not a complete ``what``); ``tensors`` are torch
-    copies out of the mmap, by name."""
-    import gguf
-
-    try:
-        r = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise SparsambaError(f"{path}: cannot read as GGUF ({e})") from None
-
-    def kv(key: str, required: bool = True):
-        f = r.fields.get(key)
-        if f is None and required:
-            raise SparsambaError(f"{path}: metadata key {key} is missing; not a complete {what}")
-        return None if f is None else f.contents()
-
-    return r, kv, {x.name: torch.from_numpy(np.array(x.data)) for x in r.tensors}
 
 
 def read_gguf_dense(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -406,29 +209,10 @@ def read_gguf_dense(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _hf_state(t: dict[str, torch.Tensor], arch: str, n_layer: int) -> dict[str, torch.Tensor]:
-    sd = {
-        "backbone.embeddings.weight": t["token_embd.weight"],
-        "backbone.norm_f.weight": t["output_norm.weight"],
-    }
-    if "output.weight" in t:
-        sd["lm_head.weight"] = t["output.weight"]
+    keep = ["token_embd.weight", "output_norm.weight"] + (["output.weight"] if "output.weight" in t else [])
+    sd = {names.GLOBAL[k]: t[k] for k in keep}
     for i in range(n_layer):
-        p, b = f"backbone.layers.{i}.", f"blk.{i}."
-        m = p + "mixer."
-        sd[p + "norm.weight"] = t[b + "attn_norm.weight"]
-        sd[m + "in_proj.weight"] = t[b + "ssm_in.weight"]
-        sd[m + "conv1d.weight"] = t[b + "ssm_conv1d.weight"][:, None, :]
-        sd[m + "conv1d.bias"] = t[b + "ssm_conv1d.bias"]
-        sd[m + "A_log"] = torch.log(-t[b + "ssm_a"])
-        sd[m + "out_proj.weight"] = t[b + "ssm_out.weight"]
-        if arch == "mamba":
-            sd[m + "x_proj.weight"] = t[b + "ssm_x.weight"]
-            sd[m + "dt_proj.weight"] = t[b + "ssm_dt.weight"]
-            sd[m + "dt_proj.bias"] = t[b + "ssm_dt.bias"]
-            sd[m + "D"] = t[b + "ssm_d"]
-        else:
-            sd[m + "A_log"] = sd[m + "A_log"].flatten()
-            sd[m + "D"] = t[b + "ssm_d"].flatten()
-            sd[m + "dt_bias"] = t[b + "ssm_dt.bias"]
-            sd[m + "norm.weight"] = t[b + "ssm_norm.weight"].flatten()
+        for suffix, hf in names.BLOCK[arch].items():
+            if suffix not in names.OPTIONAL:
+                sd[f"backbone.layers.{i}.{hf}"] = names.to_hf(suffix, t[f"blk.{i}.{suffix}"], arch)
     return sd

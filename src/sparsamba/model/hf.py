@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import SparsambaError
+from ..outputs import write_dir_atomically
 from .mamba1 import Mamba1Config, Mamba1LM
 from .mamba2 import Mamba2Config, Mamba2LM
 
@@ -354,35 +353,6 @@ def load_tokenizer(model: str | Path):
         return Tokenizer.from_file(str(p))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
         raise SparsambaError(f"{p}: not a valid tokenizers file ({e})") from None
-
-
-def write_dir_atomically(out: str | Path, fill, overwrite: bool = False) -> Path:
-    """Create directory ``out`` by ``fill(tmp)`` into a temporary sibling that is renamed into place
-    when complete, so a failure never leaves a half-written directory (nor touches an old one)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SparsambaError(f"{out}: already exists; choose another path or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        fill(tmp)
-        # mkdtemp (and safetensors) create owner-only files; a model directory is meant to be shared
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def _copy_tokenizer(tokenizer_dir: str | Path | None, dest: Path) -> None:

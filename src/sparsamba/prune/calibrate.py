@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from ..errors import SparsambaError
+from ..model.names import LINEARS
 
-MAMBA_PRUNABLE = {"mamba": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
+MAMBA_PRUNABLE = {arch: tuple(layers.values()) for arch, layers in LINEARS.items()}
 
 
 @dataclass

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .. import formats
 from ..errors import SparsambaError
-
-VALUE_BYTES = {"f32": 4, "f16": 2, "int8": 1}
 
 
 def cost_model_table(
@@ -30,15 +29,14 @@ def cost_model_table(
     """Predicted decode time of each (out, in) shape at n = 0..4: bytes read ÷ memory bandwidth.
     A row at n keeps (4 − n) values per group of 4 plus 2 bits of position per kept value (none for
     dense rows), and an n = 4 row is not read at all."""
-    if dtype not in VALUE_BYTES:
-        raise SparsambaError(f"unknown dtype {dtype!r}; use one of {', '.join(VALUE_BYTES)}")
+    value_bytes = formats.get(dtype).value_bytes
     entries = []
     for out, inn in sorted(set(shapes)):
         groups = math.ceil(inn / 4)
         for n in range(5):
             kept = (4 - n) * groups
             index_bytes = 0 if n == 0 else kept * 2 / 8
-            nbytes = out * (kept * VALUE_BYTES[dtype] + index_bytes)
+            nbytes = out * (kept * value_bytes + index_bytes)
             entries.append({"out": out, "in": inn, "n": n, "seconds": nbytes / bandwidth})
     return {
         "format": "sparsamba.latency",

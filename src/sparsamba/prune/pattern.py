@@ -377,11 +377,17 @@ def _n_removed_rows(n_removed: Tensor | None, out: int, name: str = "") -> Tenso
     return n_removed.long()
 
 
-def _n_to_remove(sparsity: float, count: int) -> int:
-    """floor(sparsity · count), as Wanda's int(in · s); rounded first so 0.29 · 100 gives 29, not 28."""
+def check_sparsity(sparsity: float) -> float:
+    """The layer functions' argument check (mask_from_scores, sparsegpt_prune): a fraction of one
+    layer's weights, in [0, 1]. A prune run's target is checked by PruneConfig, in [0, 1)."""
     s = float(sparsity)
     if not 0.0 <= s <= 1.0:  # False for NaN too
         raise SparsambaError(
             f"sparsity {sparsity} is the fraction of weights to remove: give a number in [0, 1]"
         )
-    return math.floor(round(s * count, 6))
+    return s
+
+
+def _n_to_remove(sparsity: float, count: int) -> int:
+    """floor(sparsity · count), as Wanda's int(in · s); rounded first so 0.29 · 100 gives 29, not 28."""
+    return math.floor(round(check_sparsity(sparsity) * count, 6))

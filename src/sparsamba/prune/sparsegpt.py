@@ -21,9 +21,9 @@ matrix once per block (the lazy batch update, one GEMM). The mask is chosen lazi
 Pattern conventions — n always counts REMOVED weights:
     ``prune_n``, ``prune_m``   SparseGPT's arguments: remove prune_n of every prune_m (2:4 is 2, 4)
     ``n_removed_per_row``      (o,) per-row n of C_4^n: row r removes n[r] of every 4 (0 dense, 4 all)
-    ``sparsegpt(W, H, "N:M")`` the string form counts KEPT weights ("4:8" keeps 4 of 8), as the
-                               N:M of other tools; "c4n1".."c4n3" remove n of 4, "c4" takes the
-                               per-row n, "unstructured" takes ``sparsity``
+    ``sparsegpt(W, H, pattern)`` a ``Pattern`` (pattern.py): N:M counts KEPT weights ("4:8" keeps
+                               4 of 8), as the N:M of other tools; c4n1..c4n3 remove n of 4, c4
+                               takes the per-row n, unstructured takes ``sparsity``
 If ``i`` is not a multiple of M the last group is short: it is treated as padded with zeros (which go
 first), so it removes max(0, n − padding) real weights (DESIGN.md §2 pads ``in`` with zeros).
 
@@ -40,13 +40,13 @@ busy: 12.5 s — the column loop is 768 small ops, each a thread barrier.
 
 from __future__ import annotations
 
-import re
 import time
 
 import torch
 
 from ..errors import SparsambaError
 from .compensate import check_layer, damped_hessian, reconstruction_error
+from .pattern import Pattern, check_sparsity, parse_pattern
 
 
 def _hinv_upper(Hd: torch.Tensor, damp: float) -> torch.Tensor:
@@ -86,7 +86,9 @@ def _check_args(
                     f"prune_n must be in 1..prune_m={m} (weights removed per group), got {prune_n}"
                 )
             if sparsity is not None and abs(sparsity - prune_n / m) > 1e-9:
-                raise SparsambaError(f"sparsity {sparsity} contradicts prune_n:prune_m = {prune_n}:{m}")
+                raise SparsambaError(
+                    f"sparsity {sparsity} contradicts removing prune_n={prune_n} of every prune_m={m}"
+                )
             n = torch.full((o,), prune_n, dtype=torch.long, device=device)
         else:
             if sparsity is not None:
@@ -106,8 +108,7 @@ def _check_args(
         return m, n
     if sparsity is None:
         raise SparsambaError("give sparsity (unstructured), prune_n and prune_m (N:M), or n_removed_per_row")
-    if not 0.0 <= sparsity <= 1.0:
-        raise SparsambaError(f"sparsity must be in [0, 1], got {sparsity}")
+    check_sparsity(sparsity)
     return 0, None
 
 
@@ -212,35 +213,22 @@ def sparsegpt_prune(
 def sparsegpt(
     W: torch.Tensor,
     H: torch.Tensor,
-    pattern: str,
+    pattern: Pattern | str,
     sparsity: float | None = None,
     n_removed_per_row: torch.Tensor | None = None,
     **kw,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sparsegpt_prune`` with the pattern as a string: "unstructured" (with ``sparsity``), "N:M"
-    (keep N of every M: "2:4", "4:8"), "c4n0".."c4n4" (remove n of every 4), or "c4" (with
-    ``n_removed_per_row``). Other keywords go to ``sparsegpt_prune``. Returns (Ŵ, mask)."""
-    p = pattern.strip().lower()
-    if p == "unstructured":
+    """``sparsegpt_prune`` under a ``Pattern`` (or its spec, parsed by ``parse_pattern``):
+    unstructured (with ``sparsity``), N:M (keeps N of every M: 2:4, 4:8), c4n1..c4n3 (removes n of
+    every 4), or c4 (with ``n_removed_per_row``). Other keywords go to ``sparsegpt_prune``. Returns
+    (Ŵ, mask)."""
+    p = parse_pattern(pattern)
+    if p.kind == "unstructured":
         if sparsity is None:
             raise SparsambaError("pattern 'unstructured' needs a sparsity (fraction of weights removed)")
         return sparsegpt_prune(W, H, sparsity=sparsity, **kw)
-    if p == "c4":
+    if p.kind == "c4":
         if n_removed_per_row is None:
             raise SparsambaError("pattern 'c4' needs n_removed_per_row (one n in 0..4 per row)")
         return sparsegpt_prune(W, H, n_removed_per_row=n_removed_per_row, prune_m=4, **kw)
-    if (c4 := re.fullmatch(r"c4n([0-4])", p)) is not None:
-        n_rm, m = int(c4.group(1)), 4
-    elif (nm := re.fullmatch(r"(\d+):(\d+)", p)) is not None:
-        keep, m = int(nm.group(1)), int(nm.group(2))
-        if not 0 <= keep <= m or m == 0:
-            raise SparsambaError(f"pattern {pattern!r}: N:M keeps N of every M, needs 0 <= N <= M, M >= 1")
-        n_rm = m - keep
-    else:
-        raise SparsambaError(
-            f"unknown pattern {pattern!r}: use 'unstructured', 'N:M' (e.g. '2:4'), 'c4n1'..'c4n3' or 'c4'"
-        )
-    if sparsity is not None and abs(sparsity - n_rm / m) > 1e-9:
-        raise SparsambaError(f"sparsity {sparsity} contradicts pattern {pattern!r} ({n_rm} of {m} removed)")
-    n_rows = torch.full((W.shape[0],), n_rm, dtype=torch.long, device=W.device)
-    return sparsegpt_prune(W, H, n_removed_per_row=n_rows, prune_m=m, **kw)
+    return sparsegpt_prune(W, H, sparsity=sparsity, prune_n=p.n_removed, prune_m=p.group, **kw)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,12 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SparsambaError
+from ..formats import by_ggml_type
+from .lib import Info, error_buffer, library
 
-LIB_NAME = {"darwin": "libsparsamba_engine.dylib", "win32": "sparsamba_engine.dll"}.get(
-    sys.platform, "libsparsamba_engine.so"
-)
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "neon-fp16": 4}
-_DTYPES = {0: "f32", 1: "f16", 24: "int8"}
 DEVICES = {"cpu": 0, "opencl": 1}  # SB_BACKEND_CPU, SB_BACKEND_OPENCL
 # below this many bytes of weights per token, the default is one thread: OpenMP's fork and barriers
 # cost more than they save (and a busy second core makes them cost milliseconds)
@@ -32,25 +29,6 @@ SMALL_MODEL_BYTES = 16 << 20
 
 class EngineError(SparsambaError):
     """An error reported by the native engine."""
-
-
-class _Info(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_int32)
-        for name in (
-            "vocab_size",
-            "d_model",
-            "n_layer",
-            "d_inner",
-            "d_state",
-            "dt_rank",
-            "d_conv",
-            "dtype",
-            "tied_head",
-            "norm_folded",
-            "format_version",
-        )
-    ] + [("file_bytes", ctypes.c_int64), ("weight_bytes", ctypes.c_int64)]
 
 
 @dataclass(frozen=True)
@@ -68,78 +46,6 @@ class EngineInfo:
     format_version: int
     file_bytes: int
     weight_bytes: int  # matrix bytes read per decoded token
-
-
-def _candidates() -> list[Path]:
-    env = os.environ.get("SPARSAMBA_ENGINE_LIB")
-    if env:
-        return [Path(env)]
-    import sparsamba
-
-    # an installed wheel keeps the library inside the package; an editable install may spread the
-    # package over several folders (its __path__), and a source checkout built by hand keeps it
-    # in build/engine
-    dirs = [Path(p) for p in getattr(sparsamba, "__path__", [])] + [Path(__file__).parents[1]]
-    root = Path(__file__).resolve().parents[3]
-    return [d / LIB_NAME for d in dirs] + [root / "build" / "engine" / LIB_NAME]
-
-
-_lib: ctypes.CDLL | None = None
-
-
-def library() -> ctypes.CDLL:
-    """The loaded engine library (loaded once)."""
-    global _lib
-    if _lib is not None:
-        return _lib
-    tried = _candidates()
-    path = next((p for p in tried if p.is_file()), None)
-    if path is None:
-        raise SparsambaError(
-            f"the native engine ({LIB_NAME}) is not built: looked in {', '.join(str(p.parent) for p in tried)}. "
-            "Reinstall the package (pip install -e .), which builds it with CMake, or set SPARSAMBA_ENGINE_LIB"
-        )
-    lib = ctypes.CDLL(str(path))
-    P, c_int, c_char_p, c_size = ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_size_t
-    lib.sb_model_load.argtypes = [c_char_p, ctypes.POINTER(P), c_char_p, c_size]
-    lib.sb_model_load.restype = ctypes.c_int
-    lib.sb_model_free.argtypes = [P]
-    lib.sb_model_free.restype = None
-    lib.sb_model_info.argtypes = [P, ctypes.POINTER(_Info)]
-    lib.sb_model_info.restype = None
-    lib.sb_state_new.argtypes = [P, ctypes.POINTER(P), c_char_p, c_size]
-    lib.sb_state_new.restype = ctypes.c_int
-    lib.sb_state_reset.argtypes = [P]
-    lib.sb_state_reset.restype = None
-    lib.sb_state_free.argtypes = [P]
-    lib.sb_state_free.restype = None
-    lib.sb_forward.argtypes = [P, P, P, c_int, P, c_int, c_char_p, c_size]
-    lib.sb_forward.restype = ctypes.c_int
-    lib.sb_set_threads.argtypes = [c_int]
-    lib.sb_set_threads.restype = c_int
-    lib.sb_set_isa.argtypes = [c_int]
-    lib.sb_set_isa.restype = c_int
-    lib.sb_isa_name.argtypes = []
-    lib.sb_isa_name.restype = c_char_p
-    dp = ctypes.POINTER(ctypes.c_double)
-    lib.sb_bench.argtypes = [P, c_int, c_int, c_int, dp, dp, c_char_p, c_size]
-    lib.sb_bench.restype = ctypes.c_int
-    lib.sb_read_bandwidth.argtypes = [ctypes.c_int64, c_int]
-    lib.sb_read_bandwidth.restype = ctypes.c_double
-    lib.sb_backend_open.argtypes = [P, c_int, c_int, ctypes.POINTER(P), c_char_p, c_size]
-    lib.sb_backend_open.restype = ctypes.c_int
-    lib.sb_backend_free.argtypes = [P]
-    lib.sb_backend_free.restype = None
-    lib.sb_backend_reset.argtypes = [P, c_char_p, c_size]
-    lib.sb_backend_reset.restype = ctypes.c_int
-    lib.sb_backend_forward.argtypes = [P, P, c_int, P, c_int, c_char_p, c_size]
-    lib.sb_backend_forward.restype = ctypes.c_int
-    lib.sb_backend_name.argtypes = [P]
-    lib.sb_backend_name.restype = c_char_p
-    lib.sb_opencl_devices.argtypes = [c_char_p, c_size, c_char_p, c_size]
-    lib.sb_opencl_devices.restype = ctypes.c_int
-    _lib = lib
-    return lib
 
 
 def set_isa(isa: str) -> str:
@@ -163,8 +69,7 @@ def read_bandwidth(mib: int = 512, threads: int = 1, reps: int = 5) -> float:
     return bw
 
 
-def _err() -> ctypes.Array:
-    return ctypes.create_string_buffer(1024)
+_err = error_buffer
 
 
 @dataclass(frozen=True)
@@ -221,21 +126,17 @@ class Engine:
         if device not in DEVICES:
             raise SparsambaError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
         self._backend = None
-        self.device = "cpu"
+        self._model = None
+        self.device = device
         err = _err()
         model = ctypes.c_void_p()
         if lib.sb_model_load(os.fsencode(self.path), ctypes.byref(model), err, len(err)):
             raise EngineError(err.value.decode(errors="replace"))
         self._model = model
-        state = ctypes.c_void_p()
-        if lib.sb_state_new(model, ctypes.byref(state), err, len(err)):
-            lib.sb_model_free(model)
-            raise EngineError(err.value.decode(errors="replace"))
-        self._state = state
-        raw = _Info()
+        raw = Info()
         lib.sb_model_info(model, ctypes.byref(raw))
-        fields = {k: getattr(raw, k) for k, _ in _Info._fields_}
-        fields["dtype"] = _DTYPES.get(fields["dtype"], str(fields["dtype"]))
+        fields = {k: getattr(raw, k) for k, _ in Info._fields_}
+        fields["dtype"] = by_ggml_type(fields["dtype"])
         fields["tied_head"] = bool(fields["tied_head"])
         fields["norm_folded"] = bool(fields["norm_folded"])
         self.info = EngineInfo(**fields)
@@ -243,37 +144,38 @@ class Engine:
             threads = 0 if self.info.weight_bytes >= SMALL_MODEL_BYTES else 1
         self.threads = lib.sb_set_threads(threads)
         self._tokenizer = None
-        if device != "cpu":
-            backend = ctypes.c_void_p()
-            if lib.sb_backend_open(
-                model, DEVICES[device], device_index, ctypes.byref(backend), err, len(err)
-            ):
-                msg = err.value.decode(errors="replace")
-                if not fallback:
-                    self.close()
-                    raise EngineError(msg)
-                warnings.warn(
-                    f"{msg}; running on the CPU instead (fallback=True)", RuntimeWarning, stacklevel=2
-                )
-            else:
-                self._backend = backend
-                self.device = device
+        # every device, the CPU included, runs behind the backend API (src/engine/backend.c)
+        backend = ctypes.c_void_p()
+        if lib.sb_backend_open(model, DEVICES[device], device_index, ctypes.byref(backend), err, len(err)):
+            msg = err.value.decode(errors="replace")
+            if device == "cpu" or not fallback:
+                self.close()
+                raise EngineError(msg)
+            warnings.warn(f"{msg}; running on the CPU instead (fallback=True)", RuntimeWarning, stacklevel=2)
+            self.device = "cpu"
+            if lib.sb_backend_open(model, DEVICES["cpu"], -1, ctypes.byref(backend), err, len(err)):
+                self.close()
+                raise EngineError(err.value.decode(errors="replace"))
+        self._backend = backend
+
+    @property
+    def model_handle(self) -> ctypes.c_void_p:
+        """The ``sb_model *`` of the C ABI (``runtime/lib.py``), for calls that take the model itself
+        (``sb_bench``, ``sb_profile_model``); valid until :meth:`close`."""
+        if self._model is None:
+            raise SparsambaError("the engine is closed")
+        return self._model
 
     @property
     def kernels(self) -> str:
         """What runs the model: the CPU kernel family, or the OpenCL device's description."""
-        if self._backend:
-            return self._lib.sb_backend_name(self._backend).decode(errors="replace")
-        return self._lib.sb_isa_name().decode()
+        return self._lib.sb_backend_name(self._backend).decode(errors="replace")
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         if getattr(self, "_backend", None):
             self._lib.sb_backend_free(self._backend)
             self._backend = None
-        if getattr(self, "_state", None):
-            self._lib.sb_state_free(self._state)
-            self._state = None
         if getattr(self, "_model", None):
             self._lib.sb_model_free(self._model)
             self._model = None
@@ -303,26 +205,20 @@ class Engine:
         out = None if mode == 0 else np.empty((ids.size if mode == 2 else 1, V), dtype=np.float32)
         err = _err()
         logits = None if out is None else out.ctypes.data
-        if self._backend:
-            rc = self._lib.sb_backend_forward(
-                self._backend, ids32.ctypes.data, ids32.size, logits, mode, err, len(err)
-            )
-        else:
-            rc = self._lib.sb_forward(
-                self._model, self._state, ids32.ctypes.data, ids32.size, logits, mode, err, len(err)
-            )
+        rc = self._lib.sb_backend_forward(
+            self._backend, ids32.ctypes.data, ids32.size, logits, mode, err, len(err)
+        )
         if rc:
             raise EngineError(err.value.decode(errors="replace"))
         return out
 
     def reset(self) -> None:
         """Back to the empty state (before any token)."""
-        if self._backend:
-            err = _err()
-            if self._lib.sb_backend_reset(self._backend, err, len(err)):
-                raise EngineError(err.value.decode(errors="replace"))
-            return
-        self._lib.sb_state_reset(self._state)
+        if self._model is None:
+            raise SparsambaError("the engine is closed")
+        err = _err()
+        if self._lib.sb_backend_reset(self._backend, err, len(err)):
+            raise EngineError(err.value.decode(errors="replace"))
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         """Run ``tokens`` from the current state; the last position's logits, (V,)."""
@@ -372,7 +268,7 @@ class Engine:
         pp = (ctypes.c_double * reps)()
         tg = (ctypes.c_double * reps)()
         err = _err()
-        if self._lib.sb_bench(self._model, n_prompt, n_gen, reps, pp, tg, err, len(err)):
+        if self._lib.sb_bench(self.model_handle, n_prompt, n_gen, reps, pp, tg, err, len(err)):
             raise EngineError(err.value.decode(errors="replace"))
         return {"pp": list(pp), "tg": list(tg)}
 
@@ -380,7 +276,9 @@ class Engine:
     def tokenizer(self):
         """The model's tokenizer, rebuilt from the tokenizer.json the compiler stored in the file."""
         if self._tokenizer is None:
-            self._tokenizer = read_tokenizer(self.path)
+            from ..gguf_io import load_gguf_tokenizer
+
+            self._tokenizer = load_gguf_tokenizer(self.path)
         return self._tokenizer
 
 
@@ -393,21 +291,3 @@ def _pick(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Gen
         lg = np.where(lg < kth, -np.inf, lg)
     p = np.exp(lg - lg.max())
     return int(rng.choice(lg.size, p=p / p.sum()))
-
-
-def read_tokenizer(path: str | os.PathLike):
-    """A ``tokenizers.Tokenizer`` from a packed GGUF's ``tokenizer.huggingface.json``."""
-    import gguf
-    from tokenizers import Tokenizer
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises assorted errors on bad files
-        raise SparsambaError(f"{path}: cannot read the GGUF ({e})") from None
-    field = reader.fields.get("tokenizer.huggingface.json")
-    if field is None:
-        raise SparsambaError(
-            f"{path}: holds no tokenizer (tokenizer.huggingface.json); pass token ids instead"
-        )
-    text = bytes(field.parts[field.data[0]]).decode()
-    return Tokenizer.from_str(text)

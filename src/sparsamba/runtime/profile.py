@@ -3,7 +3,7 @@
 For every prunable layer shape (out, in) of a model and every n in 0..3, the engine builds a synthetic
 layer whose rows all remove n weights per group of 4 (random valid codes) in the compile dtype, and
 times its decode product (``sb_profile_linear`` in ``src/engine/profile.c``): the active kernels, the
-thread count given, the same ``linear_vec`` path a decode step runs, and weights spread over a working
+thread count given, the same ``sb_linear_vec`` path a decode step runs, and weights spread over a working
 set of max(64 MiB, 2 × the LLC of one core) so that each call reads them from memory, as decode does.
 The median over the repetitions goes into the ``sparsamba.latency`` v1 table (``prune/latency.py``):
 ``seconds`` is the whole layer at that n, a row costs seconds / out, and a row at n = 4 is never read,
@@ -22,34 +22,27 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from .. import formats
 from ..errors import SparsambaError
+from ..model.names import LINEARS
+from ..outputs import check_output, write_file_atomically
+from .lib import error_buffer, library
 
-DTYPE_CODES = {"f32": 0, "f16": 1, "int8": 24}
-VALUE_BYTES = {"f32": 4, "f16": 2, "int8": 1}
-GGUF_NAMES = ("ssm_in", "ssm_x", "ssm_dt", "ssm_out")  # sb_profile_model's order within a block
+GGUF_NAMES = tuple(LINEARS["mamba"])  # sb_profile_model's order within a block
 DEVICES = ("cpu", "opencl")
 
 
 def _lib() -> ctypes.CDLL:
-    from .engine import library
-
+    """The engine library (``runtime/lib.py`` declares the prototypes), refused when it predates profiling."""
     lib = library()
     if not hasattr(lib, "sb_profile_linear"):
         raise SparsambaError(
             "the native engine was built before profiling existed (no sb_profile_linear); "
             "rebuild it: pip install -e . --no-deps"
         )
-    c_int, P, dp = ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)
-    lib.sb_profile_linear.argtypes = [c_int, c_int, c_int, c_int, c_int, dp, ctypes.c_char_p, ctypes.c_size_t]
-    lib.sb_profile_linear.restype = ctypes.c_int
-    lib.sb_profile_model.argtypes = [P, c_int, dp, ctypes.c_char_p, ctypes.c_size_t]
-    lib.sb_profile_model.restype = ctypes.c_int
-    lib.sb_profile_release.argtypes = []
-    lib.sb_profile_release.restype = None
     return lib
 
 
@@ -59,11 +52,6 @@ def release() -> None:
     _lib().sb_profile_release()
 
 
-def _check_dtype(dtype: str) -> None:
-    if dtype not in DTYPE_CODES:
-        raise SparsambaError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CODES)}")
-
-
 def profile_linear(
     out: int, inn: int, n: int, dtype: str = "f16", reps: int = 100, threads: int | None = None
 ) -> float:
@@ -71,15 +59,15 @@ def profile_linear(
     cold, on the engine's current kernels and ``threads`` (None: the current, process-wide count)."""
     from .engine import EngineError
 
-    _check_dtype(dtype)
+    code = formats.get(dtype).ggml_type
     lib = _lib()
     if threads is not None:
         if threads <= 0:
             raise SparsambaError(f"threads must be positive, got {threads}")
         lib.sb_set_threads(threads)
     sec = ctypes.c_double()
-    err = ctypes.create_string_buffer(512)
-    if lib.sb_profile_linear(out, inn, n, DTYPE_CODES[dtype], reps, ctypes.byref(sec), err, len(err)):
+    err = error_buffer()
+    if lib.sb_profile_linear(out, inn, n, code, reps, ctypes.byref(sec), err, len(err)):
         raise EngineError(err.value.decode(errors="replace"))
     return sec.value
 
@@ -88,7 +76,7 @@ def default_reps(out: int, inn: int, n: int, dtype: str, budget_s: float = 0.05)
     """Repetitions filling about ``budget_s`` at a guessed 10 GB/s: many for a small layer, whose
     median needs them, few for a large one (30 to 2000)."""
     kept = (4 - n) * math.ceil(inn / 4)
-    guess = out * (kept * VALUE_BYTES[dtype] + (kept // 4 if n else 0) + 4) / 10e9 + 1e-6
+    guess = out * (kept * formats.get(dtype).value_bytes + (kept // 4 if n else 0) + 4) / 10e9 + 1e-6
     return max(30, min(2000, int(budget_s / guess)))
 
 
@@ -123,7 +111,7 @@ def _default_threads(shapes: dict[str, tuple[int, int]], cfg, dtype: str) -> int
     from .engine import SMALL_MODEL_BYTES
 
     head = getattr(cfg, "vocab_size", 0) * getattr(cfg, "hidden_size", 0)
-    nbytes = (sum(o * i for o, i in shapes.values()) + head) * VALUE_BYTES[dtype]
+    nbytes = (sum(o * i for o, i in shapes.values()) + head) * formats.get(dtype).value_bytes
     return 1 if nbytes < SMALL_MODEL_BYTES else 0
 
 
@@ -155,7 +143,6 @@ def profile_table(
     ``rounds`` interleaved rounds and the median kept, so that a neighbour's burst of load on a shared
     machine lands on one round of every entry rather than on all of one entry."""
     from .. import __version__
-    from .engine import library
 
     if device not in DEVICES:
         raise SparsambaError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
@@ -164,7 +151,7 @@ def profile_table(
             f"--device {device}: not available — the profiler times the CPU kernels only; the OpenCL "
             "backend (Engine(device='opencl')) has no per-layer timing entry yet. Profile with --device cpu"
         )
-    _check_dtype(dtype)
+    formats.get(dtype)
     if threads is not None and threads <= 0:
         raise SparsambaError(f"threads must be positive, got {threads}")
     if reps is not None and reps <= 0:
@@ -173,9 +160,9 @@ def profile_table(
         raise SparsambaError(f"rounds must be positive, got {rounds}")
     model, cfg = _model_and_config(model_or_config)
     shapes = prunable_shapes(model)
-    _lib()  # a stale library fails here, before any work
-    threads = library().sb_set_threads(_default_threads(shapes, cfg, dtype) if threads is None else threads)
-    kernels = library().sb_isa_name().decode()
+    lib = _lib()  # a stale library fails here, before any work
+    threads = lib.sb_set_threads(_default_threads(shapes, cfg, dtype) if threads is None else threads)
+    kernels = lib.sb_isa_name().decode()
     keys = [(out, inn, n) for out, inn in sorted(set(shapes.values())) for n in range(4)]
     times: dict[tuple, list[float]] = {k: [] for k in keys}
     t0 = time.time()
@@ -222,23 +209,13 @@ def profile_table(
 
 def write_table(table: dict, path: str | Path, overwrite: bool = False) -> Path:
     """Write a latency table as JSON atomically (a temporary sibling renamed into place)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise SparsambaError(f"{path}: already exists; choose another path or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
             json.dump(table, f, indent=1)
             f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_file_atomically(check_output(path, overwrite, file=True), write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,8 +252,8 @@ def measure_layers(engine, reps: int = 200) -> dict[str, float]:
     lib = _lib()
     L = engine.info.n_layer
     out = (ctypes.c_double * (4 * L))()
-    err = ctypes.create_string_buffer(512)
+    err = error_buffer()
     lib.sb_set_threads(engine.threads)
-    if lib.sb_profile_model(engine._model, reps, out, err, len(err)):
+    if lib.sb_profile_model(engine.model_handle, reps, out, err, len(err)):
         raise EngineError(err.value.decode(errors="replace"))
     return {f"blk.{i}.{GGUF_NAMES[j]}": out[4 * i + j] for i in range(L) for j in range(4)}

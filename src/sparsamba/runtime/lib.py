@@ -1,0 +1,111 @@
+"""The engine's shared library and every prototype of its C ABI (``src/engine/sparsamba.h``), declared
+once here: ``runtime/engine.py`` and ``runtime/profile.py`` call ``library()`` and nothing else declares
+a signature. A function the header adds gets its line in ``PROTOTYPES``."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+from ..errors import SparsambaError
+
+LIB_NAME = {"darwin": "libsparsamba_engine.dylib", "win32": "sparsamba_engine.dll"}.get(
+    sys.platform, "libsparsamba_engine.so"
+)
+
+
+class Info(ctypes.Structure):
+    """sb_info"""
+
+    _fields_ = [
+        (name, ctypes.c_int32)
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layer",
+            "d_inner",
+            "d_state",
+            "dt_rank",
+            "d_conv",
+            "dtype",
+            "tied_head",
+            "norm_folded",
+            "format_version",
+        )
+    ] + [("file_bytes", ctypes.c_int64), ("weight_bytes", ctypes.c_int64)]
+
+
+_P, _PP, _STR, _SIZE = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_size_t
+_I32, _I64, _DP = ctypes.c_int32, ctypes.c_int64, ctypes.POINTER(ctypes.c_double)
+_ERR = [_STR, _SIZE]  # every fallible call ends with (char *err, size_t errlen)
+
+# name -> (restype, argtypes), in sparsamba.h's order
+PROTOTYPES: dict[str, tuple] = {
+    "sb_model_load": (ctypes.c_int, [_STR, _PP, *_ERR]),
+    "sb_model_free": (None, [_P]),
+    "sb_model_info": (None, [_P, ctypes.POINTER(Info)]),
+    "sb_state_new": (ctypes.c_int, [_P, _PP, *_ERR]),
+    "sb_state_reset": (None, [_P]),
+    "sb_state_free": (None, [_P]),
+    "sb_forward": (ctypes.c_int, [_P, _P, _P, _I32, _P, _I32, *_ERR]),
+    "sb_set_threads": (_I32, [_I32]),
+    "sb_set_isa": (_I32, [_I32]),
+    "sb_isa_name": (_STR, []),
+    "sb_bench": (ctypes.c_int, [_P, _I32, _I32, _I32, _DP, _DP, *_ERR]),
+    "sb_read_bandwidth": (ctypes.c_double, [_I64, _I32]),
+    "sb_profile_linear": (ctypes.c_int, [_I32, _I32, _I32, _I32, _I32, _DP, *_ERR]),
+    "sb_profile_model": (ctypes.c_int, [_P, _I32, _DP, *_ERR]),
+    "sb_profile_release": (None, []),
+    "sb_backend_open": (ctypes.c_int, [_P, _I32, _I32, _PP, *_ERR]),
+    "sb_backend_free": (None, [_P]),
+    "sb_backend_reset": (ctypes.c_int, [_P, *_ERR]),
+    "sb_backend_forward": (ctypes.c_int, [_P, _P, _I32, _P, _I32, *_ERR]),
+    "sb_backend_name": (_STR, [_P]),
+    "sb_opencl_devices": (ctypes.c_int, [_STR, _SIZE, *_ERR]),
+}
+
+
+def _candidates() -> list[Path]:
+    env = os.environ.get("SPARSAMBA_ENGINE_LIB")
+    if env:
+        return [Path(env)]
+    import sparsamba
+
+    # an installed wheel keeps the library inside the package; an editable install may spread the
+    # package over several folders (its __path__), and a source checkout built by hand keeps it
+    # in build/engine
+    dirs = [Path(p) for p in getattr(sparsamba, "__path__", [])] + [Path(__file__).parents[1]]
+    root = Path(__file__).resolve().parents[3]
+    return [d / LIB_NAME for d in dirs] + [root / "build" / "engine" / LIB_NAME]
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded engine library, every prototype declared (loaded once). A symbol an older build lacks
+    is left undeclared: its caller says what to rebuild (``profile._lib``)."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    tried = _candidates()
+    path = next((p for p in tried if p.is_file()), None)
+    if path is None:
+        raise SparsambaError(
+            f"the native engine ({LIB_NAME}) is not built: looked in {', '.join(str(p.parent) for p in tried)}. "
+            "Reinstall the package (pip install -e .), which builds it with CMake, or set SPARSAMBA_ENGINE_LIB"
+        )
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in PROTOTYPES.items():
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype, fn.argtypes = restype, argtypes
+    _lib = lib
+    return lib
+
+
+def error_buffer() -> ctypes.Array:
+    """the (char *err, size_t errlen) buffer the fallible calls write their message into"""
+    return ctypes.create_string_buffer(1024)
