@@ -2,7 +2,7 @@
  * per class: work-item (r, t) is packed row r of the class (16 per block: the lanes of a work-group read
  * one block's slot-major values side by side) and token t. `cls` points at the class section (its
  * header, row index, int8 scales, stream). Activations are channel-major, X[xoff + col * ldx + t]; the
- * result is *added* at Y[o * ys_o + t * ys_t], as linear.cl does. Inputs at col >= K (a chunk's zero
+ * result is *added* at Y[o * ys_o + t * ys_t] (a product accumulates). Inputs at col >= K (a chunk's zero
  * padding) are never read. int8 follows the CPU kernels' numerics: per chunk of 64 inputs x is
  * rounded to int16 steps of max|x| / 32767, the int32 sum of the chunk scaled back, then the row scale. */
 
@@ -84,4 +84,23 @@ __kernel void linear_v2(__global const uchar *cls, int n, int K, int P, int nb, 
     acc *= ((__global const float *)(cls + 64 + 64 * (long)nb))[r];
 #endif
     Y[(long)o * ys_o + (long)t * ys_t] += acc;
+}
+
+/* The token embedding into the channel-major residual stream: H[j, t] = row tok[t] of token_embd's one
+ * n = 0 class (· its int8 row scale). The LM head is an ordinary linear_v2 launch whose output strides
+ * write logits (T, V). */
+__kernel void embed(__global const uchar *cls, int K, int P, int nb, __global const int *tok, __global float *H, int ldx,
+                    int T) {
+    int j = get_global_id(0), t = get_global_id(1);
+    if (j >= K || t >= T) return;
+    int k = tok[t], b = k / 16, l = k % 16, p = j / P, jj = j - p * P, s = jj % 64;
+    long off = 0; /* the record of (panel p, block b, chunk jj / 64): every chunk before it is full */
+    for (int q = 0; q < p; q++) off += v2_block_panel_bytes(0, K, P, q) * nb;
+    off += b * v2_block_panel_bytes(0, K, P, p) + (long)(jj / 64) * v2_record_bytes(0, 16);
+    __global const wstore *v = (__global const wstore *)(cls + 64 + 64 * (long)nb * V2_META + off);
+#ifdef SB_W_I8
+    H[(long)j * ldx + t] = (float)v[32 * (s / 2) + 2 * l + (s & 1)] * ((__global const float *)(cls + 64 + 64 * (long)nb))[k];
+#else
+    H[(long)j * ldx + t] = (float)LOADW(v, 16 * s + l);
+#endif
 }
