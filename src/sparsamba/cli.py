@@ -52,8 +52,18 @@ def _eval_text(model_path, m, tok, data: str | None, seqlen: int, max_windows: i
 
 
 def cmd_eval(a) -> None:
-    path, m, tok = _load(a.model)
-    data, r = _eval_text(path, m, tok, a.data, a.seqlen, a.max_windows, a.batch_size)
+    if a.model and a.model.endswith(".gguf") and Path(a.model).is_file():  # a packed model: the native engine
+        from .eval.native import EngineLM
+
+        path = Path(a.model)
+        m = EngineLM(path, threads=a.threads)
+        try:
+            data, r = _eval_text(path, m, m.tokenizer(), a.data, a.seqlen, a.max_windows, a.batch_size)
+        finally:
+            m.close()
+    else:
+        path, m, tok = _load(a.model)
+        data, r = _eval_text(path, m, tok, a.data, a.seqlen, a.max_windows, a.batch_size)
     print(f"model       {path}")
     print(f"data        {data}")
     print(f"perplexity  {r.perplexity:.3f}")
@@ -262,8 +272,11 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(a) -> None:
-    from .runtime.engine import Engine
+    from .runtime.engine import Engine, set_isa
 
+    got = set_isa(a.isa)
+    if a.isa != "auto" and not got.startswith(a.isa):
+        _log(f"--isa {a.isa}: this CPU or build has no {a.isa} kernels; running {got}")
     with Engine(
         a.model, threads=a.threads, device=a.device, device_index=a.device_index, fallback=a.fallback
     ) as eng:
@@ -342,11 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("eval", help="perplexity of a model on held-out text")
-    s.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
+    s.add_argument(
+        "model",
+        nargs="?",
+        help="model directory or hub id (default: the embedded model), or a packed MODEL.gguf (sparsamba compile): "
+        "then the native engine computes the logits, same windows",
+    )
     s.add_argument("--data", help="text / .jsonl / .gz file or folder (default: the embedded held-out split)")
     s.add_argument("--seqlen", type=int, default=256, help="window length in tokens")
     s.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int, default=None, help="engine threads, for a packed MODEL.gguf (default: all)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="generate text with the torch reference")
@@ -446,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--fallback", action="store_true", help="run on the CPU when OpenCL cannot (with a warning)"
+    )
+    s.add_argument(
+        "--isa",
+        choices=("auto", "scalar", "avx2", "avx512", "neon"),
+        default="auto",
+        help="CPU kernel family (default: the best this CPU has; avx512 uses VNNI for int8 where present)",
     )
     s.set_defaults(func=cmd_run)
 
