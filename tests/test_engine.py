@@ -5,6 +5,12 @@ kernel family, decode vs prefill, threads, greedy tokens, and the errors of bad 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +29,27 @@ from sparsamba.runtime.engine import Engine, EngineError, set_isa
 # f16 and int8 add their rounding of the weights (measured on these models: f16 <= 7e-4, int8 <= 3e-2).
 SAME_WEIGHTS = 1e-4
 VS_SOURCE = {"f32": 1e-4, "f16": 3e-3, "int8": 8e-2}
-ISAS = ["scalar", "avx2"] if set_isa("avx2") == "avx2" else ["scalar"]
+# every family this CPU has; avx512-novnni: the AVX-512 family's vpmaddwd int8 path on a VNNI CPU
+# (SPARSAMBA_NO_VNNI=1 is read once per process, so that one runs in a subprocess)
+ISAS = ["scalar"] + [f for f in ("avx2", "avx512") if set_isa(f).startswith(f)]
+if set_isa("avx512") == "avx512-vnni":
+    ISAS.append("avx512-novnni")
+SKIPPED_ISAS = [f for f in ("avx2", "avx512") if f not in ISAS]
+
+
+def logits_in_subprocess(path, ids, isa: str, env: dict) -> np.ndarray:
+    code = (
+        "import sys, numpy as np; from sparsamba.runtime.engine import Engine, set_isa; "
+        f"print(set_isa({isa!r}), file=sys.stderr); "
+        f"np.save(sys.argv[1], Engine({str(path)!r}, threads=1).logits({ids!r}))"
+    )
+    out = Path(tempfile.mkdtemp()) / "logits.npy"
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, env={**os.environ, **env}
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == isa, p.stderr  # not avx512-vnni
+    return np.load(out)
 
 
 @pytest.fixture(autouse=True)
@@ -47,15 +73,24 @@ def ids_for(vocab: int, n: int = 23, seed: int = 0) -> list[int]:
 @pytest.mark.parametrize("name", [*CONFIGS, "embedded-pruned"])
 def test_logits_match_the_references(compiled, name, dtype, isa):
     path, src = compiled[name, dtype]
-    set_isa(isa)
-    eng = Engine(path, threads=1)
-    ids = ids_for(eng.info.vocab_size)
-    got = eng.logits(ids)
+    ids = ids_for(Engine(path, threads=1).info.vocab_size)
+    if isa == "avx512-novnni":
+        got = logits_in_subprocess(path, ids, "avx512", {"SPARSAMBA_NO_VNNI": "1"})
+    else:
+        assert set_isa(isa).startswith(isa)
+        got = Engine(path, threads=1).logits(ids)
     same = plan_forward(read_packed(path), torch.tensor(ids)).numpy()
     with torch.no_grad():
         source = load_model(src)(torch.tensor([ids]))[0].numpy()
     assert max_rel(got, same) <= SAME_WEIGHTS
     assert max_rel(got, source) <= VS_SOURCE[dtype]
+
+
+def test_families_this_cpu_lacks_are_named():
+    if SKIPPED_ISAS:
+        pytest.skip(
+            f"this CPU has no {', '.join(SKIPPED_ISAS)} family (they fall back to scalar): not tested here"
+        )
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
@@ -86,12 +121,21 @@ def test_decode_equals_prefill_and_chunks(compiled):
     assert max_rel(eng.logits(ids, all_positions=False), whole[-1]) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", ["f16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_threads_give_the_same_logits(compiled, threads):
-    path, _ = compiled["embedded-pruned", "f16"]
+def test_threads_give_the_same_logits(compiled, threads, dtype):
+    """Each row is one thread's, whole: 2 threads give 1 thread's logits, prefill and decode alike."""
+    path, _ = compiled["embedded-pruned", dtype]
     ids = ids_for(4096, 37, seed=2)
     one = Engine(path, threads=1).logits(ids)
-    assert max_rel(Engine(path, threads=threads).logits(ids), one) <= 1e-6
+    eng = Engine(path, threads=threads)
+    assert max_rel(eng.logits(ids), one) <= 1e-6
+    eng.reset()
+    one_step = Engine(path, threads=1)
+    assert (
+        max_rel(np.stack([eng.decode(t) for t in ids[:5]]), np.stack([one_step.decode(t) for t in ids[:5]]))
+        <= 1e-6
+    )
 
 
 def test_greedy_tokens_equal_the_reference_on_the_embedded_model(tmp_path):
@@ -211,3 +255,24 @@ def test_run_command_with_text(tmp_path, capsys):
     assert out.startswith("And God said") and len(out) > len("And God said")
     assert main(["run", str(path), "--prompt", "", "-n", "8"]) == 1
     assert "empty" in capsys.readouterr().err
+
+
+def test_eval_of_a_packed_model_is_the_reference_perplexity(tmp_path, capsys):
+    """`sparsamba eval MODEL.gguf`: the engine's perplexity on the same windows as the torch eval; f32 packed
+    equals the torch reference's within 1e-4 relative."""
+    from sparsamba import assets
+    from sparsamba.eval.data import eval_windows, read_text, tokenize
+    from sparsamba.eval.native import EngineLM
+    from sparsamba.eval.perplexity import perplexity
+    from sparsamba.model.hf import load_tokenizer
+
+    path = compile_model(EMBEDDED, tmp_path / "m.gguf", dtype="f32").path
+    windows = eval_windows(tokenize(read_text(assets.HELDOUT), load_tokenizer(EMBEDDED)), 64, 3)
+    with torch.no_grad():
+        ref = perplexity(load_model(EMBEDDED), windows, progress=False).perplexity
+    lm = EngineLM(path, threads=1)
+    got = perplexity(lm, windows, progress=False).perplexity
+    lm.close()
+    assert abs(got - ref) / ref <= 1e-4, (got, ref)
+    main(["eval", str(path), "--seqlen", "64", "--max-windows", "3", "--threads", "1"])
+    assert f"perplexity  {got:.3f}" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import os
 import random
 import resource
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -138,11 +139,11 @@ def test_container_errors(good, asan_run, tmp_path):
 
 def test_tensor_info_errors(good, asan_run, tmp_path):
     _, ti = offsets(good)
-    t = ti["blk.0.ssm_in.c2.values"]
+    t = ti["blk.0.ssm_in.v2"]
     expect_error(
         mutated(good, tmp_path, [(t["type"], (2).to_bytes(4, "little"))]),
         asan_run,
-        "'blk.0.ssm_in.c2.values': type 2 is not one this engine reads",
+        "'blk.0.ssm_in.v2': type 2 is not one this engine reads",
     )
     # F16 would double the values' bytes into the next tensor's: caught as an overlap
     expect_error(
@@ -166,7 +167,7 @@ def test_tensor_info_errors(good, asan_run, tmp_path):
     expect_error(
         mutated(good, tmp_path, [(t["dims"], (4).to_bytes(8, "little"))]),
         asan_run,
-        "'blk.0.ssm_in.c2.values' has shape",
+        "'blk.0.ssm_in.v2': 4 bytes, shorter than the 64-byte matrix header",
     )
     expect_error(
         mutated(good, tmp_path, [(t["offset"], (2**40).to_bytes(8, "little"))]), asan_run, "outside the"
@@ -206,38 +207,75 @@ def test_a_fifo_is_refused_without_waiting(asan_run, tmp_path):
         Engine(fifo, threads=1)
 
 
+def blob_class(
+    good: Path, ti: dict, name: str, min_rows: int = 1, n: int | None = None
+) -> tuple[int, int, int, int]:
+    """(file offset of a class section of blob `name`, its n, rows, blocks): the first with >= min_rows rows
+    (and the given n)"""
+    t = ti[name]
+    data = good.read_bytes()
+    offs = struct.unpack_from("<4Q", data, t["data"] + 32)
+    for cn, o in enumerate(offs):
+        rows, nb = struct.unpack_from("<2I", data, t["data"] + o + 4) if o else (0, 0)
+        if o and rows >= min_rows and n in (None, cn):
+            return t["data"] + o, cn, rows, nb
+    raise LookupError(f"{name} has no such class")
+
+
 def test_model_level_errors(good, asan_run, tmp_path):
     kv, ti = offsets(good)
-    expect_error(
-        mutated(good, tmp_path, [(kv["sparsamba.format_version"], (9).to_bytes(4, "little"))]),
-        asan_run,
-        "packed format version 9 is not supported",
-    )
+    for v in (9, 1):  # 1: a file of packed format v1
+        expect_error(
+            mutated(good, tmp_path, [(kv["sparsamba.format_version"], v.to_bytes(4, "little"))]),
+            asan_run,
+            f"packed format version {v}; this engine reads format version 2",
+            "recompile it with sparsamba compile",
+        )
     # 'f16' -> 'f17': an unknown dtype enum
     expect_error(mutated(good, tmp_path, [(kv["sparsamba.compile.dtype"], b"f17\0")]), asan_run, "")
-    codes = ti["blk.1.ssm_out.c2.codes"]
+    # the blob's dtype is not the file's
+    t = ti["blk.1.ssm_out.v2"]
     expect_error(
-        mutated(good, tmp_path, [(codes["data"], b"\xff")]),
+        mutated(good, tmp_path, [(t["data"] + 8, (1).to_bytes(4, "little"))]),
         asan_run,
-        "'blk.1.ssm_out.c2.codes': row 0 group 0 keeps 4 weights, class c2 keeps 2",
+        "'blk.1.ssm_out.v2': dtype 1, the file's compile dtype is 2",
     )
-    rows = ti["blk.0.ssm_x.c1.rows"]
+    # block counts that do not match the class: rows + 16, blocks + 1
+    at, n, rows, nb = blob_class(good, ti, "blk.1.ssm_out.v2")
+    for off, v in ((4, rows + 16), (8, nb + 1)):
+        expect_error(
+            mutated(good, tmp_path, [(at + off, v.to_bytes(4, "little"))]),
+            asan_run,
+            f"'blk.1.ssm_out.v2': class n={n}: declared counts do not match the class",
+        )
+    # n = 2 codes whose two kept positions of a group coincide (int8: the stream after index and scales)
+    at, n, rows, nb = blob_class(good, ti, "blk.1.ssm_out.v2", n=2)
     expect_error(
-        mutated(good, tmp_path, [(rows["data"], (10**6).to_bytes(4, "little"))]),
+        mutated(good, tmp_path, [(at + 64 + 128 * nb, (0b0101).to_bytes(4, "little"))]),
+        asan_run,
+        "class n=2: row 0, group 0: the two kept positions are not distinct and ascending",
+    )
+    at, n, rows, nb = blob_class(good, ti, "blk.0.ssm_x.v2", min_rows=2)
+    expect_error(
+        mutated(good, tmp_path, [(at + 64, (10**6).to_bytes(4, "little"))]),
         asan_run,
         "writes output 1000000, which is out of range",
     )
-    first = good.read_bytes()[rows["data"] : rows["data"] + 4]
+    first = good.read_bytes()[at + 64 : at + 68]
+    expect_error(mutated(good, tmp_path, [(at + 68, first)]), asan_run, "already written by another row")
     expect_error(
-        mutated(good, tmp_path, [(rows["data"] + 4, first)]), asan_run, "already written by another row"
+        mutated(good, tmp_path, [(at + 64 + 64 * nb, np.float32(np.nan).tobytes())]),
+        asan_run,
+        "'blk.0.ssm_x.v2'",
+        "has scale nan (not finite and positive)",
     )
-    scale = (
-        ti["blk.0.ssm_dt.c3.scale"]
-        if "blk.0.ssm_dt.c3.scale" in ti
-        else next(v for k, v in ti.items() if k.endswith(".scale"))
-    )
+    # the embedding must be token order: rows 0 and 1 swapped
+    at, *_ = blob_class(good, ti, "token_embd.v2")
+    swap = [(at + 64, (1).to_bytes(4, "little")), (at + 68, (0).to_bytes(4, "little"))]
     expect_error(
-        mutated(good, tmp_path, [(scale["data"], np.float32(np.nan).tobytes())]), asan_run, "is not finite"
+        mutated(good, tmp_path, swap),
+        asan_run,
+        "'token_embd.v2' must be one n = 0 class of every row in token order",
     )
 
 

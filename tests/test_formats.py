@@ -1,11 +1,13 @@
 """The dtype table (sparsamba.formats) against the gguf package, the packed file and the engine."""
 
 import gguf
+import numpy as np
 import pytest
 from conftest import PRUNED_CONFIGS, random_pruned
 
 from sparsamba import formats
 from sparsamba.compile import compile_model
+from sparsamba.compile.packed_v2 import unpack_matrix
 from sparsamba.errors import SparsambaError
 
 
@@ -35,9 +37,10 @@ def test_engine_and_file_report_the_table(tmp_path):
     src = random_pruned(tmp_path / name, **kw)
     for d in formats.DTYPES.values():
         path = compile_model(src, tmp_path / f"{d.name}.gguf", dtype=d.name).path
-        types = {t.name: int(t.tensor_type) for t in gguf.GGUFReader(path).tensors}
-        assert types["token_embd.weight"] == d.ggml_type
-        assert {v for k, v in types.items() if k.endswith(".values")} == {d.ggml_type}
-        assert any(k.endswith(".scale") for k in types) == d.scaled
+        blobs = [t for t in gguf.GGUFReader(path).tensors if t.name.endswith(".v2")]
+        assert {int(t.tensor_type) for t in blobs} == {int(gguf.GGMLQuantizationType.I8)}  # bytes
+        mats = [unpack_matrix(np.array(t.data).view(np.uint8)) for t in blobs]
+        assert {m.dtype for m in mats} == {d.name}  # the blob header's dtype is the table's
+        assert all((c.scale is not None) == d.scaled for m in mats for c in m.classes)
         with Engine(path) as eng:
             assert eng.info.dtype == d.name

@@ -96,7 +96,7 @@ def test_table_format_and_file_round_trip(tmp_path):
         "s",
     )
     assert (
-        t["threads"] == 1 and t["kernels"] in ("scalar", "avx2", "neon", "neon-fp16") and t["machine"]["cpu"]
+        t["threads"] == 1 and t["kernels"] in ("scalar", "avx2", "avx512", "avx512-vnni", "neon") and t["machine"]["cpu"]
     )
     assert t["layers"] == {k: list(v) for k, v in shapes.items()}
     assert len(t["entries"]) == 5 * len(set(shapes.values()))

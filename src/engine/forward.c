@@ -3,7 +3,12 @@
  * every per-channel op — conv, scan, gate — walks contiguous memory). The fusions of the design are
  * loops here: RMSNorm's weight is folded into in_proj by the compiler and its scale applied while
  * normalising; conv1d + SiLU, dt_proj + softplus, scan + D skip + SiLU(z) gate each run as one pass;
- * out_proj accumulates straight into the residual stream. */
+ * out_proj accumulates straight into the residual stream.
+ *
+ * Every matrix product reads activations prepared once per product (sb_v2_act_set: zero-padded to
+ * whole chunks, and for int8 quantised per chunk), shared by every class and thread. Threads: one
+ * parallel region per token (decode) or per prefill chunk; the serial steps run in `omp single`, the
+ * per-channel loops in `omp for`, the products split by threads.c — the whole team calls every step. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,17 +20,34 @@
 
 static int pad16(int n) { return (n + 15) / 16 * 16 + 16; }
 
+/* activation buffers of one input width K: n of them (one per token), memory owned by the first */
+static sb_v2_act *acts_new(int K, int n) {
+    size_t ab = sb_v2_act_bytes(K);
+    sb_v2_act *a = malloc(sizeof *a * (size_t)n);
+    uint8_t *mem = aligned_alloc(64, ab * (size_t)n);
+    if (!a || !mem) {
+        free(a), free(mem);
+        return NULL;
+    }
+    for (int t = 0; t < n; t++) sb_v2_act_bind(&a[t], mem + ab * (size_t)t, K);
+    return a;
+}
+
+static void acts_free(sb_v2_act *a) {
+    if (a) free(a[0].x); /* the first binding starts at the memory's start */
+    free(a);
+}
+
 struct sb_state {
     const sb_model *m;
+    int quantise;      /* int8 matrices: products quantise their activations per chunk */
     float *conv, *ssm; /* (L, di, K-1) and (L, di, N) */
-    /* decode scratch: inputs to matrices are padded with zeros (kernels read whole groups) */
-    float *h, *un, *xz, *xc, *xdbl, *dtin, *dt, *y;
+    float *h, *un, *xz, *xc, *xdbl, *dt, *y; /* decode scratch */
+    sb_v2_act *ad, *adi, *ar;                /* decode activations of width d, di, R */
     /* prefill scratch for up to cap columns */
     int cap;
-    float *H, *HN, *XZ, *XC, *XDBL, *DTIN, *DT, *Y, *BT, *CT, *rs;
-    void *gscratch;
-    int gthreads;
-    size_t gsize;
+    float *H, *HN, *XZ, *XC, *XDBL, *DT, *Y, *BT, *CT, *rs;
+    sb_v2_act *Ad, *Adi, *Ar; /* (cap,) per token */
 };
 
 /* ---------------------------------------------------------------- small ops */
@@ -36,31 +58,28 @@ static void fill_bias(float *y, const float *bias, int n) {
     else memset(y, 0, sizeof(float) * (size_t)n);
 }
 
-/* the embedding row of token t, as fp32 */
-static void embed(const sb_model *m, int32_t tok, float *out, int stride) {
-    const sb_class *e = &m->embd.cls[0];
-    float s = e->scale ? e->scale[tok] : 1.0f;
-    for (int j = 0; j < e->len; j++) out[(size_t)j * stride] = sb_value(e, tok, j) * s;
-}
-
 /* ---------------------------------------------------------------- state */
 
 static void free_prefill(sb_state *s) {
-    float **bufs[] = {&s->H, &s->HN, &s->XZ, &s->XC, &s->XDBL, &s->DTIN, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs};
+    float **bufs[] = {&s->H, &s->HN, &s->XZ, &s->XC, &s->XDBL, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
         free(*bufs[i]);
         *bufs[i] = NULL;
     }
-    free(s->gscratch);
-    s->gscratch = NULL;
+    sb_v2_act **acts[] = {&s->Ad, &s->Adi, &s->Ar};
+    for (size_t i = 0; i < 3; i++) {
+        acts_free(*acts[i]);
+        *acts[i] = NULL;
+    }
     s->cap = 0;
 }
 
 void sb_state_free(sb_state *s) {
     if (!s) return;
     free_prefill(s);
-    float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->xz, s->xc, s->xdbl, s->dtin, s->dt, s->y};
+    float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->xz, s->xc, s->xdbl, s->dt, s->y};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+    acts_free(s->ad), acts_free(s->adi), acts_free(s->ar);
     free(s);
 }
 
@@ -77,6 +96,7 @@ int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen) {
     *out = NULL;
     if (!s) goto oom;
     s->m = m;
+    s->quantise = I->dtype == GG_I8;
     s->conv = calloc((size_t)I->n_layer * di * (K > 1 ? K - 1 : 1), sizeof(float));
     s->ssm = calloc((size_t)I->n_layer * di * N, sizeof(float));
     s->h = calloc((size_t)pad16(d), sizeof(float));
@@ -84,10 +104,11 @@ int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen) {
     s->xz = calloc((size_t)pad16(2 * di), sizeof(float));
     s->xc = calloc((size_t)pad16(di), sizeof(float));
     s->xdbl = calloc((size_t)pad16(R + 2 * N), sizeof(float));
-    s->dtin = calloc((size_t)pad16(R), sizeof(float));
     s->dt = calloc((size_t)pad16(di), sizeof(float));
     s->y = calloc((size_t)pad16(di), sizeof(float));
-    if (!s->conv || !s->ssm || !s->h || !s->un || !s->xz || !s->xc || !s->xdbl || !s->dtin || !s->dt || !s->y)
+    s->ad = acts_new(d, 1), s->adi = acts_new(di, 1), s->ar = acts_new(R, 1);
+    if (!s->conv || !s->ssm || !s->h || !s->un || !s->xz || !s->xc || !s->xdbl || !s->dt || !s->y || !s->ad ||
+        !s->adi || !s->ar)
         goto oom;
     *out = s;
     return SB_OK;
@@ -99,8 +120,7 @@ oom:
 }
 
 static int grow_prefill(sb_state *s, int T) {
-    int threads = sb_n_threads();
-    if (T <= s->cap && threads <= s->gthreads) return SB_OK;
+    if (T <= s->cap) return SB_OK;
     free_prefill(s);
     const sb_info *I = &s->m->info;
     int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank;
@@ -114,22 +134,18 @@ static int grow_prefill(sb_state *s, int T) {
     s->XZ = calloc((size_t)pad16(2 * di) * ldx, sizeof(float));
     s->XC = calloc((size_t)pad16(di) * ldx, sizeof(float));
     s->XDBL = calloc((size_t)pad16(R + 2 * N) * ldx, sizeof(float));
-    s->DTIN = calloc((size_t)pad16(R) * ldx, sizeof(float));
     s->DT = calloc((size_t)pad16(di) * ldx, sizeof(float));
     s->Y = calloc((size_t)pad16(di) * ldx, sizeof(float));
     s->BT = calloc(ldx * (size_t)N, sizeof(float));
     s->CT = calloc(ldx * (size_t)N, sizeof(float));
     s->rs = calloc(ldx, sizeof(float));
-    int maxin = d > di ? d : di;
-    s->gsize = (SB_GEMM_SCRATCH((maxin + 3) / 4) + 63) / 64 * 64;
-    s->gscratch = aligned_alloc(64, s->gsize * (size_t)threads);
-    if (!s->H || !s->HN || !s->XZ || !s->XC || !s->XDBL || !s->DTIN || !s->DT || !s->Y || !s->BT || !s->CT ||
-        !s->rs || !s->gscratch) {
+    s->Ad = acts_new(d, (int)ldx), s->Adi = acts_new(di, (int)ldx), s->Ar = acts_new(R, (int)ldx);
+    if (!s->H || !s->HN || !s->XZ || !s->XC || !s->XDBL || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs ||
+        !s->Ad || !s->Adi || !s->Ar) {
         free_prefill(s);
         return SB_ERR_NOMEM;
     }
     s->cap = (int)ldx;
-    s->gthreads = threads;
     return SB_OK;
 }
 
@@ -142,128 +158,193 @@ static void rmsnorm_vec(const float *h, const float *w, float eps, int d, float 
     for (int j = 0; j < d; j++) out[j] = h[j] * r * (w ? w[j] : 1.0f);
 }
 
+/* every thread of the team runs this; s->h holds the residual stream */
 static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels *k) {
     const sb_info *I = &m->info;
     const sb_layer *ly = &m->layers[i];
-    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv;
-    rmsnorm_vec(s->h, ly->norm, m->eps, d, s->un);
-    fill_bias(s->xz, ly->in.bias, 2 * di);
-    sb_linear_vec(k, &ly->in, s->un, s->xz);
-    float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
-    for (int c = 0; c < di; c++) { /* conv1d + SiLU, window shifted in place */
-        const float *w = ly->conv_w + (size_t)c * K;
-        float *st = cst + (size_t)c * (K - 1), x = s->xz[c], acc = ly->conv_b[c] + w[K - 1] * x;
-        for (int j = 0; j < K - 1; j++) acc += w[j] * st[j];
-        for (int j = 0; j + 1 < K - 1; j++) st[j] = st[j + 1];
-        if (K > 1) st[K - 2] = x;
-        s->xc[c] = acc;
+    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, q = s->quantise;
+#pragma omp single
+    {
+        rmsnorm_vec(s->h, ly->norm, m->eps, d, s->un);
+        fill_bias(s->xz, ly->in.bias, 2 * di);
+        sb_v2_act_set(s->ad, s->un, 1, q);
     }
-    k->silu(s->xc, di);
-    memset(s->xdbl, 0, sizeof(float) * (size_t)(R + 2 * N));
-    sb_linear_vec(k, &ly->x, s->xc, s->xdbl);
-    memcpy(s->dtin, s->xdbl, sizeof(float) * (size_t)R);
-    fill_bias(s->dt, ly->dt_bias, di);
-    sb_linear_vec(k, &ly->dt, s->dtin, s->dt);
-    k->softplus(s->dt, di);
+    sb_linear_vec(k, &ly->in, s->ad, s->xz);
+#pragma omp single
+    {
+        float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
+        for (int c = 0; c < di; c++) { /* conv1d + SiLU, window shifted in place */
+            const float *w = ly->conv_w + (size_t)c * K;
+            float *st = cst + (size_t)c * (K - 1), x = s->xz[c], acc = ly->conv_b[c] + w[K - 1] * x;
+            for (int j = 0; j < K - 1; j++) acc += w[j] * st[j];
+            for (int j = 0; j + 1 < K - 1; j++) st[j] = st[j + 1];
+            if (K > 1) st[K - 2] = x;
+            s->xc[c] = acc;
+        }
+        k->silu(s->xc, di);
+        memset(s->xdbl, 0, sizeof(float) * (size_t)(R + 2 * N));
+        sb_v2_act_set(s->adi, s->xc, 1, q);
+    }
+    sb_linear_vec(k, &ly->x, s->adi, s->xdbl);
+#pragma omp single
+    {
+        fill_bias(s->dt, ly->dt_bias, di);
+        sb_v2_act_set(s->ar, s->xdbl, 1, q); /* Δr: the first R outputs of ssm_x */
+    }
+    sb_linear_vec(k, &ly->dt, s->ar, s->dt);
     const float *B = s->xdbl + R, *C = s->xdbl + R + N;
     float *ssm = s->ssm + (size_t)i * di * N;
-#pragma omp parallel for schedule(static) if (di * N > 8192)
-    for (int c = 0; c < di; c++) { /* scan step + D skip */
-        float dt = s->dt[c], x = s->xc[c], yc;
-        k->scan_step(N, ly->A + (size_t)c * N, dt, dt * x, B, C, ssm + (size_t)c * N, &yc);
-        s->y[c] = yc + ly->D[c] * x;
+#pragma omp for schedule(static)
+    for (int c0 = 0; c0 < di; c0 += 64) { /* softplus, scan step + D skip, 64 channels at a time */
+        int c1 = c0 + 64 < di ? c0 + 64 : di;
+        k->softplus(s->dt + c0, c1 - c0);
+        for (int c = c0; c < c1; c++) {
+            float dt = s->dt[c], x = s->xc[c], yc;
+            k->scan_step(N, ly->A + (size_t)c * N, dt, dt * x, B, C, ssm + (size_t)c * N, &yc);
+            s->y[c] = yc + ly->D[c] * x;
+        }
+        k->mul_silu(s->y + c0, s->xz + di + c0, c1 - c0); /* the SiLU(z) gate */
     }
-    k->mul_silu(s->y, s->xz + di, di); /* the SiLU(z) gate */
-    if (ly->out.bias)
-        for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
-    sb_linear_vec(k, &ly->out, s->y, s->h); /* out_proj accumulates into the residual */
+#pragma omp single
+    {
+        if (ly->out.bias)
+            for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
+        sb_v2_act_set(s->adi, s->y, 1, q);
+    }
+    sb_linear_vec(k, &ly->out, s->adi, s->h); /* out_proj accumulates into the residual */
 }
 
+/* every thread of the team runs this too */
 static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float *logits) {
-    rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, s->un);
-    memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
-    sb_linear_vec(k, &m->head, s->un, logits);
+#pragma omp single
+    {
+        rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, s->un);
+        memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
+        sb_v2_act_set(s->ad, s->un, 1, s->quantise);
+    }
+    sb_linear_vec(k, &m->head, s->ad, logits);
+}
+
+static void decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logits, int mode) {
+    const sb_kernels *k = sb_active_kernels();
+#pragma omp parallel if (sb_n_threads() > 1)
+    {
+#pragma omp single
+        sb_v2_row(&m->embd.w.cls[0], tok, s->h);
+        for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k);
+        if (mode) head_vec(m, s, k, logits);
+    }
 }
 
 /* ---------------------------------------------------------------- prefill: T tokens at once */
 
-static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, int T, float *logits, int mode) {
+/* activations of column t of channel-major X (rows [0, K)) for every t < T, one token per thread */
+static void acts_set(sb_v2_act *A, const float *X, int ldx, int T, int q) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) sb_v2_act_set(&A[t], X + t, ldx, q);
+}
+
+/* every thread of the team runs this */
+static void prefill_layer(const sb_model *m, sb_state *s, int i, int T, const sb_kernels *k) {
     const sb_info *I = &m->info;
-    const sb_kernels *k = sb_active_kernels();
-    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, ldx = s->cap;
-    void *scr = s->gscratch;
-    size_t ss = s->gsize;
-    for (int t = 0; t < T; t++) embed(m, tok[t], s->H + t, ldx);
-    for (int i = 0; i < I->n_layer; i++) {
-        const sb_layer *ly = &m->layers[i];
-        /* RMSNorm: per-token scale, then channel rows scaled (weight only when not folded) */
+    const sb_layer *ly = &m->layers[i];
+    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, ldx = s->cap, q = s->quantise;
+#pragma omp single
+    { /* RMSNorm: the per-token scale */
         for (int t = 0; t < T; t++) s->rs[t] = 0.0f;
         for (int c = 0; c < d; c++)
             for (int t = 0; t < T; t++) s->rs[t] += s->H[(size_t)c * ldx + t] * s->H[(size_t)c * ldx + t];
         for (int t = 0; t < T; t++) s->rs[t] = 1.0f / sqrtf(s->rs[t] / d + m->eps);
-        for (int c = 0; c < d; c++) {
-            float w = ly->norm ? ly->norm[c] : 1.0f;
-            for (int t = 0; t < T; t++) s->HN[(size_t)c * ldx + t] = s->H[(size_t)c * ldx + t] * s->rs[t] * w;
-        }
-        for (int c = 0; c < 2 * di; c++) {
-            float b = ly->in.bias ? ly->in.bias[c] : 0.0f;
-            for (int t = 0; t < ldx; t++) s->XZ[(size_t)c * ldx + t] = b;
-        }
-        sb_linear_mat(k, &ly->in, s->HN, ldx, T, s->XZ, scr, ss);
-        float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
-#pragma omp parallel for schedule(static)
-        for (int c = 0; c < di; c++) { /* conv1d + SiLU over the chunk, carried window first */
-            const float *w = ly->conv_w + (size_t)c * K, *x = s->XZ + (size_t)c * ldx;
-            float *st = cst + (size_t)c * (K - 1), *xc = s->XC + (size_t)c * ldx;
-            for (int t = 0; t < T; t++) {
-                float acc = ly->conv_b[c];
-                for (int j = 0; j < K; j++) {
-                    int src = t - (K - 1) + j; /* < 0: from the carried window */
-                    acc += w[j] * (src >= 0 ? x[src] : st[K - 1 + src]);
-                }
-                xc[t] = acc;
-            }
-            k->silu(xc, T);
-            for (int j = 0; j < K - 1; j++) { /* the new window: the last K-1 inputs */
-                int src = T - (K - 1) + j;
-                st[j] = src >= 0 ? x[src] : st[K - 1 + src]; /* T < K - 1: an old input */
-            }
-        }
-        memset(s->XDBL, 0, sizeof(float) * (size_t)(R + 2 * N) * ldx);
-        sb_linear_mat(k, &ly->x, s->XC, ldx, T, s->XDBL, scr, ss);
-        memcpy(s->DTIN, s->XDBL, sizeof(float) * (size_t)R * ldx);
-        for (int c = 0; c < di; c++)
-            for (int t = 0; t < ldx; t++) s->DT[(size_t)c * ldx + t] = ly->dt_bias[c];
-        sb_linear_mat(k, &ly->dt, s->DTIN, ldx, T, s->DT, scr, ss);
-        for (int n = 0; n < N; n++) /* B, C token-major: the scan reads all N of one token at once */
-            for (int t = 0; t < T; t++) {
-                s->BT[(size_t)t * N + n] = s->XDBL[(size_t)(R + n) * ldx + t];
-                s->CT[(size_t)t * N + n] = s->XDBL[(size_t)(R + N + n) * ldx + t];
-            }
-        float *ssm = s->ssm + (size_t)i * di * N;
-#pragma omp parallel for schedule(static)
-        for (int c = 0; c < di; c++) {
-            const float *A = ly->A + (size_t)c * N, *xc = s->XC + (size_t)c * ldx, *z = s->XZ + (size_t)(di + c) * ldx;
-            float *dtr = s->DT + (size_t)c * ldx, *y = s->Y + (size_t)c * ldx, *h = ssm + (size_t)c * N;
-            k->softplus(dtr, T);
-            for (int t = 0; t < T; t++) {
-                float dt = dtr[t], yc;
-                k->scan_step(N, A, dt, dt * xc[t], s->BT + (size_t)t * N, s->CT + (size_t)t * N, h, &yc);
-                y[t] = yc + ly->D[c] * xc[t];
-            }
-            k->mul_silu(y, z, T);
-        }
-        if (ly->out.bias)
-            for (int c = 0; c < d; c++)
-                for (int t = 0; t < T; t++) s->H[(size_t)c * ldx + t] += ly->out.bias[c];
-        sb_linear_mat(k, &ly->out, s->Y, ldx, T, s->H, scr, ss);
     }
-    /* logits only where asked: the last position, or (tests, scoring) every position */
-    for (int t = mode == 2 ? 0 : T - 1; mode && t < T; t++) {
-        for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + t];
-        head_vec(m, s, k, logits + (mode == 2 ? (size_t)t * I->vocab_size : 0));
+#pragma omp for schedule(static)
+    for (int c = 0; c < d; c++) { /* channel rows scaled (the weight only when not folded) */
+        float w = ly->norm ? ly->norm[c] : 1.0f;
+        for (int t = 0; t < T; t++) s->HN[(size_t)c * ldx + t] = s->H[(size_t)c * ldx + t] * s->rs[t] * w;
     }
-    for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + T - 1];
+#pragma omp for schedule(static)
+    for (int c = 0; c < 2 * di; c++) {
+        float b = ly->in.bias ? ly->in.bias[c] : 0.0f;
+        for (int t = 0; t < ldx; t++) s->XZ[(size_t)c * ldx + t] = b;
+    }
+    acts_set(s->Ad, s->HN, ldx, T, q);
+    sb_linear_mat(k, &ly->in, s->Ad, T, s->XZ, ldx);
+    float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
+#pragma omp for schedule(static)
+    for (int c = 0; c < di; c++) { /* conv1d + SiLU over the chunk, carried window first */
+        const float *w = ly->conv_w + (size_t)c * K, *x = s->XZ + (size_t)c * ldx;
+        float *st = cst + (size_t)c * (K - 1), *xc = s->XC + (size_t)c * ldx;
+        for (int t = 0; t < T; t++) {
+            float acc = ly->conv_b[c];
+            for (int j = 0; j < K; j++) {
+                int src = t - (K - 1) + j; /* < 0: from the carried window */
+                acc += w[j] * (src >= 0 ? x[src] : st[K - 1 + src]);
+            }
+            xc[t] = acc;
+        }
+        k->silu(xc, T);
+        for (int j = 0; j < K - 1; j++) { /* the new window: the last K-1 inputs */
+            int src = T - (K - 1) + j;
+            st[j] = src >= 0 ? x[src] : st[K - 1 + src]; /* T < K - 1: an old input */
+        }
+    }
+#pragma omp single nowait
+    memset(s->XDBL, 0, sizeof(float) * (size_t)(R + 2 * N) * ldx);
+    acts_set(s->Adi, s->XC, ldx, T, q); /* ends in a barrier: XDBL is zero after it */
+    sb_linear_mat(k, &ly->x, s->Adi, T, s->XDBL, ldx);
+#pragma omp for schedule(static) nowait
+    for (int c = 0; c < di; c++)
+        for (int t = 0; t < ldx; t++) s->DT[(size_t)c * ldx + t] = ly->dt_bias[c];
+    acts_set(s->Ar, s->XDBL, ldx, T, q); /* Δr: rows [0, R) of XDBL */
+    sb_linear_mat(k, &ly->dt, s->Ar, T, s->DT, ldx);
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) /* B, C token-major: the scan reads all N of one token at once */
+        for (int n = 0; n < N; n++) {
+            s->BT[(size_t)t * N + n] = s->XDBL[(size_t)(R + n) * ldx + t];
+            s->CT[(size_t)t * N + n] = s->XDBL[(size_t)(R + N + n) * ldx + t];
+        }
+    float *ssm = s->ssm + (size_t)i * di * N;
+#pragma omp for schedule(static)
+    for (int c = 0; c < di; c++) {
+        const float *A = ly->A + (size_t)c * N, *xc = s->XC + (size_t)c * ldx, *z = s->XZ + (size_t)(di + c) * ldx;
+        float *dtr = s->DT + (size_t)c * ldx, *y = s->Y + (size_t)c * ldx, *h = ssm + (size_t)c * N;
+        k->softplus(dtr, T);
+        for (int t = 0; t < T; t++) {
+            float dt = dtr[t], yc;
+            k->scan_step(N, A, dt, dt * xc[t], s->BT + (size_t)t * N, s->CT + (size_t)t * N, h, &yc);
+            y[t] = yc + ly->D[c] * xc[t];
+        }
+        k->mul_silu(y, z, T);
+    }
+    if (ly->out.bias) {
+#pragma omp for schedule(static) nowait
+        for (int c = 0; c < d; c++)
+            for (int t = 0; t < T; t++) s->H[(size_t)c * ldx + t] += ly->out.bias[c];
+    }
+    acts_set(s->Adi, s->Y, ldx, T, q);
+    sb_linear_mat(k, &ly->out, s->Adi, T, s->H, ldx);
+}
+
+static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, int T, float *logits, int mode) {
+    const sb_info *I = &m->info;
+    const sb_kernels *k = sb_active_kernels();
+    int d = I->d_model, ldx = s->cap;
+#pragma omp parallel if (sb_n_threads() > 1)
+    {
+#pragma omp single
+        for (int t = 0; t < T; t++) { /* the embedding rows, into channel-major H */
+            sb_v2_row(&m->embd.w.cls[0], tok[t], s->h);
+            for (int c = 0; c < d; c++) s->H[(size_t)c * ldx + t] = s->h[c];
+        }
+        for (int i = 0; i < I->n_layer; i++) prefill_layer(m, s, i, T, k);
+        /* logits only where asked: the last position, or (tests, scoring) every position */
+        for (int t = mode == 2 ? 0 : T - 1; mode && t < T; t++) {
+#pragma omp single
+            for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + t];
+            head_vec(m, s, k, logits + (mode == 2 ? (size_t)t * I->vocab_size : 0));
+        }
+#pragma omp single
+        for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + T - 1];
+    }
 }
 
 /* the checks every backend makes before a forward, with the same messages */
@@ -295,11 +376,8 @@ int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n,
         snprintf(err, errlen, "the state belongs to another model");
         return SB_ERR_ARG;
     }
-    const sb_kernels *k = sb_active_kernels();
     if (n == 1) {
-        embed(m, tokens[0], s->h, 1);
-        for (int i = 0; i < I->n_layer; i++) decode_layer(m, s, i, k);
-        if (mode) head_vec(m, s, k, logits);
+        decode_token(m, s, tokens[0], logits, mode);
         return SB_OK;
     }
     for (int t0 = 0; t0 < n; t0 += PREFILL_CHUNK) {

@@ -11,7 +11,7 @@
 
 static int usage(const char *argv0) {
     fprintf(stderr,
-            "usage: %s MODEL.gguf [--tokens \"ID ID ...\"] [-n N] [-t THREADS] [--isa auto|scalar|avx2|neon|neon-fp16] [--info]\n"
+            "usage: %s MODEL.gguf [--tokens \"ID ID ...\"] [-n N] [-t THREADS] [--isa auto|scalar|avx2|avx512|neon] [--info]\n"
             "       [--logits PATH]\n"
             "  continues the prompt token ids greedily for N tokens (default 16) and prints the new ids;\n"
             "  --logits writes every prompt position's logits to PATH as raw float32 (T x V)\n",
@@ -51,9 +51,9 @@ int main(int argc, char **argv) {
     sb_set_threads(threads);
     sb_set_isa(!strcmp(isa, "scalar") ? SB_ISA_SCALAR
                : !strcmp(isa, "avx2") ? SB_ISA_AVX2
+               : !strcmp(isa, "avx512") ? SB_ISA_AVX512
                : !strcmp(isa, "neon") ? SB_ISA_NEON
-               : !strcmp(isa, "neon-fp16") ? SB_ISA_NEON_FP16
-                                           : SB_ISA_AUTO);
+                                      : SB_ISA_AUTO);
     char err[1024];
     sb_model *m;
     sb_state *s;

@@ -13,7 +13,7 @@
 
 #include "engine.h"
 
-#define FORMAT_VERSION 1
+#define FORMAT_VERSION 2
 
 typedef struct {
     sb_model *m;
@@ -81,114 +81,25 @@ static const float *opt_vec(loader *L, const char *name, uint64_t n, int *rc) {
     return gg_find_tensor(&L->m->gf, name) ? vec(L, name, n, rc) : NULL;
 }
 
-static int check_scales(loader *L, const char *name, const float *s, int n) {
-    for (int i = 0; i < n; i++)
-        if (!isfinite(s[i])) return ferr(L, "tensor '%s': scale %d is not finite", name, i);
-    return SB_OK;
-}
-
-static int64_t bytes_of(loader *L, const char *name) {
-    const gg_tensor *t = gg_find_tensor(&L->m->gf, name);
-    return t ? (int64_t)t->nbytes : 0;
-}
-
-/* A prunable (or dense) matrix `prefix`, shape (out, in): either prefix.weight or its classes. */
+/* A matrix `prefix`, shape (out, in): the blob `prefix.v2` (a 1-D I8 tensor), checked whole by sb_v2_check. */
 static int load_linear(loader *L, const char *prefix, int out, int in, sb_linear *lin, int64_t *bytes) {
     sb_model *m = L->m;
-    int dt = m->info.dtype, rc = SB_OK;
-    char name[256];
+    char name[256], msg[256];
     memset(lin, 0, sizeof *lin);
     lin->out = out;
     lin->in = in;
-    int G = (in + 3) / 4, cb = (G + 1) / 2;
-    snprintf(name, sizeof name, "%s.weight", prefix);
-    if (gg_find_tensor(&m->gf, name)) {
-        const gg_tensor *w = get(L, name, (uint32_t)dt, (uint64_t)out, (uint64_t)in, &rc);
-        if (!w) return rc;
-        *bytes += (int64_t)w->nbytes;
-        sb_class *c = &lin->cls[lin->nclass++];
-        *c = (sb_class){0, out, in, G, cb, dt, w->data, w->data + w->nbytes, NULL, NULL, NULL};
-        if (dt == GG_I8) {
-            snprintf(name, sizeof name, "%s.scale", prefix);
-            if (!(c->scale = vec(L, name, (uint64_t)out, &rc))) return rc;
-            if ((rc = check_scales(L, name, c->scale, out))) return rc;
-            *bytes += bytes_of(L, name);
-        }
-        for (int n = 0; n < 4; n++) {
-            snprintf(name, sizeof name, "%s.c%d.values", prefix, n);
-            if (gg_find_tensor(&m->gf, name))
-                return ferr(L, "layer '%s' has both a dense .weight and packed classes", prefix);
-        }
-        return SB_OK;
-    }
-    unsigned char *seen = calloc((size_t)out, 1);
-    if (!seen) {
-        snprintf(L->err, L->errlen, "out of memory checking '%s'", prefix);
-        return SB_ERR_NOMEM;
-    }
-    for (int n = 0; n < 4 && rc == SB_OK; n++) {
-        snprintf(name, sizeof name, "%s.c%d.values", prefix, n);
-        const gg_tensor *vt = gg_find_tensor(&m->gf, name);
-        if (!vt) continue;
-        /* rows come from the values' leading dimension; every companion must agree */
-        uint64_t rows = vt->n_dims == 2 ? vt->ne[1] : 0;
-        int len = G * (4 - n);
-        if (rows == 0 || rows > (uint64_t)out) {
-            rc = ferr(L, "tensor '%s' must be 2-D with 1 to %d rows", name, out);
-            break;
-        }
-        if (!(vt = get(L, name, (uint32_t)dt, rows, (uint64_t)len, &rc))) break;
-        sb_class *c = &lin->cls[lin->nclass++];
-        *c = (sb_class){n, (int)rows, len, G, cb, dt, vt->data, vt->data + vt->nbytes, NULL, NULL, NULL};
-        *bytes += (int64_t)vt->nbytes;
-        snprintf(name, sizeof name, "%s.c%d.rows", prefix, n);
-        const gg_tensor *it = get(L, name, GG_I32, rows, 0, &rc);
-        if (!it) break;
-        c->idx = (const int32_t *)it->data;
-        *bytes += (int64_t)it->nbytes;
-        for (uint64_t r = 0; r < rows; r++) {
-            int32_t o = c->idx[r];
-            if (o < 0 || o >= out || seen[o]) {
-                rc = ferr(L, "tensor '%s': row %llu writes output %d, which is %s", name, (unsigned long long)r, o,
-                          (o < 0 || o >= out) ? "out of range" : "already written by another row");
-                break;
-            }
-            seen[o] = 1;
-        }
-        if (rc) break;
-        if (n > 0) {
-            snprintf(name, sizeof name, "%s.c%d.codes", prefix, n);
-            const gg_tensor *ct = get(L, name, GG_I8, rows, (uint64_t)cb, &rc);
-            if (!ct) break;
-            c->codes = ct->data;
-            *bytes += (int64_t)ct->nbytes;
-            /* the kernels read exactly 4-n values per group: a wrong bit count would walk off
-             * the row, so every nibble is checked here, once */
-            for (uint64_t r = 0; r < rows && !rc; r++) {
-                const uint8_t *code = c->codes + r * (uint64_t)cb;
-                for (int g = 0; g < G; g++) {
-                    int mask = (code[g >> 1] >> ((g & 1) * 4)) & 15;
-                    if (__builtin_popcount((unsigned)mask) != 4 - n) {
-                        rc = ferr(L, "tensor '%s': row %llu group %d keeps %d weights, class c%d keeps %d", name,
-                                  (unsigned long long)r, g, __builtin_popcount((unsigned)mask), n, 4 - n);
-                        break;
-                    }
-                }
-                if (!rc && (G & 1) && (code[cb - 1] >> 4))
-                    rc = ferr(L, "tensor '%s': row %llu has bits in the unused last nibble", name, (unsigned long long)r);
-            }
-            if (rc) break;
-        }
-        if (dt == GG_I8) {
-            snprintf(name, sizeof name, "%s.c%d.scale", prefix, n);
-            if (!(c->scale = vec(L, name, rows, &rc))) break;
-            if ((rc = check_scales(L, name, c->scale, (int)rows))) break;
-            *bytes += bytes_of(L, name);
-        }
-    }
-    free(seen);
-    if (rc == SB_OK && lin->nclass == 0) rc = ferr(L, "missing tensor '%s.weight' (or its packed classes '%s.cN.*')", prefix, prefix);
-    return rc;
+    snprintf(name, sizeof name, "%s.v2", prefix);
+    const gg_tensor *t = gg_find_tensor(&m->gf, name);
+    if (!t) return ferr(L, "missing tensor '%s' (the matrix blob of %s, shape (%d, %d))", name, prefix, out, in);
+    L->used[t - m->gf.tensors] = 1;
+    if (t->type != GG_I8 || t->n_dims != 1)
+        return ferr(L, "tensor '%s' must be a 1-D I8 tensor (a matrix blob), not %u-D %s", name, t->n_dims, type_name(t->type));
+    int dt = m->info.dtype == GG_F32 ? SB_V2_F32 : m->info.dtype == GG_F16 ? SB_V2_F16 : SB_V2_I8;
+    if (sb_v2_check(t->data, (size_t)t->nbytes, out, in, dt, &lin->w, msg, sizeof msg))
+        return ferr(L, "tensor '%s': %s", name, msg);
+    lin->bytes = (size_t)t->nbytes;
+    *bytes += (int64_t)t->nbytes;
+    return SB_OK;
 }
 
 static int load_model(loader *L) {
@@ -207,8 +118,8 @@ static int load_model(loader *L) {
     uint32_t ver, v[7];
     if ((rc = gg_get_u32(f, "sparsamba.format_version", &ver, err, el))) return rc;
     if (ver != FORMAT_VERSION)
-        return ferr(L, "packed format version %u is not supported (this engine reads version %d); recompile the model "
-                       "with this sparsamba",
+        return ferr(L, "packed format version %u; this engine reads format version %d: recompile it with sparsamba "
+                       "compile",
                     ver, FORMAT_VERSION);
     static const char *keys[7] = {"sparsamba.mamba.vocab_size",        "sparsamba.mamba.embedding_length",
                                   "sparsamba.mamba.block_count",       "sparsamba.mamba.ssm.inner_size",
@@ -237,13 +148,16 @@ static int load_model(loader *L) {
     int V = I->vocab_size, d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv;
     int64_t bytes = 0;
     if ((rc = load_linear(L, "token_embd", V, d, &m->embd, &bytes))) return rc;
-    if (m->embd.nclass != 1 || m->embd.cls[0].codes)
-        return ferr(L, "token_embd must be a dense .weight");
+    /* the lookup reads row t of the one n = 0 class as token t's vector */
+    const sb_v2_class *ec = &m->embd.w.cls[0];
+    int order = m->embd.w.nclass == 1 && ec->n == 0 && ec->rows == V;
+    for (int r = 0; order && r < V; r++) order = ec->index[r] == r;
+    if (!order) return ferr(L, "tensor 'token_embd.v2' must be one n = 0 class of every row in token order");
     bytes = 0; /* decode reads one embedding row; the head is counted below */
-    I->tied_head = gg_find_tensor(f, "output.weight") == NULL;
+    I->tied_head = gg_find_tensor(f, "output.v2") == NULL;
     if (I->tied_head) {
         m->head = m->embd;
-        bytes += (int64_t)m->embd.cls[0].rows * m->embd.cls[0].len * (int64_t)gg_type_size((uint32_t)I->dtype);
+        bytes += (int64_t)m->embd.bytes;
     } else if ((rc = load_linear(L, "output", V, d, &m->head, &bytes))) {
         return rc;
     }

@@ -29,8 +29,10 @@ enum {
     SB_ERR_DEVICE = 5,  /* a backend cannot run: no OpenCL library, platform or device, a kernel build */
 };
 
-/* Which kernels run: SB_ISA_AUTO picks the best the CPU has; the others force one (tests). */
-enum { SB_ISA_AUTO = 0, SB_ISA_SCALAR = 1, SB_ISA_AVX2 = 2, SB_ISA_NEON = 3, SB_ISA_NEON_FP16 = 4 };
+/* Which kernels run: SB_ISA_AUTO picks the best the CPU has; the others force one (tests). AVX-512
+ * (F/BW/VL) uses VNNI for int8 where the CPU has it (SPARSAMBA_NO_VNNI=1 forces vpmaddwd). 4 was the
+ * retired neon-fp16 family (packed format v1). */
+enum { SB_ISA_AUTO = 0, SB_ISA_SCALAR = 1, SB_ISA_AVX2 = 2, SB_ISA_NEON = 3, SB_ISA_AVX512 = 5 };
 
 typedef struct sb_model sb_model;
 typedef struct sb_state sb_state;
@@ -42,7 +44,7 @@ typedef struct {
     int32_t norm_folded;
     int32_t format_version;
     int64_t file_bytes;     /* size of the mapped file */
-    int64_t weight_bytes;   /* bytes of matrix data read per decoded token (values+codes+rows+scales) */
+    int64_t weight_bytes;   /* bytes of matrix blobs read per decoded token (every layer and the head) */
 } sb_info;
 
 SB_API int sb_model_load(const char *path, sb_model **out, char *err, size_t errlen);

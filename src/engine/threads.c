@@ -1,6 +1,8 @@
 /* Threads: the count (OpenMP's, process-wide) and the one way a matrix product is split over them —
- * by blocks of rows of each class. Classes write disjoint outputs, so no thread waits for another
- * between classes. A build without OpenMP runs the same loops on one thread. */
+ * by whole blocks of 16 rows of each class. Classes write disjoint outputs, so no thread waits for
+ * another between classes. The forward opens one parallel region per token (decode) or per prefill
+ * chunk and calls these from every thread of it (orphaned worksharing); a caller outside a region
+ * (the profiler) gets one opened here. A build without OpenMP runs the same loops on one thread. */
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -29,6 +31,14 @@ int sb_n_threads(void) {
 #endif
 }
 
+static int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 static int thread_id(void) {
 #ifdef _OPENMP
     return omp_get_thread_num();
@@ -37,32 +47,58 @@ static int thread_id(void) {
 #endif
 }
 
-void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const float *x, float *y) {
-    long work = 0;
-    for (int ci = 0; ci < lin->nclass; ci++) work += (long)lin->cls[ci].rows * lin->cls[ci].len;
-    (void)work; /* read only by the pragma, which a build without OpenMP ignores */
-#pragma omp parallel if (work > 16384)
-    for (int ci = 0; ci < lin->nclass; ci++) {
-        const sb_class *c = &lin->cls[ci];
-        int nb = (c->rows + 15) / 16;
-#pragma omp for schedule(static) nowait
-        for (int b = 0; b < nb; b++) k->gemv(c, x, y, b * 16, b * 16 + 16 < c->rows ? b * 16 + 16 : c->rows);
-    }
+static int in_parallel(void) {
+#ifdef _OPENMP
+    return omp_in_parallel();
+#else
+    return 0;
+#endif
 }
 
-void sb_linear_mat(const sb_kernels *k, const sb_linear *lin, const float *X, int ldx, int T, float *Y, void *scr,
-                   size_t scr_size) {
-#pragma omp parallel
-    {
-        void *mine = (char *)scr + scr_size * (size_t)thread_id();
-        for (int ci = 0; ci < lin->nclass; ci++) {
-            const sb_class *c = &lin->cls[ci];
-            int nb = (c->rows + SB_GEMM_ROWS - 1) / SB_GEMM_ROWS;
-#pragma omp for schedule(static) nowait
-            for (int b = 0; b < nb; b++) {
-                int r0 = b * SB_GEMM_ROWS, r1 = r0 + SB_GEMM_ROWS < c->rows ? r0 + SB_GEMM_ROWS : c->rows;
-                k->gemm(c, X, ldx, T, Y, ldx, r0, r1, mine);
-            }
-        }
+/* below this many stream bytes a product runs on one thread: a team's barrier costs more than it saves */
+#define MIN_SPLIT_BYTES (64 << 10)
+
+/* Every thread of the team runs this: each class's blocks split evenly, whole blocks of 16 rows,
+ * no wait between classes (they write disjoint outputs), one barrier at the end. */
+static void vec_team(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y) {
+    if (lin->bytes < MIN_SPLIT_BYTES) {
+#pragma omp single
+        for (int ci = 0; ci < lin->w.nclass; ci++) k->gemv(&lin->w.cls[ci], a, y, 0, lin->w.cls[ci].nblocks);
+        return; /* single ends in a barrier */
     }
+    int nt = team_size(), id = thread_id();
+    for (int ci = 0; ci < lin->w.nclass; ci++) { /* a contiguous range of blocks: x's panel stays in L1 */
+        const sb_v2_class *c = &lin->w.cls[ci];
+        int b0 = (int)((long)c->nblocks * id / nt), b1 = (int)((long)c->nblocks * (id + 1) / nt);
+        if (b0 < b1) k->gemv(c, a, y, b0, b1);
+    }
+#pragma omp barrier
+}
+
+static void mat_team(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *act, int T, float *Y, int ldy) {
+    int nt = team_size(), id = thread_id();
+    for (int ci = 0; ci < lin->w.nclass; ci++) {
+        const sb_v2_class *c = &lin->w.cls[ci];
+        int b0 = (int)((long)c->nblocks * id / nt), b1 = (int)((long)c->nblocks * (id + 1) / nt);
+        if (b0 < b1) k->gemm(c, act, T, Y, ldy, b0, b1);
+    }
+#pragma omp barrier
+}
+
+void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y) {
+    if (in_parallel() || lin->bytes < MIN_SPLIT_BYTES || sb_n_threads() == 1) {
+        vec_team(k, lin, a, y);
+        return;
+    }
+#pragma omp parallel
+    vec_team(k, lin, a, y);
+}
+
+void sb_linear_mat(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *act, int T, float *Y, int ldy) {
+    if (in_parallel() || sb_n_threads() == 1) {
+        mat_team(k, lin, act, T, Y, ldy);
+        return;
+    }
+#pragma omp parallel
+    mat_team(k, lin, act, T, Y, ldy);
 }

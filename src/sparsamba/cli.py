@@ -106,9 +106,19 @@ def _eval_text(model_path, m, tok, data: str | None, seqlen: int, max_windows: i
 
 
 def cmd_eval(a) -> None:
-    path, m, tok = _load(a.model)
-    _torch_threads(a, m)
-    data, r = _eval_text(path, m, tok, a.data, a.seqlen, a.max_windows, a.batch_size)
+    if a.model and a.model.endswith(".gguf") and Path(a.model).is_file():  # a packed model: the native engine
+        from .eval.native import EngineLM
+
+        path = Path(a.model)
+        m = EngineLM(path, threads=a.threads)
+        try:
+            data, r = _eval_text(path, m, m.tokenizer(), a.data, a.seqlen, a.max_windows, a.batch_size)
+        finally:
+            m.close()
+    else:
+        path, m, tok = _load(a.model)
+        _torch_threads(a, m)
+        data, r = _eval_text(path, m, tok, a.data, a.seqlen, a.max_windows, a.batch_size)
     print(f"model       {path}")
     print(f"data        {data}")
     print(f"perplexity  {r.perplexity:.3f}")
@@ -338,9 +348,12 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(a) -> None:
-    from .runtime.engine import Engine, check_sampling
+    from .runtime.engine import Engine, check_sampling, set_isa
 
     check_sampling(a.n, a.temperature, a.top_k)  # before the model loads, not after
+    got = set_isa(a.isa)
+    if a.isa != "auto" and not got.startswith(a.isa):
+        _log(f"--isa {a.isa}: this CPU or build has no {a.isa} kernels; running {got}")
     with Engine(
         _packed_model(a.model),
         threads=a.threads,
@@ -524,13 +537,22 @@ def build_parser() -> argparse.ArgumentParser:
     _threads(s, "torch and the engine")
     s.set_defaults(func=cmd_demo)
 
-    s = command("eval", "perplexity of a model (directory or hub id) on a text / .jsonl / .gz file or folder")
-    s.add_argument("model", nargs="?", help=MODEL_HELP)
+    s = command(
+        "eval",
+        "perplexity of a model (directory, hub id, or a packed .gguf run by the native engine) on a text / "
+        ".jsonl / .gz file or folder",
+    )
+    s.add_argument(
+        "model",
+        nargs="?",
+        help="model directory or hub id (default: the embedded model), or a packed MODEL.gguf (sparsamba compile): "
+        "then the native engine computes the logits, same windows",
+    )
     s.add_argument("--data", help="text / .jsonl / .gz file or folder (default: the embedded held-out split)")
     s.add_argument("--seqlen", type=int, default=256, help="window length in tokens")
     s.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows (default: all)")
     s.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    _threads(s)
+    _threads(s, "torch, or the engine for a packed .gguf")
     s.set_defaults(func=cmd_eval)
 
     s = command("generate", "generate text with the torch reference (prefill, then a recurrent step per token)")
@@ -654,6 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--fallback", action="store_true", help="run on the CPU when OpenCL cannot (with a warning)"
+    )
+    s.add_argument(
+        "--isa",
+        choices=("auto", "scalar", "avx2", "avx512", "neon"),
+        default="auto",
+        help="CPU kernel family; auto = the best this CPU has (avx512 uses VNNI for int8 where present)",
     )
     s.set_defaults(func=cmd_run)
 

@@ -18,6 +18,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     (void)argc;
     (void)argv;
     sb_set_threads(1); /* deterministic, and no OpenMP pool for the sanitizers to trace */
+    sb_set_isa(SB_ISA_SCALAR); /* the v2 reference kernels, instrumented (the SIMD ones are built plain) */
     return 0;
 }
 

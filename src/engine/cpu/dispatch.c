@@ -4,12 +4,6 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #endif
-#if defined(__aarch64__) && defined(__linux__)
-#include <sys/auxv.h>
-#ifndef HWCAP_ASIMDHP
-#define HWCAP_ASIMDHP (1 << 10) /* asm/hwcap.h: Advanced SIMD half-precision arithmetic */
-#endif
-#endif
 
 static const sb_kernels *g_kernels;
 
@@ -20,18 +14,24 @@ static int cpu_has_f16c(void) {
     unsigned a, b, c, d;
     return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1);
 }
+
+static int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
+}
+/* F, BW and VL (the kernels' 512-bit integer and masked ops); VNNI is the kernels' own run-time choice */
+static int cpu_has_avx512(void) {
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+}
 #endif
 
 static const sb_kernels *best_kernels(void) {
 #if defined(__x86_64__) || defined(_M_X64)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c())
-        return &sb_kernels_avx2;
+    if (cpu_has_avx512()) return &sb_kernels_avx512;
+    if (cpu_has_avx2()) return &sb_kernels_avx2;
 #endif
 #if defined(__aarch64__)
-#if defined(__linux__)
-    if (getauxval(AT_HWCAP) & HWCAP_ASIMDHP) return &sb_kernels_neon_fp16; /* ARMv8.2-A fp16 arithmetic */
-#endif
     return &sb_kernels_neon; /* Advanced SIMD is part of every ARMv8-A core */
 #endif
     return &sb_kernels_ref;
@@ -43,21 +43,25 @@ const sb_kernels *sb_active_kernels(void) {
 }
 
 int32_t sb_set_isa(int32_t isa) {
-    const sb_kernels *best = best_kernels();
-    if (isa == SB_ISA_SCALAR) g_kernels = &sb_kernels_ref;
+    g_kernels = isa == SB_ISA_AUTO ? best_kernels() : &sb_kernels_ref;
 #if defined(__x86_64__) || defined(_M_X64)
-    else if (isa == SB_ISA_AVX2 && best == &sb_kernels_avx2) g_kernels = &sb_kernels_avx2;
+    if (isa == SB_ISA_AVX2 && cpu_has_avx2()) g_kernels = &sb_kernels_avx2;
+    if (isa == SB_ISA_AVX512 && cpu_has_avx512()) g_kernels = &sb_kernels_avx512;
+    if (g_kernels == &sb_kernels_avx2) return SB_ISA_AVX2;
+    if (g_kernels == &sb_kernels_avx512) return SB_ISA_AVX512;
 #endif
 #if defined(__aarch64__)
-    else if (isa == SB_ISA_NEON) g_kernels = &sb_kernels_neon;
-    else if (isa == SB_ISA_NEON_FP16 && best == &sb_kernels_neon_fp16) g_kernels = &sb_kernels_neon_fp16;
-#endif
-    else g_kernels = isa == SB_ISA_AUTO ? best : &sb_kernels_ref;
-#if defined(__aarch64__)
+    if (isa == SB_ISA_NEON) g_kernels = &sb_kernels_neon;
     if (g_kernels == &sb_kernels_neon) return SB_ISA_NEON;
-    if (g_kernels == &sb_kernels_neon_fp16) return SB_ISA_NEON_FP16;
 #endif
-    return g_kernels == &sb_kernels_ref ? SB_ISA_SCALAR : SB_ISA_AVX2;
+    return SB_ISA_SCALAR;
 }
 
-const char *sb_isa_name(void) { return sb_active_kernels()->name; }
+/* the family's name; AVX-512 says whether its int8 products use VNNI */
+const char *sb_isa_name(void) {
+    const sb_kernels *k = sb_active_kernels();
+#if defined(__x86_64__) || defined(_M_X64)
+    if (k == &sb_kernels_avx512 && sb_v2_avx512_vnni()) return "avx512-vnni";
+#endif
+    return k->name;
+}

@@ -1,5 +1,5 @@
-/* The small mapping from what the kernels need to AVX2 intrinsics: 8 fp32 lanes, loads of fp32 /
- * fp16 / int8 values widened to fp32, a horizontal sum and expf. Another family (NEON, AVX-512)
+/* The small mapping from what the per-channel kernels need to AVX2 intrinsics: 8 fp32 lanes, a
+ * horizontal sum and expf. Another family (NEON, AVX-512)
  * maps the same names in its own file; the kernels above this header do not change. */
 #ifndef SB_SIMD_H
 #define SB_SIMD_H
@@ -17,12 +17,6 @@ static inline void v_store(float *p, f32x8 a) { _mm256_storeu_ps(p, a); }
 static inline f32x8 v_add(f32x8 a, f32x8 b) { return _mm256_add_ps(a, b); }
 static inline f32x8 v_mul(f32x8 a, f32x8 b) { return _mm256_mul_ps(a, b); }
 static inline f32x8 v_fma(f32x8 a, f32x8 b, f32x8 c) { return _mm256_fmadd_ps(a, b, c); }
-
-/* 8 consecutive values of a row, any stored type, widened to fp32 */
-static inline f32x8 v_load_f16(const void *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline f32x8 v_load_i8(const void *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
 
 static inline float v_hsum(f32x8 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

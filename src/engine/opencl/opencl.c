@@ -6,10 +6,11 @@
  * - The kernels (src/engine/opencl/, one family per .cl file) are embedded at build time and built
  *   once per model for its weight dtype: f32, f16 (half storage through vload_half, which every
  *   device has; half arithmetic only where the device reports cl_khr_fp16) or int8 with row scales.
- * - Every matrix is uploaded once, as the file stores it: values, 4-bit codes, row indices, scales.
- *   Activations are channel-major on the device, A[c * ldx + t], as in forward.c's prefill, so no
- *   operator re-lays out another's output; decode is the same launches with one column (T = 1), the
- *   linear layers then run as one work-group per row.
+ * - Every matrix is uploaded once, as the file stores it: each class section of its packed-format-v2
+ *   blob (header, row index, int8 scales, stream) is one buffer, read by linear_v2.cl (one work-item
+ *   per packed row and token). Activations are channel-major on the device, A[c * ldx + t], as in
+ *   forward.c's prefill, so no operator re-lays out another's output; decode is the same launches with
+ *   one column (T = 1).
  * - Every failure is a message (what failed, the CL error's name, the device), never an abort.
  *
  * Environment: SPARSAMBA_OPENCL_LIB (the library to open), SPARSAMBA_OPENCL_HALF (0: never half
@@ -204,12 +205,12 @@ int sb_ocl_devices(char *out, size_t outlen, char *err, size_t el) {
 /* ---------------------------------------------------------------- the backend's objects */
 
 typedef struct {
-    int rows, len, G, cb, packed, has_idx;
-    cl_mem values, codes, idx, scale; /* codes / idx / scale: the dummy buffer when absent */
+    int n, nblocks;
+    cl_mem sec; /* the class section of the blob: header, row index, int8 scales, stream */
 } ocl_class;
 
 typedef struct {
-    int out, in, nclass;
+    int out, in, panel, nclass;
     ocl_class cls[4];
 } ocl_linear;
 
@@ -228,7 +229,7 @@ struct sb_ocl {
     cl_context ctx;
     cl_command_queue q;
     cl_program prog;
-    cl_kernel k_gemv, k_gemm, k_embed, k_rmsnorm, k_set_rows, k_conv, k_scan;
+    cl_kernel k_linear, k_embed, k_rmsnorm, k_set_rows, k_conv, k_scan;
     int ls, half_math;
     cl_ulong max_alloc, mem_left;
     char name[384];
@@ -295,7 +296,6 @@ static void drop(sb_ocl *b, cl_mem *m) {
     *m = NULL;
 }
 
-static size_t dtype_size(int dt) { return dt == GG_F32 ? 4 : dt == GG_F16 ? 2 : 1; }
 
 /* a read-only upload of n bytes at p; NULL p: the dummy */
 #define UP(dst, p, n, ...)                                                                                       \
@@ -308,15 +308,13 @@ static size_t dtype_size(int dt) { return dt == GG_F32 ? 4 : dt == GG_F16 ? 2 : 
 
 static int up_linear(sb_ocl *b, const sb_linear *lin, ocl_linear *o, const char *name, char *err, size_t el) {
     int rc = SB_OK;
-    o->out = lin->out, o->in = lin->in, o->nclass = lin->nclass;
-    for (int ci = 0; ci < lin->nclass; ci++) {
-        const sb_class *c = &lin->cls[ci];
+    o->out = lin->out, o->in = lin->in, o->nclass = lin->w.nclass, o->panel = lin->w.cls[0].panel;
+    for (int ci = 0; ci < lin->w.nclass; ci++) {
+        const sb_v2_class *c = &lin->w.cls[ci];
         ocl_class *k = &o->cls[ci];
-        *k = (ocl_class){c->rows, c->len, c->G, c->cb, c->codes != NULL, c->idx != NULL, 0, 0, 0, 0};
-        UP(k->values, c->values, (size_t)c->rows * c->len * dtype_size(c->dtype), "%s.c%d.values", name, c->n);
-        UP(k->codes, c->codes, (size_t)c->rows * c->cb, "%s.c%d.codes", name, c->n);
-        UP(k->idx, c->idx, (size_t)c->rows * 4, "%s.c%d.rows", name, c->n);
-        UP(k->scale, c->scale, (size_t)c->rows * 4, "%s.c%d.scale", name, c->n);
+        *k = (ocl_class){c->n, c->nblocks, 0};
+        const uint8_t *sec = (const uint8_t *)c->index - 64; /* the section starts with its 64-byte header */
+        UP(k->sec, sec, sb_v2_class_bytes(c->n, c->dtype, c->K, c->panel, c->rows), "%s.v2 class n=%d", name, c->n);
     }
     return rc;
 }
@@ -396,14 +394,8 @@ static cl_int linear(sb_ocl *b, const ocl_linear *lin, cl_mem X, int xoff, int l
     cl_int e = CL_SUCCESS;
     for (int ci = 0; ci < lin->nclass; ci++) {
         const ocl_class *c = &lin->cls[ci];
-        if (T == 1)
-            CK(LAUNCH(b, k_gemv, (size_t)c->rows * b->ls, 0, KM(c->values), KM(c->codes), KM(c->idx),
-                      KM(c->scale), KI(c->len), KI(c->G), KI(c->cb), KI(c->packed), KI(c->has_idx), KI(lin->in),
-                      KM(X), KI(xoff), KI(ldx), KM(Y), KI(ys_o)));
-        else
-            CK(LAUNCH(b, k_gemm, (size_t)c->rows, (size_t)T, KM(c->values), KM(c->codes), KM(c->idx),
-                      KM(c->scale), KI(c->rows), KI(c->len), KI(c->G), KI(c->cb), KI(c->packed), KI(c->has_idx),
-                      KI(lin->in), KM(X), KI(xoff), KI(ldx), KI(T), KM(Y), KI(ys_o), KI(ys_t)));
+        CK(LAUNCH(b, k_linear, (size_t)c->nblocks * 16, (size_t)T, KM(c->sec), KI(c->n), KI(lin->in), KI(lin->panel),
+                  KI(c->nblocks), KM(X), KI(xoff), KI(ldx), KI(T), KM(Y), KI(ys_o), KI(ys_t)));
     }
     return e;
 }
@@ -454,7 +446,7 @@ static int build(sb_ocl *b, cl_device_id dev, char *err, size_t el) {
     struct {
         cl_kernel *k;
         const char *name;
-    } ks[] = {{&b->k_gemv, "linear_gemv"}, {&b->k_gemm, "linear_gemm"},   {&b->k_embed, "embed"},
+    } ks[] = {{&b->k_linear, "linear_v2"}, {&b->k_embed, "embed"},
               {&b->k_rmsnorm, "rmsnorm"},  {&b->k_set_rows, "set_rows"}, {&b->k_conv, "conv_silu"},
               {&b->k_scan, "scan"}};
     for (size_t i = 0; i < sizeof ks / sizeof *ks; i++) {
@@ -553,7 +545,7 @@ void sb_ocl_free(sb_ocl *b) {
     for (int i = 0; i < b->nbuf; i++) cl.clReleaseMemObject(b->bufs[i].mem);
     free(b->bufs);
     free(b->layers);
-    cl_kernel ks[] = {b->k_gemv, b->k_gemm, b->k_embed, b->k_rmsnorm, b->k_set_rows, b->k_conv, b->k_scan};
+    cl_kernel ks[] = {b->k_linear, b->k_embed, b->k_rmsnorm, b->k_set_rows, b->k_conv, b->k_scan};
     for (size_t i = 0; i < sizeof ks / sizeof *ks; i++)
         if (ks[i]) cl.clReleaseKernel(ks[i]);
     if (b->prog) cl.clReleaseProgram(b->prog);
@@ -617,8 +609,8 @@ static cl_int chunk(sb_ocl *b, int T, int mode, int *nt) {
     int ldx = b->cap, km1 = K > 1 ? K - 1 : 1;
     cl_int e;
     const ocl_class *E = &b->embd.cls[0];
-    CK(LAUNCH(b, k_embed, (size_t)d, (size_t)T, KM(E->values), KM(E->scale), KM(b->tok), KM(b->H), KI(ldx), KI(d),
-              KI(T)));
+    CK(LAUNCH(b, k_embed, (size_t)d, (size_t)T, KM(E->sec), KI(d), KI(b->embd.panel), KI(E->nblocks), KM(b->tok),
+              KM(b->H), KI(ldx), KI(T)));
     for (int i = 0; i < I->n_layer; i++) {
         const ocl_layer *ly = &b->layers[i];
         CK(LAUNCH(b, k_rmsnorm, (size_t)T * b->ls, 0, KM(b->H), KM(b->HN), KI(ldx), KI(0), KI(d), KM(ly->norm),

@@ -51,8 +51,8 @@ def summarize(plan: Plan) -> str:
                 removed = lp.out_features - sum(len(c.rows) for c in lp.classes)
                 parts = [f"n={c.n}: {len(c.rows)} rows" for c in lp.classes]
                 desc = "packed " + ", ".join(parts + [f"n=4 (removed): {removed} rows"])
-                if any(c.packed for c in lp.classes):
-                    desc += " (values + codes)"
+            if lp.packed:
+                desc += f" (v2 blob, {len(lp.blob):,} bytes)"
             lines.append(f"  {k:8s} {shape:12s} {desc}")
     return "\n".join(lines)
 

@@ -15,17 +15,16 @@ import torch
 from ..errors import SparsambaError
 from ..gguf_io import GGUFTokenizer, open_gguf, write_gguf_atomically
 from ..model.names import LINEARS
+from .packed_v2 import unpack_matrix
 from .plan import BlockPlan, Dims, LinearPlan, Plan, RowClass
 
 ARCH = "sparsamba.mamba"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ALIGNMENT = 64
 _K = ARCH + "."
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.uint8:  # codes: stored as I8, read as bytes
-        return t.contiguous().numpy().view(np.int8)
     return t.contiguous().numpy()
 
 
@@ -34,19 +33,7 @@ def tensors_of(plan: Plan) -> list[tuple[str, np.ndarray]]:
     out: list[tuple[str, np.ndarray]] = []
 
     def matrix(name: str, lp: LinearPlan) -> None:
-        if lp.dense:
-            out.append((f"{name}.weight", _np(lp.weight)))
-            if lp.scale is not None:
-                out.append((f"{name}.scale", _np(lp.scale)))
-            return
-        for c in lp.classes:
-            p = f"{name}.c{c.n}"
-            out.append((f"{p}.values", _np(c.values)))
-            if c.codes is not None:
-                out.append((f"{p}.codes", _np(c.codes)))
-            out.append((f"{p}.rows", _np(c.rows)))
-            if c.scale is not None:
-                out.append((f"{p}.scale", _np(c.scale)))
+        out.append((f"{name}.v2", lp.blob.view(np.int8)))  # a 1-D I8 tensor read as bytes
 
     matrix("token_embd", plan.token_embd)
     for i, b in enumerate(plan.blocks):
@@ -121,7 +108,10 @@ def read_packed(path: str | Path) -> Plan:
     if kv("general.architecture") != ARCH:
         raise SparsambaError(f"{path}: architecture {kv('general.architecture')!r}, not {ARCH!r}")
     if kv("sparsamba.format_version") != FORMAT_VERSION:
-        raise SparsambaError(f"{path}: format version {kv('sparsamba.format_version')}, this reader knows 1")
+        raise SparsambaError(
+            f"{path}: packed format version {kv('sparsamba.format_version')}; this reader knows format version "
+            f"{FORMAT_VERSION}: recompile it with sparsamba compile"
+        )
     # stored as float32: 1e-5 comes back as 9.99999975e-06; 7 digits give the decimal it was written from
     eps = float(f"{kv(_K + 'attention.layer_norm_rms_epsilon'):.7g}")
     dims = Dims(
@@ -133,34 +123,29 @@ def read_packed(path: str | Path) -> Plan:
         dt_rank=kv(_K + "ssm.time_step_rank"),
         d_conv=kv(_K + "ssm.conv_kernel"),
         eps=eps,
-        tied="output.weight" not in t,
+        tied="output.v2" not in t,
         use_bias="blk.0.ssm_in.bias" in t,
     )
 
     def take(name: str) -> torch.Tensor:
         if name not in t:
             raise SparsambaError(f"{path}: tensor {name} is missing; not a complete packed model")
-        x = t.pop(name)
-        return x.view(torch.uint8) if name.endswith(".codes") else x
+        return t.pop(name)
 
     def matrix(name: str, out: int, n_in: int) -> LinearPlan:
-        if f"{name}.weight" in t:
-            return LinearPlan(out, n_in, weight=take(f"{name}.weight"), scale=t.pop(f"{name}.scale", None))
-        from .passes import unpack_codes
-
-        G = (n_in + 3) // 4
-        classes = []
-        for n in range(4):
-            p = f"{name}.c{n}"
-            if f"{p}.values" not in t:
-                continue
-            values, rows = take(f"{p}.values"), take(f"{p}.rows")
-            codes = take(f"{p}.codes") if n >= 1 else None
-            keep = unpack_codes(codes, G) if codes is not None else torch.ones(len(rows), 4 * G, dtype=torch.bool)
-            classes.append(RowClass(n, rows, keep, values=values, codes=codes, scale=t.pop(f"{p}.scale", None)))
-        if not classes:
-            raise SparsambaError(f"{path}: tensor {name}.weight (or its classes {name}.c{{n}}.*) is missing")
-        return LinearPlan(out, n_in, classes=classes)
+        """the blob, and its classes' rows and keep masks (one n = 0 class of every row in order: dense)"""
+        blob = take(f"{name}.v2").numpy().view(np.uint8)
+        try:
+            m = unpack_matrix(blob)
+        except ValueError as e:
+            raise SparsambaError(f"{path}: tensor {name}.v2: {e}") from None
+        if (m.out, m.in_) != (out, n_in):
+            raise SparsambaError(f"{path}: tensor {name}.v2 is ({m.out}, {m.in_}), expected ({out}, {n_in})")
+        c0 = m.classes[0]
+        if len(m.classes) == 1 and c0.n == 0 and np.array_equal(c0.rows, np.arange(out)):
+            return LinearPlan(out, n_in, blob=blob)
+        classes = [RowClass(c.n, torch.from_numpy(c.rows), torch.from_numpy(c.keep)) for c in m.classes]
+        return LinearPlan(out, n_in, classes=classes, blob=blob)
 
     emb = matrix("token_embd", dims.vocab_size, dims.d_model)
     blocks = []

@@ -3,7 +3,7 @@
     reorder        group each layer's rows by n; rows of n = 4 vanish
     fold_layouts   one channel order π per block, applied to every d_inner tensor at compile time
     fuse           fold RMSNorm's weight into ssm_in; record the fusions the engine's loops do
-    pack(dtype)    values (+ int8 scales) and 4-bit codes, as docs/packed-format.md stores them
+    pack(dtype)    one matrix blob per layer (packed format v2, rows in lanes), as docs/packed-format.md stores it
 
 Each returns a new plan computing the same function (``verify`` checks it between passes).
 """
@@ -188,57 +188,22 @@ def fuse(plan: Plan) -> Plan:
 # pack
 
 
-def _to_dtype(w: Tensor, dtype: str, what: str) -> tuple[Tensor, Tensor | None]:
-    """fp32 rows (r, k) -> (values in dtype, int8 scale (r,) or None)."""
-    if dtype == "f32":
-        return w.float().contiguous(), None
-    if dtype == "f16":
-        if w.numel() and w.abs().max() > formats.F16_MAX:
-            raise SparsambaError(f"{what} has values beyond the fp16 range; compile with --dtype f32")
-        return w.half().contiguous(), None
-    # int8: symmetric per row over the values stored; an all-zero row takes scale 1 (not 0/127)
-    amax = w.abs().amax(1) if w.shape[1] else torch.zeros(w.shape[0])
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).float()
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scale
-
-
-def pack_codes(keep: Tensor) -> Tensor:
-    """keep (rows, 4G) bool -> (rows, ceil(G/2)) uint8: group g in byte g/2, low nibble for even g,
-    bit j = position 4g + j kept; an odd G leaves the last high nibble 0."""
-    r, p = keep.shape
-    G = p // 4
-    nib = (keep.view(r, G, 4).to(torch.uint8) << torch.arange(4, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
-    if G % 2:
-        nib = torch.cat([nib, torch.zeros(r, 1, dtype=torch.uint8)], 1)
-    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
-
-
-def unpack_codes(codes: Tensor, G: int) -> Tensor:
-    """(rows, ceil(G/2)) uint8 -> keep (rows, 4G) bool, the inverse of ``pack_codes``."""
-    nib = torch.stack([codes & 0xF, codes >> 4], 2).reshape(codes.shape[0], -1)[:, :G]  # (rows, G)
-    bits = (nib[..., None] >> torch.arange(4, dtype=torch.uint8)) & 1
-    return bits.bool().reshape(codes.shape[0], 4 * G)
-
-
 def _pack_linear(lp: LinearPlan, dtype: str, what: str) -> LinearPlan:
-    if lp.dense:
-        w, s = _to_dtype(lp.weight, dtype, what)
-        return replace(lp, weight=w, scale=s)
-    G = lp.groups
-    classes = []
-    for c in lp.classes:
-        full = torch.nn.functional.pad(c.weight, (0, 4 * G - lp.in_features))  # (rows_n, 4G)
-        kept = full[c.keep].view(len(c.rows), G * (4 - c.n))  # row-major: group by group, ascending
-        v, s = _to_dtype(kept, dtype, what)
-        codes = pack_codes(c.keep) if c.n >= 1 else None
-        classes.append(replace(c, weight=None, values=v, codes=codes, scale=s))
-    return replace(lp, classes=classes)
+    """The layer's blob (packed_v2.pack_plan_linear); the classes keep their rows and keep masks (the
+    summary's structure), the weights live in the blob only."""
+    from .packed_v2 import pack_plan_linear
+
+    try:
+        blob = pack_plan_linear(lp, dtype, what)
+    except ValueError as e:
+        raise SparsambaError(str(e)) from None
+    classes = None if lp.dense else [replace(c, weight=None) for c in lp.classes]
+    return replace(lp, weight=None, classes=classes, blob=blob)
 
 
 def pack(plan: Plan, dtype: str = "f16") -> Plan:
-    """Store every matrix in ``dtype`` (f32, f16, int8 with per-row scales): dense layers as they are,
-    packed layers as values + codes per class; token_embd and output take the dtype too."""
+    """Store every matrix as a packed-format-v2 blob in ``dtype`` (f32, f16, int8 with per-row scales):
+    a dense layer is one n = 0 class of every row; token_embd and output take the dtype too."""
     formats.get(dtype)
     if plan.dtype is not None:
         raise SparsambaError(f"the plan is already packed ({plan.dtype})")
@@ -256,7 +221,9 @@ def pack(plan: Plan, dtype: str = "f16") -> Plan:
         for k, lp in b.linears.items()
     }
     scale = "per-row max|kept w| / 127, 1 for a zero row" if dtype == "int8" else None
-    return with_pass(p, "pack", dtype=dtype, formats=fmt, int8_scale=scale, codes="4-bit mask per group")
+    return with_pass(
+        p, "pack", dtype=dtype, formats=fmt, int8_scale=scale, layout="v2: blocks of 16 rows per n-class, 2-bit codes"
+    )
 
 
 def run_pass(plan: Plan, name: str, dtype: str = "f16") -> Plan:

@@ -1,7 +1,7 @@
 """The plan: everything the compiler knows about a model between two passes.
 
 A plan starts as the HF model's tensors in fp32 (``plan_from_model``) and ends as exactly what
-``docs/packed-format.md`` stores (``passes.pack``). Names follow the file: ``token_embd``, ``blk.i.ssm_in``…
+``docs/packed-format.md`` stores (``passes.pack``: one packed-format-v2 matrix blob per layer). Names follow the file: ``token_embd``, ``blk.i.ssm_in``…
 Letters in shape comments: V vocabulary, d d_model, di d_inner, N d_state, R dt_rank, K conv width,
 G = ceil(in / 4) groups of a row.
 
@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,29 +50,26 @@ class RowClass:
     n: int  # 0..3
     rows: Tensor  # (rows_n,) int32: the output index each row writes, ascending
     keep: Tensor  # (rows_n, 4G) bool: kept positions, exactly 4 - n per group (padding past `in` may be kept)
-    weight: Tensor | None = None  # (rows_n, in) fp32, zero where not kept; None once packed
-    values: Tensor | None = None  # (rows_n, G·(4-n)) in W (f32 / f16 / int8): kept values, group by group
-    codes: Tensor | None = None  # (rows_n, ceil(G/2)) uint8, n >= 1: 4-bit keep mask per group, low nibble first
-    scale: Tensor | None = None  # (rows_n,) fp32, int8 only: w = q · scale
-
-    @property
-    def packed(self) -> bool:
-        return self.values is not None
+    weight: Tensor | None = None  # (rows_n, in) fp32, zero where not kept; None once packed (the blob has it)
 
 
 @dataclass
 class LinearPlan:
-    """One matrix: dense (``weight``), or packed into row classes (``classes``)."""
+    """One matrix: dense (``weight``), or in row classes (``classes``); after pack, its matrix blob."""
 
     out_features: int
     in_features: int
-    weight: Tensor | None = None  # (out, in) dense: fp32 before pack, W after
-    scale: Tensor | None = None  # (out,) fp32, dense int8 only
+    weight: Tensor | None = None  # (out, in) fp32, dense layers before pack
     classes: list[RowClass] | None = None  # None: dense; rows in no class are removed (n = 4)
+    blob: np.ndarray | None = None  # (bytes,) uint8: the packed-format-v2 matrix blob (packed_v2.py), set by pack
 
     @property
     def dense(self) -> bool:
         return self.classes is None
+
+    @property
+    def packed(self) -> bool:
+        return self.blob is not None
 
     @property
     def groups(self) -> int:  # G
@@ -120,8 +118,8 @@ class Plan:
 
 
 def _tensors(obj) -> list[Tensor]:
-    """Every tensor reachable from a plan (for Plan.copy's memo)."""
-    if isinstance(obj, Tensor):
+    """Every tensor (and blob) reachable from a plan (for Plan.copy's memo)."""
+    if isinstance(obj, Tensor | np.ndarray):
         return [obj]
     if isinstance(obj, dict):
         return [t for v in obj.values() for t in _tensors(v)]
@@ -156,26 +154,17 @@ def classify_rows(W: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dense_rows(lp: LinearPlan) -> Tensor:
-    """The fp32 (out, in) matrix a layer computes, whatever its form (packed values dequantized)."""
+    """The fp32 (out, in) matrix a layer computes, whatever its form (a blob unpacked, int8 dequantised)."""
+    if lp.packed:
+        from .packed_v2 import dense_of, unpack_matrix
+
+        return torch.from_numpy(dense_of(unpack_matrix(lp.blob)))
     if lp.dense:
-        w = lp.weight.float()
-        return w * lp.scale[:, None] if lp.scale is not None else w
+        return lp.weight.float()
     W = torch.zeros(lp.out_features, lp.in_features)
     for c in lp.classes:
-        W[c.rows.long()] = class_weight(c, lp.in_features)
+        W[c.rows.long()] = c.weight
     return W
-
-
-def class_weight(c: RowClass, n_in: int) -> Tensor:
-    """(rows_n, in) fp32 weights of one class, from ``weight`` or from the packed values."""
-    if not c.packed:
-        return c.weight
-    vals = c.values.float()
-    if c.scale is not None:
-        vals = vals * c.scale[:, None]
-    full = torch.zeros(c.keep.shape)
-    full[c.keep] = vals.reshape(-1)  # row-major: group by group, ascending position, as stored
-    return full[:, :n_in]
 
 
 # ----------------------------------------------------------------------------------------------

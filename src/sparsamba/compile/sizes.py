@@ -2,7 +2,8 @@
 
     dense  out·in·bytes(W)
     CSR    nnz·(bytes(W) + 4) + (out + 1)·4        int32 column indices, int32 row pointers
-    ours   values + codes + rows (+ scales), as write_packed stores them (alignment padding not counted)
+    ours   the layer's matrix blob (packed format v2: headers, row indices, int8 scales, 2-bit codes and
+           values in blocks of 16 rows, padding to 64 bytes included), as write_packed stores it
 
 With int8 every format also needs its per-row scales, out·4 bytes, added to dense and CSR alike.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import formats
+from .packed_v2 import DTYPES, matrix_bytes, unpack_matrix
 from .plan import LinearPlan, Plan
 
 
@@ -27,28 +29,19 @@ class LayerSize:
     ours: int
 
 
-def _nbytes(t) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
-
-
 def layer_size(name: str, kind: str, lp: LinearPlan, dtype: str | None) -> LayerSize:
     fmt = formats.get(dtype)
     bw, scale_bytes = fmt.value_bytes, 4 if fmt.scaled else 0  # an fp32 scale per row
     out, n_in = lp.out_features, lp.in_features
     scales = out * scale_bytes
-    if lp.dense:
-        nnz = int((lp.weight != 0).sum())
-        ours = out * n_in * bw + scales
-    else:
-        nnz = sum(int((c.values != 0).sum()) if c.packed else int((c.weight != 0).sum()) for c in lp.classes)
-        if all(c.packed for c in lp.classes):
-            ours = sum(_nbytes(c.values) + _nbytes(c.codes) + _nbytes(c.rows) + _nbytes(c.scale) for c in lp.classes)
-        else:  # before pack: what pack would write
-            G = lp.groups
-            ours = sum(
-                len(c.rows) * (G * (4 - c.n) * bw + (0 if c.n == 0 else (G + 1) // 2) + 4 + scale_bytes)
-                for c in lp.classes
-            )
+    if lp.packed:
+        m = unpack_matrix(lp.blob)
+        nnz = sum(int((c.values != 0).sum()) for c in m.classes)  # as stored: int8 may round a tiny w to 0
+        ours = len(lp.blob)
+    else:  # before pack: the blob pack would write
+        rows = {0: out} if lp.dense else {c.n: len(c.rows) for c in lp.classes}
+        nnz = int((lp.weight != 0).sum()) if lp.dense else sum(int((c.weight != 0).sum()) for c in lp.classes)
+        ours = matrix_bytes(n_in, DTYPES[dtype or "f32"], rows)
     return LayerSize(name, kind, out, n_in, nnz, out * n_in * bw + scales, nnz * (bw + 4) + (out + 1) * 4 + scales, ours)
 
 

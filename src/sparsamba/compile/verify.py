@@ -1,7 +1,8 @@
 """The verifier run between passes, and ``plan_forward``: the Python reference of the packed format.
 
 ``plan_forward`` follows "What the engine computes" in docs/packed-format.md line by line, one token at
-a time, reading packed layers the way the engine does (positions from the codes, values, scales), so a
+a time, reading packed layers the way the engine does (each blob unpacked, int8 products on activations
+rounded per chunk as the kernels round them: ``packed_v2.matvec``), so a
 plan read back from a file (``read_packed``) is the golden model the C engine is tested against.
 """
 
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from .. import formats
 from ..errors import SparsambaError
-from .passes import unpack_codes
+from .packed_v2 import dense_of, matvec, unpack_matrix
 from .plan import LinearPlan, Plan
 
 # ----------------------------------------------------------------------------------------------
@@ -21,26 +22,39 @@ from .plan import LinearPlan, Plan
 
 
 def linear(lp: LinearPlan, x: Tensor) -> Tensor:
-    """y = W x for x (b, in) -> (b, out), fp32, in whatever form the layer is stored."""
+    """y = W x for x (b, in) -> (b, out), fp32, for a layer not yet packed (dense, or its classes)."""
     if lp.dense:
-        w = lp.weight.float()
-        if lp.scale is not None:
-            w = w * lp.scale[:, None]
-        return x @ w.T
+        return x @ lp.weight.float().T
     y = x.new_zeros(x.shape[0], lp.out_features)
-    G = lp.groups
-    xp = F.pad(x, (0, 4 * G - lp.in_features))  # (b, 4G): inputs are zero on the padding
     for c in lp.classes:
-        rows = c.rows.long()
-        if not c.packed:
-            y[:, rows] = x @ c.weight.T
-            continue
-        keep = unpack_codes(c.codes, G) if c.codes is not None else torch.ones(len(rows), 4 * G, dtype=torch.bool)
-        pos = torch.arange(4 * G).expand(len(rows), -1)[keep].view(len(rows), -1)  # (rows_n, G·(4-n))
-        vals = c.values.float()
-        acc = (xp[:, pos] * vals).sum(-1)  # (b, rows_n): Σ values · x[position]
-        y[:, rows] = acc * c.scale if c.scale is not None else acc
+        y[:, c.rows.long()] = x @ c.weight.T
     return y
+
+
+class _Unpacked:
+    """Each blob of a plan unpacked once per forward: (MatrixV2, its dense fp32 weights)."""
+
+    def __init__(self):
+        self.cache: dict[int, tuple] = {}
+
+    def matrix(self, lp: LinearPlan) -> tuple:
+        if id(lp) not in self.cache:
+            m = unpack_matrix(lp.blob)
+            self.cache[id(lp)] = (m, dense_of(m))
+        return self.cache[id(lp)]
+
+    def linear(self, lp: LinearPlan, x: Tensor) -> Tensor:
+        """as the engine computes it: int8 layers round the activations per chunk (packed_v2.matvec)"""
+        if not lp.packed:
+            return linear(lp, x)
+        m, W = self.matrix(lp)
+        return torch.from_numpy(matvec(m, W, x.numpy()))
+
+    def rows(self, lp: LinearPlan, ids: Tensor) -> Tensor:
+        """the embedding lookup: rows ids of the matrix, fp32"""
+        if not lp.packed:
+            return lp.weight[ids].float()
+        return torch.from_numpy(self.matrix(lp)[1][ids.numpy()])
 
 
 def _rmsnorm(h: Tensor, eps: float) -> Tensor:
@@ -57,33 +71,33 @@ def plan_forward(plan: Plan, ids: Tensor) -> Tensor:
     di, N, R, K = dm.d_inner, dm.d_state, dm.dt_rank, dm.d_conv
     embd = plan.token_embd
     head = plan.output or embd
+    u = _Unpacked()  # the packed layers' products, as the engine computes them
     conv = [torch.zeros(b, di, K - 1) for _ in plan.blocks]  # the last K-1 inputs of conv1d
     ssm = [torch.zeros(b, di, N) for _ in plan.blocks]  # s
     out = []
     for t in range(L):
-        e = embd.weight[ids[:, t]].float()  # (b, d)
-        h = e * embd.scale[ids[:, t], None] if embd.scale is not None else e
+        h = u.rows(embd, ids[:, t])  # (b, d)
         for i, blk in enumerate(plan.blocks):
             T, lin = blk.tensors, blk.linears
             un = _rmsnorm(h, dm.eps)
             if not plan.norm_folded:
                 un = un * T["attn_norm.weight"]
-            xz = linear(lin["ssm_in"], un)
+            xz = u.linear(lin["ssm_in"], un)
             if "ssm_in.bias" in T:
                 xz = xz + T["ssm_in.bias"]
             x, z = xz[:, :di], xz[:, di:]
             window = torch.cat([conv[i], x[:, :, None]], 2)  # (b, di, K), oldest first
             conv[i] = window[:, :, 1:]
             xc = F.silu((window * T["ssm_conv1d.weight"]).sum(-1) + T["ssm_conv1d.bias"])
-            dbc = linear(lin["ssm_x"], xc)
+            dbc = u.linear(lin["ssm_x"], xc)
             dr, B, C = dbc[:, :R], dbc[:, R : R + N], dbc[:, R + N :]
-            delta = F.softplus(linear(lin["ssm_dt"], dr) + T["ssm_dt.bias"])  # softplus(v) = v for v > 20
+            delta = F.softplus(u.linear(lin["ssm_dt"], dr) + T["ssm_dt.bias"])  # softplus(v) = v for v > 20
             ssm[i] = torch.exp(delta[:, :, None] * T["ssm_a"]) * ssm[i] + (delta * xc)[:, :, None] * B[:, None, :]
             y = ((ssm[i] * C[:, None, :]).sum(-1) + T["ssm_d"] * xc) * F.silu(z)
-            h = h + linear(lin["ssm_out"], y)
+            h = h + u.linear(lin["ssm_out"], y)
             if "ssm_out.bias" in T:
                 h = h + T["ssm_out.bias"]
-        out.append(linear(head, _rmsnorm(h, dm.eps) * plan.output_norm))
+        out.append(u.linear(head, _rmsnorm(h, dm.eps) * plan.output_norm))
     logits = torch.stack(out, 1)  # (b, l, V)
     return logits[0] if squeeze else logits
 
@@ -98,16 +112,14 @@ def _fail(stage: str, what: str) -> None:
 
 def check_linear(name: str, lp: LinearPlan, dtype: str | None, stage: str) -> None:
     out, n_in, G = lp.out_features, lp.in_features, lp.groups
-    fmt = formats.get(dtype)
-    want = (fmt.torch,)
-    if lp.dense:
-        if lp.weight is None or tuple(lp.weight.shape) != (out, n_in) or lp.weight.dtype not in want:
-            _fail(stage, f"{name}.weight is not a ({out}, {n_in}) {want[0]} matrix")
-        if fmt.scaled != (lp.scale is not None):
-            _fail(stage, f"{name}.scale present {lp.scale is not None} for dtype {dtype}")
+    if lp.packed:
+        _check_blob(name, lp, dtype, stage)
+    elif lp.dense:
+        if lp.weight is None or tuple(lp.weight.shape) != (out, n_in) or lp.weight.dtype != torch.float32:
+            _fail(stage, f"{name}.weight is not a ({out}, {n_in}) fp32 matrix")
         return
     seen = torch.zeros(out, dtype=torch.bool)
-    for c in lp.classes:
+    for c in lp.classes or []:
         tag = f"{name}.c{c.n}"
         r = len(c.rows)
         if not 0 <= c.n <= 3 or r == 0:
@@ -119,30 +131,35 @@ def check_linear(name: str, lp: LinearPlan, dtype: str | None, stage: str) -> No
         seen[c.rows.long()] = True
         if tuple(c.keep.shape) != (r, 4 * G) or not bool((c.keep.view(r, G, 4).sum(-1) == 4 - c.n).all()):
             _fail(stage, f"{tag}: the keep mask does not keep exactly {4 - c.n} of every group of 4")
-        if c.packed:
-            if tuple(c.values.shape) != (r, G * (4 - c.n)) or c.values.dtype not in want:
-                _fail(stage, f"{tag}.values is not ({r}, {G * (4 - c.n)}) {want[0]}")
-            if c.n >= 1:
-                if c.codes is None or tuple(c.codes.shape) != (r, (G + 1) // 2) or c.codes.dtype != torch.uint8:
-                    _fail(stage, f"{tag}.codes is not ({r}, {(G + 1) // 2}) bytes")
-                if not torch.equal(unpack_codes(c.codes, G), c.keep):
-                    _fail(stage, f"{tag}.codes do not encode the kept positions")
-                if G % 2 and bool((c.codes[:, -1] >> 4).any()):
-                    _fail(stage, f"{tag}.codes: the unused high nibble of an odd G is not 0")
-            elif c.codes is not None:
-                _fail(stage, f"{tag}: n = 0 has no codes")
-            if fmt.scaled != (c.scale is not None):
-                _fail(stage, f"{tag}.scale present {c.scale is not None} for dtype {dtype}")
-            if c.scale is not None and not bool((torch.isfinite(c.scale) & (c.scale > 0)).all()):
-                _fail(stage, f"{tag}.scale has a value that is not finite and positive")
-            pos = torch.arange(4 * G).expand(r, -1)[c.keep].view(r, -1)
-            if bool((c.values[pos >= n_in] != 0).any()):
-                _fail(stage, f"{tag}.values: a value on the padding past in = {n_in} is not 0")
-        else:
-            if c.weight is None or tuple(c.weight.shape) != (r, n_in):
-                _fail(stage, f"{tag}.weight is not ({r}, {n_in})")
-            if bool((c.weight[~c.keep[:, :n_in]] != 0).any()):
-                _fail(stage, f"{tag}.weight is non-zero off its kept positions")
+        if lp.packed:
+            continue
+        if c.weight is None or tuple(c.weight.shape) != (r, n_in):
+            _fail(stage, f"{tag}.weight is not ({r}, {n_in})")
+        if bool((c.weight[~c.keep[:, :n_in]] != 0).any()):
+            _fail(stage, f"{tag}.weight is non-zero off its kept positions")
+
+
+def _check_blob(name: str, lp: LinearPlan, dtype: str | None, stage: str) -> None:
+    """The blob unpacked (its header, counts and codes checked by the reader) against the layer: dtype,
+    shape, and the classes' rows and kept positions (a dense layer: one n = 0 class of every row)."""
+    try:
+        m = unpack_matrix(lp.blob)
+    except ValueError as e:
+        _fail(stage, f"{name}.v2: {e}")
+    if m.dtype != dtype or (m.out, m.in_) != (lp.out_features, lp.in_features):
+        _fail(stage, f"{name}.v2 is ({m.out}, {m.in_}) {m.dtype}, the layer ({lp.out_features}, {lp.in_features}) {dtype}")
+    want = (
+        [(0, torch.arange(lp.out_features), None)] if lp.dense else [(c.n, c.rows.long(), c.keep) for c in lp.classes]
+    )
+    if [c.n for c in m.classes] != [n for n, _, _ in want]:
+        _fail(stage, f"{name}.v2 holds classes n = {[c.n for c in m.classes]}, the layer {[n for n, _, _ in want]}")
+    for c, (n, rows, keep) in zip(m.classes, want, strict=True):
+        if not torch.equal(torch.from_numpy(c.rows).long(), rows):
+            _fail(stage, f"{name}.v2 class n={n}: its rows are not the layer's")
+        if keep is not None and not torch.equal(torch.from_numpy(c.keep), keep):
+            _fail(stage, f"{name}.v2 class n={n}: its codes do not encode the kept positions")
+        if (c.scale is not None) != formats.get(dtype).scaled:
+            _fail(stage, f"{name}.v2 class n={n}: row scales present {c.scale is not None} for dtype {dtype}")
 
 
 def check_plan(plan: Plan, stage: str) -> None:

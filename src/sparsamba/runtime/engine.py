@@ -22,7 +22,7 @@ from ..errors import SparsambaError
 from ..formats import by_ggml_type
 from .lib import Info, error_buffer, library
 
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "neon": 3, "neon-fp16": 4}
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 5, "neon": 3}
 DEVICES = {"cpu": 0, "opencl": 1}  # SB_BACKEND_CPU, SB_BACKEND_OPENCL
 # below this many bytes of weights per token, the default is one thread: OpenMP's fork and barriers
 # cost more than they save (and a busy second core makes them cost milliseconds)
@@ -51,7 +51,7 @@ class EngineInfo:
 
 
 def set_isa(isa: str) -> str:
-    """Force a kernel family ("auto", "scalar", "avx2", "neon", "neon-fp16"); returns the name of the one in effect
+    """Force a kernel family ("auto", "scalar", "avx2", "avx512", "neon"); returns the name of the one in effect
     (a family the CPU lacks falls back to scalar). Process-wide, as in the C library."""
     if isa not in ISAS:
         raise SparsambaError(f"unknown kernel family {isa!r}; use one of {', '.join(ISAS)}")

@@ -1,0 +1,171 @@
+/* AVX2 + FMA + F16C kernels of packed format v2 (this file only is built with those flags): a 16-row
+ * block is two ymm halves (rows 0..7, 8..15) that share every broadcast of x and every table load.
+ * fp32 / f16: as in linear_v2_avx512.c: per group x[4g..4g+3] broadcast to both 128-bit lanes, per slot
+ *   one vpermilps (each lane picks its input by the low 2 bits of its shifted code word), one load
+ *   of 8 rows' values, one FMA per half.
+ * int8: int16 activations and vpmaddwd on pairs of slots. AVX2 has no word permute across 16
+ *   entries, so each lane's (x[pos_a], x[pos_b]) dword is the OR of two vpermilps picks: one from
+ *   the group's table with q in the low int16 of each dword, one from the table with q in the high
+ *   int16 (sb_v2_act.xt). Sums are int32 per chunk, flushed to fp32 with the chunk's scale. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "linear_v2.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+static inline __m256 permute(__m256 t, __m256i idx) { return _mm256_permutevar_ps(t, idx); }
+
+INLINE __m256 load_w(int dt, const uint8_t *v, int t, int half) {
+    if (dt == SB_V2_F32) return _mm256_loadu_ps((const float *)(v + 64 * (size_t)t + 32 * half));
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 32 * (size_t)t + 16 * half)));
+}
+
+INLINE void chunk_fp(int n, int dt, const uint8_t *rec, const float *x, int G, __m256 acc[4]) {
+    const uint8_t *v = rec + sb_v2_code_bytes(n);
+    if (n == 0) {
+#pragma GCC unroll 8
+        for (int t = 0; t < 4 * G; t++) {
+            __m256 xs = _mm256_broadcast_ss(x + t);
+            acc[2 * (t & 1)] = _mm256_fmadd_ps(load_w(dt, v, t, 0), xs, acc[2 * (t & 1)]);
+            acc[2 * (t & 1) + 1] = _mm256_fmadd_ps(load_w(dt, v, t, 1), xs, acc[2 * (t & 1) + 1]);
+        }
+        return;
+    }
+    __m256i c0 = _mm256_load_si256((const __m256i *)rec), c1 = _mm256_load_si256((const __m256i *)(rec + 32));
+    int t = 0;
+#pragma GCC unroll 16
+    for (int g = 0; g < G; g++) {
+        __m256 xb = _mm256_broadcast_ps((const __m128 *)(x + 4 * g));
+        if (n == 2 && g == 8) { /* slots 16..31 are in the second code word */
+            c0 = _mm256_load_si256((const __m256i *)(rec + 64));
+            c1 = _mm256_load_si256((const __m256i *)(rec + 96));
+        }
+        for (int k = 0; k < 4 - n; k++, t++) {
+            __m256i i0 = c0, i1 = c1;
+            if (n == 1) { /* kept = removed + 1 + k (mod 4: the permute reads 2 bits) */
+                i0 = _mm256_add_epi32(c0, _mm256_set1_epi32(k + 1));
+                i1 = _mm256_add_epi32(c1, _mm256_set1_epi32(k + 1));
+            }
+            acc[2 * (t & 1)] = _mm256_fmadd_ps(load_w(dt, v, t, 0), permute(xb, i0), acc[2 * (t & 1)]);
+            acc[2 * (t & 1) + 1] = _mm256_fmadd_ps(load_w(dt, v, t, 1), permute(xb, i1), acc[2 * (t & 1) + 1]);
+            if (n != 1) c0 = _mm256_srli_epi32(c0, 2), c1 = _mm256_srli_epi32(c1, 2);
+        }
+        if (n == 1) c0 = _mm256_srli_epi32(c0, 2), c1 = _mm256_srli_epi32(c1, 2);
+    }
+}
+
+/* code field, group and n = 1 rotation of slot t of a chunk */
+INLINE void slot_field(int n, int t, int *f, int *g, int *add) {
+    if (n == 1) *f = *g = t / 3, *add = t % 3 + 1;
+    else *f = t, *g = n == 2 ? t / 2 : t, *add = 0;
+}
+
+INLINE __m256i pick(__m256i code, int f, int add, __m256 table) {
+    __m256i i = _mm256_srli_epi32(code, 2 * (f % 16));
+    if (add) i = _mm256_add_epi32(i, _mm256_set1_epi32(add));
+    return _mm256_castps_si256(permute(table, i));
+}
+
+/* int32 sums (two halves) of one chunk record of npairs pairs */
+INLINE void chunk_i8(int n, const uint8_t *rec, const int16_t *xq, const uint32_t *xt, int npairs, __m256i s[2]) {
+    const uint8_t *v = rec + sb_v2_code_bytes(n);
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
+    if (n == 0) {
+        const int32_t *x32 = (const int32_t *)xq;
+#pragma GCC unroll 8
+        for (int u = 0; u < npairs; u++) {
+            __m256i xd = _mm256_set1_epi32(x32[u]);
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 32 * u)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 32 * u + 16)));
+            if (u & 1) b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(w0, xd)), b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(w1, xd));
+            else a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, xd)), a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w1, xd));
+        }
+    } else {
+        __m256i c[2][2]; /* [word][half] */
+        for (int w = 0; w < (n == 2 ? 2 : 1); w++) {
+            c[w][0] = _mm256_load_si256((const __m256i *)(rec + 64 * w));
+            c[w][1] = _mm256_load_si256((const __m256i *)(rec + 64 * w + 32));
+        }
+#pragma GCC unroll 24
+        for (int u = 0; u < npairs; u++) {
+            int fa, ga, da, fb, gb, db;
+            slot_field(n, 2 * u, &fa, &ga, &da);
+            slot_field(n, 2 * u + 1, &fb, &gb, &db);
+            __m256 tl = _mm256_castsi256_ps(_mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(xt + 8 * ga))));
+            __m256 th = _mm256_castsi256_ps(_mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(xt + 8 * gb + 4))));
+            __m256i x0 = _mm256_or_si256(pick(c[fa / 16][0], fa, da, tl), pick(c[fb / 16][0], fb, db, th));
+            __m256i x1 = _mm256_or_si256(pick(c[fa / 16][1], fa, da, tl), pick(c[fb / 16][1], fb, db, th));
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 32 * u)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 32 * u + 16)));
+            if (u & 1) b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(w0, x0)), b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(w1, x1));
+            else a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, x0)), a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w1, x1));
+        }
+    }
+    s[0] = _mm256_add_epi32(a0, b0), s[1] = _mm256_add_epi32(a1, b1);
+}
+
+/* the 16 rows of one block over one panel (rec: the block's stream there), as two halves */
+INLINE void block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int dt, __m256 *lo, __m256 *hi) {
+    int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK, Gt = (rest + 3) / 4, ch0 = j0 / SB_V2_CHUNK;
+    size_t rb = sb_v2_record_bytes(n, dt, 16);
+    if (dt == SB_V2_I8) {
+        __m256 l = _mm256_setzero_ps(), h = l;
+        for (int ch = 0; ch < full + (rest > 0); ch++, rec += rb) {
+            __m256i s[2];
+            int j = SB_V2_CHUNK * (ch0 + ch);
+            if (ch < full) chunk_i8(n, rec, a->xq + j, a->xt + 2 * j, 8 * (4 - n), s);
+            else chunk_i8(n, rec, a->xq + j, a->xt + 2 * j, (Gt * (4 - n) + 1) / 2, s);
+            __m256 sc = _mm256_set1_ps(a->xs[ch0 + ch]);
+            l = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), sc, l);
+            h = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1]), sc, h);
+        }
+        *lo = l, *hi = h;
+        return;
+    }
+    __m256 ac[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const float *x = a->x + j0;
+    for (int ch = 0; ch < full; ch++, rec += rb, x += SB_V2_CHUNK) chunk_fp(n, dt, rec, x, 16, ac);
+    if (rest) chunk_fp(n, dt, rec, x, Gt, ac);
+    *lo = _mm256_add_ps(ac[0], ac[2]), *hi = _mm256_add_ps(ac[1], ac[3]);
+}
+
+/* y[index[r] * ldy] += the block's 16 sums (int8: times the row scales) */
+INLINE void scatter(const sb_v2_class *c, int b, __m256 lo, __m256 hi, float *y, size_t ldy) {
+    float out[SB_V2_B];
+    if (c->scale) {
+        lo = _mm256_mul_ps(lo, _mm256_loadu_ps(c->scale + SB_V2_B * b));
+        hi = _mm256_mul_ps(hi, _mm256_loadu_ps(c->scale + SB_V2_B * b + 8));
+    }
+    _mm256_storeu_ps(out, lo), _mm256_storeu_ps(out + 8, hi);
+    const int32_t *idx = c->index + SB_V2_B * b;
+    for (int r = 0; r < SB_V2_B; r++)
+        if (idx[r] >= 0) y[(size_t)idx[r] * ldy] += out[r];
+}
+
+/* panels outer (x of a panel stays in L1), blocks inner; prefill runs every token over a block's
+ * panel stream while it is in cache, so the weights come from memory once per T tokens */
+INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1, int n, int dt) {
+    const uint8_t *panel = c->stream;
+    for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
+        int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel;
+        size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
+        for (int b = b0; b < b1; b++)
+            for (int t = 0; t < T; t++) {
+                __m256 lo, hi;
+                block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, &lo, &hi);
+                scatter(c, b, lo, hi, Y + t, (size_t)ldy);
+            }
+        panel += bpb * (size_t)c->nblocks;
+    }
+}
+
+/* one specialised body per (dtype, n): the inner loops see constants */
+#define BODY(N, DT) run(c, act, T, Y, ldy, b0, b1, N, DT)
+void sb_v2_gemm_avx2(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1) {
+    SB_V2_SPECIALISE(c, BODY)
+}
+
+void sb_v2_gemv_avx2(const sb_v2_class *c, const sb_v2_act *a, float *y, int b0, int b1) {
+    sb_v2_gemm_avx2(c, a, 1, y, 1, b0, b1); /* T = 1 is a constant to the inlined loop of each body */
+}
