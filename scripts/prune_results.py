@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th row from the i-th")
     ap.add_argument("--write-only", action="store_true", help="rewrite the docs from the stored rows")
+    ap.add_argument("--extra-seeds-only", action="store_true", help="run only the headline's seeds 1, 2")
     ap.add_argument("--cache", default=str(CACHE), help="where each finished row is stored")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     a = ap.parse_args()
@@ -196,7 +197,7 @@ def main() -> None:
     for j, (mname, mpath, r) in enumerate(grid):
         k = key(r, mname, a.nsamples, a.seqlen)
         f = Path(a.cache) / (hashlib.sha1(k.encode()).hexdigest()[:16] + ".json")
-        if a.write_only or f.exists() or j % n != i:
+        if a.write_only or f.exists() or j % n != i or (a.extra_seeds_only and not r.get("seed")):
             continue
         t = time.time()
         q = ctx.Queue()
