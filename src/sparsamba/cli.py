@@ -602,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     s.add_argument("--seqlen", type=int, default=256, help="calibration window length in tokens")
     s.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' offsets")
-    s.add_argument("--steps", type=int, help="sparse-learning steps (default 150; 0 = the loss-aware allocation alone)")
+    s.add_argument("--steps", type=int, help="sparse-learning steps (default 0: the loss-aware allocation alone; 150 to learn)")
     s.add_argument("--lr", type=float, help="sparse-learning Adam learning rate (default 0.05)")
     s.add_argument("--row-block", type=int, help="rows sharing one n (default 1; 4 or 8 for wider SIMD)")
     s.add_argument("--recipe", help="TOML file with PruneConfig fields ([prune] and [prune.learn] tables)")
