@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument("--llama-sparsities", type=float, nargs="+", default=[0.5])
     ap.add_argument(
-        "--steps", type=int, default=LearnConfig().steps, help="learning steps of the learned rows"
+        "--steps", type=int, default=150, help="learning steps of the learned rows (the default prune: 0)"
     )
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=256)
