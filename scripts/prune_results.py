@@ -191,10 +191,10 @@ def main() -> None:
             print(f"trained {llama} in {time.time() - t:.0f} s", flush=True)
         models["kjv-llama-tiny"] = (llama, a.llama_sparsities)
     grid = [(m, p, r) for m, (p, sps) in models.items() for r in runs(m, sps, a.steps)]
-    grid.sort(key=lambda g: _priority(g[0], g[2], a.steps))  # the headline first, for a run cut short
+    todo = sorted(grid, key=lambda g: _priority(g[0], g[2], a.steps))  # the headline first, for a run cut short
     i, n = (int(x) for x in a.shard.split("/"))
     ctx = mp.get_context("spawn")
-    for j, (mname, mpath, r) in enumerate(grid):
+    for j, (mname, mpath, r) in enumerate(todo):
         k = key(r, mname, a.nsamples, a.seqlen)
         f = Path(a.cache) / (hashlib.sha1(k.encode()).hexdigest()[:16] + ".json")
         if a.write_only or f.exists() or j % n != i or (a.extra_seeds_only and not r.get("seed")):
@@ -321,7 +321,7 @@ def write(out: Path, grid, a) -> None:
         md += [
             f"## {mname}",
             "",
-            f"Dense perplexity: **{dense:.2f}**.",
+            f"Dense perplexity: **{dense:.2f}**." if dense == dense else "Dense perplexity: not run.",
             "",
             "| method | " + " | ".join(f"{s:.0%}" for s in sps) + " | 50%: prune time | 50%: peak memory |",
             "| --- |" + " --- |" * (len(sps) + 2),
