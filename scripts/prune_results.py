@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th row from the i-th")
     ap.add_argument("--write-only", action="store_true", help="rewrite the docs from the stored rows")
     ap.add_argument("--extra-seeds-only", action="store_true", help="run only the headline's seeds 1, 2")
+    ap.add_argument("--only", help="run only the rows whose label contains this text")
     ap.add_argument("--cache", default=str(CACHE), help="where each finished row is stored")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     a = ap.parse_args()
@@ -191,13 +192,21 @@ def main() -> None:
             print(f"trained {llama} in {time.time() - t:.0f} s", flush=True)
         models["kjv-llama-tiny"] = (llama, a.llama_sparsities)
     grid = [(m, p, r) for m, (p, sps) in models.items() for r in runs(m, sps, a.steps)]
-    todo = sorted(grid, key=lambda g: _priority(g[0], g[2], a.steps))  # the headline first, for a run cut short
+    todo = sorted(
+        grid, key=lambda g: _priority(g[0], g[2], a.steps)
+    )  # the headline first, for a run cut short
     i, n = (int(x) for x in a.shard.split("/"))
     ctx = mp.get_context("spawn")
     for j, (mname, mpath, r) in enumerate(todo):
         k = key(r, mname, a.nsamples, a.seqlen)
         f = Path(a.cache) / (hashlib.sha1(k.encode()).hexdigest()[:16] + ".json")
-        if a.write_only or f.exists() or j % n != i or (a.extra_seeds_only and not r.get("seed")):
+        if (
+            a.write_only
+            or f.exists()
+            or j % n != i
+            or (a.extra_seeds_only and not r.get("seed"))
+            or (a.only and a.only not in r["label"])
+        ):
             continue
         t = time.time()
         q = ctx.Queue()

@@ -50,6 +50,14 @@ def test_allocate_on_non_convex_curves():
         assert 11 <= int(n.sum()) <= 11 + 3
 
 
+def test_allocate_gives_back_when_the_free_choice_overshoots():
+    # the fix-up's costs (−log p, 0 at the argmax): here every row's free choice is n = 4
+    c = torch.ones(6, 5, dtype=torch.float64)
+    c[:, 4] = 0
+    n, _ = allocate(c, torch.arange(5.0)[None], 10)
+    assert int(n.sum()) == 10
+
+
 def test_block_scope_meets_each_block_and_global_is_no_worse():
     g = torch.Generator().manual_seed(1)
     costs = [torch.rand(8, 5, generator=g, dtype=torch.float64).cumsum(1) * s for s in (1, 1, 10)]

@@ -97,17 +97,16 @@ def allocate(costs: Tensor, gains: Tensor, budget: float, iters: int = 100) -> t
     dg = dg[dg > 0].min().item()
     lo, hi = 0.0, 2 * dc / dg + 1.0
     n_lo = _choose(costs, gains, lo)
-    if got(n_lo) >= budget:
-        return n_lo, 0.0
-    for _ in range(iters):  # bisection in λ: lo stays under budget
-        mid = 0.5 * (lo + hi)
-        n_mid = _choose(costs, gains, mid)
-        if got(n_mid) < budget:
-            lo, n_lo = mid, n_mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
+    if got(n_lo) < budget:
+        for _ in range(iters):  # bisection in λ: lo stays under budget
+            mid = 0.5 * (lo + hi)
+            n_mid = _choose(costs, gains, mid)
+            if got(n_mid) < budget:
+                lo, n_lo = mid, n_mid
+            else:
+                hi = mid
+            if hi - lo <= 1e-12 * hi:
+                break
     # top up: move one row at a time to any larger n at the cheapest cost per unit gain (a jump past
     # a concave step, e.g. straight to n = 4, is priced like any other); rows at the threshold price
     # come first in that order, so this completes the Lagrangian step row by row
@@ -126,16 +125,18 @@ def allocate(costs: Tensor, gains: Tensor, budget: float, iters: int = 100) -> t
             break
         deficit -= float(dgain[r, k])
         n[r] = k
-    # the last jump may overshoot: give back the costliest steps that the slack still allows
+    # over the budget (the last jump, or a zero-price choice that already removes too much, as the
+    # fix-up's −log p gives): move rows down, most cost saved (or least added) per unit given back,
+    # while the slack allows
     while deficit < 0:
         c0, g0 = costs[rows, n][:, None], gains[rows, n][:, None]
         loss = g0 - gains  # gain given back by moving row r down to k
-        saving = c0 - costs
-        ok = (ks[None] < n[:, None]) & (loss <= -deficit) & (saving > 0)
+        ok = (ks[None] < n[:, None]) & (loss <= -deficit) & (loss > 0)
         if not ok.any():
             break
-        saving[~ok] = -float("inf")
-        flat = int(torch.argmax(saving))
+        rate = (c0 - costs) / loss.clamp_min(1e-300)
+        rate[~ok] = -float("inf")
+        flat = int(torch.argmax(rate))
         r, k = divmod(flat, costs.shape[1])
         deficit += float(loss[r, k])
         n[r] = k
