@@ -18,6 +18,7 @@ pytest.importorskip("tokenizers")
 from tokenizers import Tokenizer  # noqa: E402
 
 from sparsamba.runtime.lib import error_buffer, library, standalone  # noqa: E402
+from test_engine_files import asan_run, good, sanitized  # noqa: E402, F401 - the sanitizer build, a file with no tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "src" / "sparsamba" / "assets" / "kjv-mamba-tiny"
@@ -109,7 +110,8 @@ class CTok:
             assert self.lib.sb_stream_push(s, i, ctypes.byref(text), ctypes.byref(n), err, len(err)) == 0
             pieces.append(ctypes.string_at(text, n.value))
         rest = ctypes.create_string_buffer(4)
-        pieces.append(rest.raw[: self.lib.sb_stream_flush(s, rest)])
+        n_rest = self.lib.sb_stream_flush(s, rest)
+        pieces.append(rest.raw[:n_rest])
         self.lib.sb_stream_free(s)
         return pieces
 
@@ -208,18 +210,17 @@ def test_neox_style_tokenizer_ids_match_tokenizers(neox_gguf):
 
 
 def test_streaming_holds_back_split_characters(embedded_gguf):
-    """a 4-byte emoji arrives one byte-token at a time: nothing shown until it is whole; a character cut
-    off at the end comes out of the flush as U+FFFD"""
+    """an emoji made of byte tokens: nothing shown until it is whole; a character cut off at the end
+    comes out of the flush as one U+FFFD"""
     c = CTok(embedded_gguf)
     try:
-        ids = c.encode("😀".encode())
-        singles = [i for b in "😀".encode() for i in c.encode(bytes([b])) if False] or ids
-        pieces = c.stream(singles)
-        assert b"".join(pieces) == "😀".encode()
-        assert all(p in (b"", "😀".encode()) for p in pieces)
-        head = c.encode("a😀".encode())
-        cut = c.stream(head[:-1]) if len(head) > 2 else [b""]
-        assert all(p.decode("utf-8") is not None for p in cut)
+        emoji = "😀".encode()
+        ids = c.encode(emoji)
+        assert len(ids) > 1  # the small vocabulary has no emoji: byte tokens
+        pieces = c.stream(ids)
+        assert pieces[:-1] == [b""] * (len(ids) - 1) + [emoji] and pieces[-1] == b""
+        cut = c.stream(c.encode(b"a" + emoji)[:-1])
+        assert b"".join(cut) == "a\ufffd".encode() and cut[-1] == "\ufffd".encode()
     finally:
         c.close()
 
@@ -302,3 +303,24 @@ def test_sparsamba_run_bad_input(embedded_gguf, args, message):
 def test_sparsamba_run_refuses_invalid_utf8(embedded_gguf):
     p = subprocess.run([str(standalone()), str(embedded_gguf), "-p", b"ok \xff bad"], capture_output=True)
     assert p.returncode == 1 and b"not valid UTF-8 (byte 0xff at offset 3)" in p.stderr
+
+
+def test_text_mode_under_the_sanitizers(embedded_gguf, asan_run, good, tmp_path):
+    """the new code (tokenizer, sampler, streaming, the program's text mode and its errors) under ASan
+    + UBSan, leaks included: a long prompt file, sampling with a stop string, each bad input"""
+    long_prompt = tmp_path / "p.txt"
+    long_prompt.write_text((KJV / "heldout.txt").read_text(encoding="utf-8")[:20000] + " 😀 é 中")
+    ok = sanitized(asan_run, embedded_gguf, "-f", str(long_prompt), "-t", "1")
+    assert ok.returncode == 0, ok.stderr
+    s = sanitized(asan_run, embedded_gguf, "-p", "In the", "--temp", "0.7", "--top-k", "5", "--top-p", "0.8",
+                  "--stop", "e", "-t", "1")
+    assert s.returncode == 0, s.stderr
+    for args, msg in [
+        (["-p", ""], "the prompt is empty"),
+        (["-p", "ab\udcffc"], "not valid UTF-8"),
+        (["-f", str(tmp_path / "none.txt")], "cannot open the prompt file"),
+    ]:
+        p = sanitized(asan_run, embedded_gguf, *args)
+        assert p.returncode == 1 and msg in p.stderr, p.stderr
+    p = sanitized(asan_run, good, "-p", "hello")
+    assert p.returncode == 1 and "this model has no tokenizer" in p.stderr and "pass --tokens" in p.stderr
