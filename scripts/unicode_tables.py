@@ -8,8 +8,18 @@ import unicodedata
 
 # Unicode's White_Space property (PropList.txt), which Oniguruma's \s matches; Python's isspace()
 # differs (it adds U+001C..U+001F), so it is written out here
-WHITE_SPACE = [(0x09, 0x0D), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
-               (0x2028, 0x2029), (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000)]
+WHITE_SPACE = [
+    (0x09, 0x0D),
+    (0x20, 0x20),
+    (0x85, 0x85),
+    (0xA0, 0xA0),
+    (0x1680, 0x1680),
+    (0x2000, 0x200A),
+    (0x2028, 0x2029),
+    (0x202F, 0x202F),
+    (0x205F, 0x205F),
+    (0x3000, 0x3000),
+]
 
 
 def ranges(pred):
@@ -27,7 +37,9 @@ def ranges(pred):
 
 
 def table(name, rs):
-    body = ",\n".join("    " + ", ".join(f"{{0x{a:X}, 0x{b:X}}}" for a, b in rs[i : i + 6]) for i in range(0, len(rs), 6))
+    body = ",\n".join(
+        "    " + ", ".join(f"{{0x{a:X}, 0x{b:X}}}" for a, b in rs[i : i + 6]) for i in range(0, len(rs), 6)
+    )
     return f"static const sb_cp_range {name}[{len(rs)}] = {{\n{body}\n}};\n"
 
 

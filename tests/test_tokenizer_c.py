@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("tokenizers")
+from test_engine_files import asan_run, good, sanitized  # noqa: E402, F401 - the sanitizer build, a file with no tokenizer
 from tokenizers import Tokenizer  # noqa: E402
 
 from sparsamba.runtime.lib import error_buffer, library, standalone  # noqa: E402
-from test_engine_files import asan_run, good, sanitized  # noqa: E402, F401 - the sanitizer build, a file with no tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "src" / "sparsamba" / "assets" / "kjv-mamba-tiny"
@@ -88,7 +88,9 @@ class CTok:
     def encode(self, b: bytes) -> list[int]:
         cap = 6 * len(b) + 1
         ids, n, err = (ctypes.c_int32 * cap)(), ctypes.c_int32(), error_buffer()
-        assert self.lib.sb_tokenize(self.t, b, len(b), ids, cap, ctypes.byref(n), err, len(err)) == 0, err.value
+        assert self.lib.sb_tokenize(self.t, b, len(b), ids, cap, ctypes.byref(n), err, len(err)) == 0, (
+            err.value
+        )
         return list(ids[: n.value])
 
     def decode(self, ids: list[int]) -> bytes:
@@ -122,7 +124,9 @@ def check_parity(hf: Tokenizer, c: CTok) -> tuple[int, int]:
         text = b.decode("utf-8", errors="replace")  # how a Python caller hands tokenizers these bytes
         want = hf.encode(text).ids
         got = c.encode(b)
-        assert got == want, f"{text[:80]!r}: first difference at {next(i for i, (x, y) in enumerate(zip(got + [-1], want + [-1])) if x != y)}"
+        assert got == want, (
+            f"{text[:80]!r}: first difference at {next(i for i, (x, y) in enumerate(zip(got + [-1], want + [-1])) if x != y)}"
+        )
         back = c.decode(got)
         assert back == hf.decode(want).encode(), text[:80]
         if "<|" not in text:  # special tokens decode to nothing, as in tokenizers' decode
@@ -178,8 +182,16 @@ def neox_gguf(tmp_path_factory):
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     torch.manual_seed(0)
-    m = Mamba1LM(Mamba1Config(vocab_size=tok.get_vocab_size() + 3, hidden_size=16, num_hidden_layers=1,
-                              bos_token_id=0, eos_token_id=0, pad_token_id=1))
+    m = Mamba1LM(
+        Mamba1Config(
+            vocab_size=tok.get_vocab_size() + 3,
+            hidden_size=16,
+            num_hidden_layers=1,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=1,
+        )
+    )
     model_dir = save_model(m, root / "model", tokenizer_dir=d)
     return compile_model(model_dir, root / "neox.gguf", dtype="f32").path, d / "tokenizer.json"
 
@@ -202,7 +214,10 @@ def test_neox_style_tokenizer_ids_match_tokenizers(neox_gguf):
         texts, tokens = check_parity(Tokenizer.from_file(str(tj)), c)
         # the added tokens: NeoX's space runs (longest first) and a special token, mid-word too
         hf = Tokenizer.from_file(str(tj))
-        for s in ["a" + " " * k + "b" for k in range(1, 20)] + ["x<|sep|>y<|padding|>", "  \n    \n        end"]:
+        for s in ["a" + " " * k + "b" for k in range(1, 20)] + [
+            "x<|sep|>y<|padding|>",
+            "  \n    \n        end",
+        ]:
             assert c.encode(s.encode()) == hf.encode(s).ids, repr(s)
     finally:
         c.close()
@@ -247,7 +262,12 @@ def test_no_tokenizer_and_bad_ids(tmp_path):
 # sparsamba-run's text mode
 
 
-PROMPTS = ["In the beginning", "And the LORD spake unto Moses, saying,", "Blessed are the", "καὶ 中文 😀 ünïcode"]
+PROMPTS = [
+    "In the beginning",
+    "And the LORD spake unto Moses, saying,",
+    "Blessed are the",
+    "καὶ 中文 😀 ünïcode",
+]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -255,13 +275,28 @@ def test_sparsamba_run_text_matches_python_run(embedded_gguf, prompt):
     """greedy text of the C program == `sparsamba run`'s (the HF tokenizer and the Python sampler);
     the Python path does not stop at EOS, so neither does the C one here"""
     py = subprocess.run(
-        [sys.executable, "-m", "sparsamba", "run", str(embedded_gguf), "--prompt", prompt, "-n", "64",
-         "--threads", "1"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "sparsamba",
+            "run",
+            str(embedded_gguf),
+            "--prompt",
+            prompt,
+            "-n",
+            "64",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     c = subprocess.run(
         [str(standalone()), "-m", str(embedded_gguf), "-p", prompt, "-n", "64", "-t", "1", "--ignore-eos"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert c.stdout == py.stdout
     assert "tokens per second" in c.stderr and "peak RSS" in c.stderr
@@ -269,10 +304,18 @@ def test_sparsamba_run_text_matches_python_run(embedded_gguf, prompt):
 
 def test_sparsamba_run_sampling_and_stop(embedded_gguf):
     run = [str(standalone()), str(embedded_gguf), "-p", "In the beginning", "-n", "40", "-t", "1"]
-    a = subprocess.run([*run, "--temp", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "7"],
-                       capture_output=True, text=True, check=True)
-    b = subprocess.run([*run, "--temp", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "7"],
-                       capture_output=True, text=True, check=True)
+    a = subprocess.run(
+        [*run, "--temp", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "7"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    b = subprocess.run(
+        [*run, "--temp", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "7"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     other = subprocess.run([*run, "--temp", "0.8", "--seed", "8"], capture_output=True, text=True, check=True)
     assert a.stdout == b.stdout and a.stdout != other.stdout
     greedy = subprocess.run([*run, "--ignore-eos"], capture_output=True, text=True, check=True).stdout
@@ -305,15 +348,29 @@ def test_sparsamba_run_refuses_invalid_utf8(embedded_gguf):
     assert p.returncode == 1 and b"not valid UTF-8 (byte 0xff at offset 3)" in p.stderr
 
 
-def test_text_mode_under_the_sanitizers(embedded_gguf, asan_run, good, tmp_path):
+def test_text_mode_under_the_sanitizers(embedded_gguf, asan_run, good, tmp_path):  # noqa: F811
     """the new code (tokenizer, sampler, streaming, the program's text mode and its errors) under ASan
     + UBSan, leaks included: a long prompt file, sampling with a stop string, each bad input"""
     long_prompt = tmp_path / "p.txt"
     long_prompt.write_text((KJV / "heldout.txt").read_text(encoding="utf-8")[:20000] + " 😀 é 中")
     ok = sanitized(asan_run, embedded_gguf, "-f", str(long_prompt), "-t", "1")
     assert ok.returncode == 0, ok.stderr
-    s = sanitized(asan_run, embedded_gguf, "-p", "In the", "--temp", "0.7", "--top-k", "5", "--top-p", "0.8",
-                  "--stop", "e", "-t", "1")
+    s = sanitized(
+        asan_run,
+        embedded_gguf,
+        "-p",
+        "In the",
+        "--temp",
+        "0.7",
+        "--top-k",
+        "5",
+        "--top-p",
+        "0.8",
+        "--stop",
+        "e",
+        "-t",
+        "1",
+    )
     assert s.returncode == 0, s.stderr
     for args, msg in [
         (["-p", ""], "the prompt is empty"),
