@@ -127,6 +127,24 @@ def cpu_busy(seconds: float = 0.5) -> float:
     return (b1 - b0) / max(t1 - t0, 1)
 
 
+def busy_mark() -> tuple[int, int, float]:
+    """A reading for :func:`others_busy`: the machine's busy and total CPU ticks, this process's CPU
+    seconds (its threads included)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return (*_cpu_times(), ru.ru_utime + ru.ru_stime)
+
+
+def others_busy(mark: tuple[int, int, float]) -> float:
+    """Share of all CPUs that OTHER processes used since ``mark`` (for work done in this process)."""
+    b1, t1, own1 = busy_mark()
+    b0, t0, own0 = mark
+    tick = os.sysconf("SC_CLK_TCK")
+    others = (b1 - b0) / tick - (own1 - own0)
+    return max(0.0, others / (max(t1 - t0, 1) / tick))
+
+
 def wait_idle(max_seconds: float, threshold: float = 0.1) -> float:
     """Wait (at most ``max_seconds``) until the CPUs are < ``threshold`` busy; returns the last reading."""
     end = time.monotonic() + max_seconds

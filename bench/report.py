@@ -86,6 +86,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "Roofline decode t/s = bandwidth ÷ bytes of weights a token reads (every tensor once, the tied "
         "embedding once more as the LM head, plus the looked-up row).",
         "",
+        "Kernels: the SIMD family that ran the products: ours `Engine.kernels`, transformers torch's CPU "
+        "capability, llama.cpp the features its CPU backend was built with (`llama_print_system_info()`"
+        + (f": `{meta['llama_cpp_system_info']}`" if meta.get("llama_cpp_system_info") else "")
+        + "). Q8_0 / Q4_0: `llama-quantize` of the F32 export.",
+        "",
     ]
     for shape in dict.fromkeys(r["shape"] for r in rows):
         sr = [r for r in rows if r["shape"] == shape]

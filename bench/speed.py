@@ -131,6 +131,39 @@ def llama_exe(tool: str = "llama-bench") -> tuple[Path | None, str]:
     return exe, ""
 
 
+_SYSTEM_INFO = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.llama_print_system_info.restype = ctypes.c_char_p
+print(lib.llama_print_system_info().decode())
+"""
+
+
+def llama_isa(exe: Path) -> tuple[str, str]:
+    """(the SIMD family llama.cpp's CPU backend was built for, its whole feature line). llama-bench does
+    not report it, so ask the library the tools link, ``llama_print_system_info()`` (what llama-cli
+    prints as "system_info": "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | ..."), in a child process.
+    Where that fails: "llama.cpp native build" and the CPU's flags (machine.py) tell the reader."""
+    import subprocess
+
+    lib = exe.parent / "libllama.so"
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", _SYSTEM_INFO, str(lib)], capture_output=True, text=True, timeout=60
+        )
+        info = p.stdout.strip() if p.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        info = ""
+    # "CPU : SSE3 = 1 | AVX = 1 | ...": the names of the features that are on
+    on = {
+        f.split("=")[0].split(":")[-1].strip().upper() for f in info.split("|") if f.strip().endswith("= 1")
+    }
+    for family in ("AVX512", "AVX2", "AVX", "SVE", "NEON"):
+        if family in on:
+            return f"{family.lower()} (ggml native)", info
+    return ("llama.cpp native build" if not info else "scalar (ggml native)"), info
+
+
 def ours_available() -> str:
     """'' when our engine and compiler import, else why not (their rows are then skipped)."""
     for mod in ("sparsamba.runtime.engine", "sparsamba.compile"):
@@ -210,6 +243,8 @@ def measure(job: Job, path: Path, threads: int, a: argparse.Namespace, exe: Path
         model=job.model.name,
         shape=job.model.shape,
         dtype=job.dtype,
+        # the SIMD family of the products: llama.cpp's CPU backend build, our Engine.kernels, torch's
+        isa=a.llama_isa if job.engine == "llama.cpp" else r.get("isa"),
         sparsity=round(job.model.sparsity, 6),
         mix=models.mix_text(job.model.mix),
         threads=threads,
@@ -280,6 +315,7 @@ def plan(a: argparse.Namespace, skipped: list[str]) -> list[Job]:
         skipped.append(why)
         want.discard("sparsamba")
     a.exe = exe
+    a.llama_isa, a.llama_info = llama_isa(exe) if "llama.cpp" in want else (None, None)
     rb = a.rebuild
     jobs: list[Job] = []
 
@@ -316,7 +352,10 @@ def plan(a: argparse.Namespace, skipped: list[str]) -> list[Job]:
         add("transformers", dense, "f32")
         add("sparsamba", dense, "f32")
         add("sparsamba", dense, "f16")
-        need_sparse = "sparsamba" in want or (a.llama_sparse and "llama.cpp" in want)
+        # the sparse models' rows are f16 / int8 (ours) and f16 (llama.cpp with --llama-sparse)
+        need_sparse = ("sparsamba" in want and {"f16", "int8"} & set(a.dtypes)) or (
+            a.llama_sparse and "llama.cpp" in want and "f16" in a.dtypes
+        )
         sparse = {s: models.sparse_model(shape, s, work) for s in SPARSITIES} if need_sparse else {}
         for m in sparse.values():
             if a.llama_sparse:
@@ -410,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     meta["bandwidth"] = bw = measure_bandwidth(a)
     log("  " + ", ".join(f"{t} threads {v:.1f} GB/s" for t, v in bw["used"].items()))
     jobs = plan(a, skipped)
+    meta["llama_cpp_system_info"] = a.llama_info  # llama_print_system_info(): its CPU backend's features
     for s in skipped:
         log(f"SKIPPED {s}")
 

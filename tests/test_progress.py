@@ -28,3 +28,13 @@ def test_quiet_when_disabled_or_short(monkeypatch):
     list(P.progress(range(100), desc="x", enabled=False))
     list(P.progress(range(100), desc="y"))  # done in far less than 10 s
     assert err.getvalue() == ""
+
+
+def test_the_last_step_is_printed_once(monkeypatch):
+    err = io.StringIO()
+    monkeypatch.setattr(P.sys, "stderr", err)
+    clock = iter(range(0, 1000, 20))  # every step is a line
+    monkeypatch.setattr(P.time, "monotonic", lambda: next(clock))
+    list(P.progress(range(3), desc="prune", unit="blocks", every=10))
+    lines = err.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["prune: 1/3 blocks (33%)", "prune: 2/3 blocks (67%)", "prune: 3/3 blocks (100%)"]

@@ -24,6 +24,7 @@ class Lines:
         self.postfix = ""
         self.t0 = self.last = time.monotonic()
         self.closed = False
+        self.shown = -1  # the step count of the last line printed
 
     def __iter__(self) -> Iterator:
         for x in self.iterable:
@@ -52,7 +53,11 @@ class Lines:
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now
-            print(self._line(), file=self.file, flush=True)
+            self._print()
+
+    def _print(self) -> None:
+        self.shown = self.n
+        print(self._line(), file=self.file, flush=True)
 
     def set_postfix_str(self, s: str, refresh: bool = True) -> None:
         self.postfix = s
@@ -60,8 +65,9 @@ class Lines:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if time.monotonic() - self.t0 >= self.every:  # short stages stay quiet
-                print(self._line(), file=self.file, flush=True)
+            # short stages stay quiet, and the last step is not printed twice
+            if time.monotonic() - self.t0 >= self.every and self.shown != self.n:
+                self._print()
 
 
 def progress(
