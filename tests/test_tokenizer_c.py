@@ -293,7 +293,7 @@ def test_sparsamba_run_text_matches_python_run(embedded_gguf, prompt):
         check=True,
     )
     c = subprocess.run(
-        [str(standalone()), "-m", str(embedded_gguf), "-p", prompt, "-n", "64", "-t", "1", "--ignore-eos"],
+        [str(standalone()), "-m", str(embedded_gguf), "-p", prompt, "-n", "64", "-t", "1"],
         capture_output=True,
         text=True,
         check=True,
