@@ -235,8 +235,12 @@ def gguf_bytes_per_token(path: Path) -> int:
 
     r = gguf.GGUFReader(path)
     sizes = {t.name: int(t.n_bytes) for t in r.tensors}
-    emb = [k for k in sizes if k.startswith("token_embd.")]  # .weight (+ .scale for int8)
-    vocab = next(int(t.shape.max()) for t in r.tensors if t.name == "token_embd.weight")
+    emb = [k for k in sizes if k.startswith("token_embd.")]  # .weight, or our packed format's .v2 blob
+    if "token_embd.weight" in sizes:
+        vocab = next(int(t.shape.max()) for t in r.tensors if t.name == "token_embd.weight")
+    else:  # packed v2: the embedding is a 1-D byte blob; the vocabulary is in the metadata
+        f = r.fields["sparsamba.mamba.vocab_size"]
+        vocab = int(f.parts[f.data[0]][0])
     return _bytes_per_token(sizes, emb, vocab, tied="output.weight" not in sizes)
 
 

@@ -243,7 +243,7 @@ def test_run_command(compiled, tmp_path, capsys):
     assert main(["run", str(path), "--tokens", "1 2 999999", "-n", "5"]) == 1
     assert "outside the vocabulary" in capsys.readouterr().err
     assert main(["run", str(path), "--tokens", "1", "-n", "0"]) == 1
-    assert "must be positive" in capsys.readouterr().err
+    assert "must be a positive integer" in capsys.readouterr().err
     assert main(["run", str(path), "--prompt", "hello"]) == 1  # this random model has no tokenizer
     assert "tokenizer" in capsys.readouterr().err
 

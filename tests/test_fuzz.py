@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PRUNED_CONFIGS, random_pruned
+from conftest import PRUNED_CONFIGS, SAMPLE_TEXT, random_pruned
 
 from sparsamba.compile import compile_model
 
@@ -60,6 +60,13 @@ def test_loader_and_forward_survive_fuzzing(fuzzer, tmp_path):
     for i, dtype in enumerate(("f32", "f16", "int8")):
         src = random_pruned(tmp_path / f"m{i}", seed=i, vocab=23, **PRUNED_CONFIGS["d24"])
         compile_model(src, corpus / f"seed-{dtype}.gguf", dtype=dtype)
+    # a model with a tokenizer (a small byte-level BPE): the tokenizer's keys are fuzzed too
+    from sparsamba.model.train_tiny import train_tokenizer
+
+    tok = train_tokenizer(SAMPLE_TEXT, 300)
+    src = random_pruned(tmp_path / "mt", seed=5, vocab=tok.get_vocab_size(), **PRUNED_CONFIGS["d24"])
+    tok.save(str(src / "tokenizer.json"))
+    compile_model(src, corpus / "seed-tokenizer.gguf", dtype="int8")
     (corpus / "empty").write_bytes(b"")
     artifacts = tmp_path / "crashes"
     artifacts.mkdir()

@@ -111,3 +111,5 @@ int sb_backend_forward(sb_backend *b, const int32_t *tokens, int32_t n, float *l
     return no_opencl(err, errlen);
 #endif
 }
+
+const sb_model *sb_backend_model(const sb_backend *b) { return b->m; }

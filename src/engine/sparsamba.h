@@ -115,6 +115,76 @@ SB_API const char *sb_backend_name(const sb_backend *b);
  * bytes\n" into out (truncated to outlen). SB_ERR_DEVICE with the reason when there are none. */
 SB_API int sb_opencl_devices(char *out, size_t outlen, char *err, size_t errlen);
 
+
+/* ---- Text: the model's byte-level BPE tokenizer (tokenizer.c) ----------------------------------
+ * Read from the packed GGUF's tokenizer.ggml.* keys, and copied out of the mapping (it may outlive
+ * the model). Ids are those of HF `tokenizers` for the tokenizer.json the keys came from. A GGUF
+ * without the keys fails with SB_ERR_ARG, "this model has no tokenizer ...". */
+typedef struct sb_tokenizer sb_tokenizer;
+SB_API int sb_tokenizer_load(const sb_model *m, sb_tokenizer **out, char *err, size_t errlen);
+SB_API void sb_tokenizer_free(sb_tokenizer *t);
+SB_API int32_t sb_tokenizer_n_vocab(const sb_tokenizer *t);
+/* the file's BOS / EOS ids, -1 when it names none (sb_tokenize adds neither, as tokenizers does
+ * for these models) */
+SB_API int32_t sb_token_bos(const sb_tokenizer *t);
+SB_API int32_t sb_token_eos(const sb_tokenizer *t);
+/* text[0..len) -> ids[0..*n). Invalid UTF-8 is read as tokenizers receives it from a lossy decode
+ * (each invalid sequence one U+FFFD). *n is the full count even when it exceeds cap, which then
+ * fails with SB_ERR_ARG (cap = 6 * len + 1 always suffices). */
+SB_API int sb_tokenize(const sb_tokenizer *t, const char *text, size_t len, int32_t *ids, int32_t cap, int32_t *n,
+                       char *err, size_t errlen);
+/* ids -> text (valid UTF-8, NUL-terminated; special and unused ids give nothing, as tokenizers'
+ * decode(skip_special_tokens=True)). *len is the text's length even when out (cap bytes with the
+ * NUL) is too small, which fails with SB_ERR_ARG (3 x the pieces' bytes + 1 always suffices). */
+SB_API int sb_detokenize(const sb_tokenizer *t, const int32_t *ids, int32_t n, char *out, size_t cap, size_t *len,
+                         char *err, size_t errlen);
+/* the raw bytes a token stands for (possibly part of a UTF-8 character); valid while t lives.
+ * SB_ERR_ARG (and no bytes) for an id outside the vocabulary. */
+SB_API int sb_token_piece(const sb_tokenizer *t, int32_t id, const char **bytes, size_t *len);
+/* Streaming decode: each token's text as it comes, never decoding earlier tokens again; an
+ * incomplete UTF-8 character is held back until the token completing it. push's text is valid
+ * until the next call; flush writes what is held (at most 4 bytes: one U+FFFD) into out4. */
+typedef struct sb_stream sb_stream;
+SB_API int sb_stream_new(const sb_tokenizer *t, sb_stream **out, char *err, size_t errlen);
+SB_API int sb_stream_push(sb_stream *s, int32_t id, const char **text, size_t *len, char *err, size_t errlen);
+SB_API size_t sb_stream_flush(sb_stream *s, char *out4);
+SB_API void sb_stream_free(sb_stream *s);
+
+/* ---- Generation (generate.c) --------------------------------------------------------------------
+ * A prompt through a backend from its empty state, then up to n_predict new tokens. Each token's
+ * logits are divided by temperature, cut to the top_k largest, softmaxed, cut to the smallest
+ * most-likely set whose probability reaches top_p (HF transformers' order), and sampled with
+ * splitmix64(seed); temperature 0 is greedy (argmax, the lowest id on a tie). */
+typedef struct {
+    int32_t n_predict;  /* new tokens at most, > 0 */
+    float temperature;  /* >= 0; 0 = greedy */
+    int32_t top_k;      /* >= 0; 0 = every token */
+    float top_p;        /* in (0, 1]; 1 = every token */
+    uint64_t seed;
+    int32_t stop_at_eos; /* stop after the tokenizer's EOS id (it is passed to on_token, with no text) */
+    const char *stop;   /* stop after the token whose text completes this string (NULL or "": none) */
+} sb_gen_params;
+
+enum { SB_STOP_LENGTH = 0, SB_STOP_EOS = 1, SB_STOP_STRING = 2, SB_STOP_CALLBACK = 3 };
+typedef struct {
+    int32_t n_prompt, n_gen;
+    double prompt_s, gen_s; /* seconds in the prefill, and in decoding + sampling the new tokens */
+    int32_t stop_reason;    /* SB_STOP_* */
+} sb_gen_stats;
+
+/* Each new token: its id and the text it completes (valid UTF-8; empty while a character is
+ * incomplete, or without a tokenizer); a last call with id -1 brings any held-back bytes. A nonzero
+ * return stops the generation. */
+typedef int (*sb_token_fn)(int32_t id, const char *text, size_t len, void *user);
+
+SB_API void sb_gen_defaults(sb_gen_params *p); /* 16 tokens, greedy, top_k 0, top_p 1, seed 0, stop at EOS */
+/* t may be NULL (ids only: no text, no EOS, no stop string); out (n_predict ids) and stats may be NULL */
+SB_API int sb_generate(sb_backend *b, const sb_tokenizer *t, const int32_t *prompt, int32_t n_prompt,
+                       const sb_gen_params *p, sb_token_fn on_token, void *user, int32_t *out, sb_gen_stats *stats,
+                       char *err, size_t errlen);
+/* the model a backend runs */
+SB_API const sb_model *sb_backend_model(const sb_backend *b);
+
 #ifdef __cplusplus
 }
 #endif

@@ -370,6 +370,8 @@ def cmd_run(a) -> None:
             ids = tok.encode(a.prompt).ids
             if not ids:
                 raise SparsambaError("the prompt is empty; give some text (or --tokens)")
+            from .gguf_io import gguf_eos_token_id
+
             stream = TextStream(tok)
             print(a.prompt, end="", flush=True)
             t0 = time.time()
@@ -379,6 +381,8 @@ def cmd_run(a) -> None:
                 temperature=a.temperature,
                 top_k=a.top_k,
                 seed=a.seed,
+                # stop at the end-of-text token, as llama.cpp and sparsamba-run do
+                eos_token_id=None if a.ignore_eos else gguf_eos_token_id(eng.path),
                 on_token=lambda t: print(stream.push(t), end="", flush=True),
             )
             print(stream.flush())
@@ -668,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", type=int, default=64, help="tokens to generate")
     s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
     s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely; 0 = all tokens")
+    s.add_argument("--ignore-eos", action="store_true", help="generate all -n tokens, past the end-of-text token")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     _threads(s, "the engine")
     s.add_argument("--device", choices=("cpu", "opencl"), default="cpu", help="where the model runs")

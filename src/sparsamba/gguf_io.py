@@ -226,3 +226,14 @@ def load_gguf_tokenizer(path: str | Path):
             f"{path}: its tokenizer (tokenizer.huggingface.json) is corrupt ({e}); compile the model again, "
             "or pass token ids with --tokens"
         ) from None
+
+
+def gguf_eos_token_id(path: str | Path) -> int | None:
+    """The end-of-text token id a GGUF's tokenizer section states, or None."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.eos_token_id")
+        return None if field is None else int(field.contents())
+    except Exception as e:  # the gguf package raises assorted errors on bad files
+        raise SparsambaError(f"{path}: cannot read the GGUF ({e})") from None

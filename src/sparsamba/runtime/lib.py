@@ -64,6 +64,21 @@ PROTOTYPES: dict[str, tuple] = {
     "sb_backend_forward": (ctypes.c_int, [_P, _P, _I32, _P, _I32, *_ERR]),
     "sb_backend_name": (_STR, [_P]),
     "sb_opencl_devices": (ctypes.c_int, [_STR, _SIZE, *_ERR]),
+    "sb_tokenizer_load": (ctypes.c_int, [_P, _PP, *_ERR]),
+    "sb_tokenizer_free": (None, [_P]),
+    "sb_tokenizer_n_vocab": (_I32, [_P]),
+    "sb_token_bos": (_I32, [_P]),
+    "sb_token_eos": (_I32, [_P]),
+    "sb_tokenize": (ctypes.c_int, [_P, _P, _SIZE, _P, _I32, _P, *_ERR]),
+    "sb_detokenize": (ctypes.c_int, [_P, _P, _I32, _P, _SIZE, _P, *_ERR]),
+    "sb_token_piece": (ctypes.c_int, [_P, _I32, _P, _P]),
+    "sb_stream_new": (ctypes.c_int, [_P, _PP, *_ERR]),
+    "sb_stream_push": (ctypes.c_int, [_P, _I32, _P, _P, *_ERR]),
+    "sb_stream_flush": (_SIZE, [_P, _P]),
+    "sb_stream_free": (None, [_P]),
+    "sb_gen_defaults": (None, [_P]),
+    "sb_generate": (ctypes.c_int, [_P, _P, _P, _I32, _P, _P, _P, _P, _P, *_ERR]),
+    "sb_backend_model": (_P, [_P]),
 }
 
 
