@@ -385,14 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     a.argv = sys.argv[1:] if argv is None else argv
     a.rounds = a.rounds or (1 if a.quick else 3)
-    a.models = [s.strip() for s in a.models.split(",") if s.strip()]
-    a.dtypes = [s.strip() for s in a.dtypes.split(",") if s.strip()]
-    for s in a.models:
-        if s not in SHAPES:
-            ap.error(f"unknown model shape {s!r}; choose from {', '.join(SHAPES)}")
-    for d in a.dtypes:
-        if d not in DTYPES:
-            ap.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    a.models = machine.csv_choices(ap, a.models, SHAPES, "model shape")
+    a.dtypes = machine.csv_choices(ap, a.dtypes, DTYPES, "dtype")
     return a
 
 

@@ -260,3 +260,12 @@ def hf_bytes_per_token(model_dir: Path) -> int:
     if tied:
         sizes.pop("lm_head.weight", None)  # some files store the tied head too; it is the embedding
     return _bytes_per_token(sizes, ["backbone.embeddings.weight"], cfg["vocab_size"], tied)
+
+
+def csv_choices(ap, text: str, allowed, what: str, lower: bool = False) -> list[str]:
+    """A comma-separated option's items, each one of ``allowed`` (else argparse's error)."""
+    items = [x.strip().lower() if lower else x.strip() for x in text.split(",") if x.strip()]
+    for x in items:
+        if x not in allowed:
+            ap.error(f"unknown {what} {x!r}; choose from {', '.join(allowed)}")
+    return items

@@ -413,17 +413,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.models = ["130m"] if a.quick else [s.strip() for s in a.models.split(",") if s.strip()]
     a.reps = a.reps or (2 if a.quick else 5)
     a.threads = [int(t) for t in a.threads.split(",")]
-    a.engines = [e.strip() for e in a.engines.split(",") if e.strip()]
-    a.dtypes = [d.strip().lower() for d in a.dtypes.split(",") if d.strip()]
+    a.engines = machine.csv_choices(ap, a.engines, ENGINES, "engine")
+    a.dtypes = machine.csv_choices(ap, a.dtypes, DTYPES, "dtype", lower=True)
     for s in a.models:
         if s not in models.SHAPES:
             ap.error(f"unknown model shape {s!r}; choose from {', '.join(models.SHAPES)}")
-    for e in a.engines:
-        if e not in ENGINES:
-            ap.error(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
-    for d in a.dtypes:
-        if d not in DTYPES:
-            ap.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
     return a
 
 
