@@ -255,35 +255,34 @@ void sb_tokenizer_free(sb_tokenizer *t) {
     free(t);
 }
 
-static int load(const gg_file *f, int32_t model_vocab, sb_tokenizer *t, char *err, size_t errlen) {
+/* a string key that, when present, must read `want` (the tokenizer kinds this engine implements) */
+static int optional_str_is(const gg_file *f, const char *key, const char *want, const char *why, char *err,
+                           size_t errlen) {
     const char *s;
+    uint64_t len;
+    if (!gg_find_kv(f, key)) return SB_OK;
+    int rc = gg_get_str(f, key, &s, &len, err, errlen);
+    if (rc) return rc;
+    if (len != strlen(want) || memcmp(s, want, len)) {
+        snprintf(err, errlen, "%s is '%.*s'; %s ('%s') only", key, (int)(len > 64 ? 64 : len), s, why, want);
+        return SB_ERR_FORMAT;
+    }
+    return SB_OK;
+}
+
+static int load(const gg_file *f, int32_t model_vocab, sb_tokenizer *t, char *err, size_t errlen) {
     uint64_t len;
     if (!gg_find_kv(f, "tokenizer.ggml.tokens")) {
         snprintf(err, errlen, "this model has no tokenizer (the GGUF has no tokenizer.ggml.* keys)");
         return SB_ERR_ARG;
     }
-    if (gg_find_kv(f, "tokenizer.ggml.model")) {
-        int rc = gg_get_str(f, "tokenizer.ggml.model", &s, &len, err, errlen);
-        if (rc) return rc;
-        if (len != 4 || memcmp(s, "gpt2", 4)) {
-            snprintf(err, errlen, "tokenizer.ggml.model is '%.*s'; this engine reads byte-level BPE ('gpt2') only",
-                     (int)(len > 64 ? 64 : len), s);
-            return SB_ERR_FORMAT;
-        }
-    }
-    if (gg_find_kv(f, "tokenizer.ggml.pre")) {
-        int rc = gg_get_str(f, "tokenizer.ggml.pre", &s, &len, err, errlen);
-        if (rc) return rc;
-        if (len != 5 || memcmp(s, "gpt-2", 5)) {
-            snprintf(err, errlen, "tokenizer.ggml.pre is '%.*s'; this engine splits text as GPT-2 does ('gpt-2') only",
-                     (int)(len > 64 ? 64 : len), s);
-            return SB_ERR_FORMAT;
-        }
-    }
+    int rc = optional_str_is(f, "tokenizer.ggml.model", "gpt2", "this engine reads byte-level BPE", err, errlen);
+    if (!rc) rc = optional_str_is(f, "tokenizer.ggml.pre", "gpt-2", "this engine splits text as GPT-2 does", err, errlen);
+    if (rc) return rc;
     uint32_t et;
     uint64_t n;
     rd r;
-    int rc = get_array(f, "tokenizer.ggml.tokens", &et, &n, &r, err, errlen);
+    rc = get_array(f, "tokenizer.ggml.tokens", &et, &n, &r, err, errlen);
     if (rc) return rc;
     if (et != GV_STRING || n == 0 || n > (uint64_t)model_vocab) {
         snprintf(err, errlen, "tokenizer.ggml.tokens: %llu tokens of type %u (strings, 1 to the model's %d rows)",

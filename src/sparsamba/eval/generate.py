@@ -20,10 +20,11 @@ def generate(
 ) -> list[int]:
     """New token ids after ``prompt_ids``: greedy when ``temperature`` is 0, else sampled from
     softmax(logits / temperature), restricted to the ``top_k`` most likely when top_k > 0."""
+    from ..runtime.engine import check_sampling  # one check of the settings for both generators
+
     if not prompt_ids:
         raise SparsambaError("the prompt is empty; give at least one token of text")
-    if max_new_tokens <= 0:
-        raise SparsambaError(f"number of tokens to generate must be positive, got {max_new_tokens}")
+    check_sampling(max_new_tokens, temperature, top_k)
     vocab = model.config.vocab_size
     bad = [t for t in prompt_ids if not 0 <= t < vocab]
     if bad:
