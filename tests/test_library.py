@@ -106,7 +106,17 @@ def build_app(prefix: Path, source: Path, out: Path) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     lib = libdir(prefix)
     cmd = [cc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-g", *SAN, str(source), "-o", str(out)]
-    cmd += [f"-I{prefix / 'include'}", f"-L{lib}", "-lsparsamba", f"-Wl,-rpath,{lib}"]
+    pkg = shutil.which("pkg-config")
+    if pkg:  # the installed sparsamba.pc, as the docs build an app
+        env = dict(os.environ, PKG_CONFIG_PATH=str(lib / "pkgconfig"))
+        flags = subprocess.run(
+            [pkg, "--cflags", "--libs", "sparsamba"], capture_output=True, text=True, env=env
+        )
+        assert flags.returncode == 0, flags.stderr
+        cmd += flags.stdout.split()
+    else:
+        cmd += [f"-I{prefix / 'include'}", f"-L{lib}", "-lsparsamba"]
+    cmd.append(f"-Wl,-rpath,{lib}")
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     return out
@@ -124,6 +134,11 @@ def embedded_gguf(tmp_path_factory) -> Path:
     from sparsamba.compile import compile_model
 
     return compile_model(EMBEDDED, tmp_path_factory.mktemp("emb") / "m.gguf", dtype="f16").path
+
+
+def test_the_docs_show_the_example_as_it_is():
+    doc = (ROOT / "docs" / "mobile.md").read_text(encoding="utf-8")
+    assert "```c\n" + (ROOT / "examples" / "generate.c").read_text() + "```" in doc
 
 
 def test_the_installed_prefix(prefix):
