@@ -42,6 +42,23 @@ def test_one_version_everywhere():
     assert lib.sb_abi_version() == header_macro("SB_ABI_VERSION")
 
 
+def test_a_version_mismatch_stops_the_configure(tmp_path):
+    """CMake reads pyproject.toml's version and refuses a header that says otherwise"""
+    cmake = shutil.which("cmake")
+    assert cmake, "cmake is needed (pip install cmake)"
+    (tmp_path / "src" / "engine").mkdir(parents=True)
+    (tmp_path / "src" / "engine" / "sparsamba.h").write_text(HEADER.read_text())
+    (tmp_path / "CMakeLists.txt").write_text((ROOT / "CMakeLists.txt").read_text())
+    text = (ROOT / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(
+        text.replace(f'version = "{sparsamba.__version__}"', 'version = "9.8.7"')
+    )
+    p = subprocess.run(
+        [cmake, "-S", str(tmp_path), "-B", str(tmp_path / "b")], capture_output=True, text=True
+    )
+    assert p.returncode != 0 and "('9.8.7')" in p.stderr and "must agree" in p.stderr, p.stderr
+
+
 def test_the_library_exports_the_api_and_nothing_else():
     nm = shutil.which("nm")
     if not nm:
