@@ -76,8 +76,10 @@ SB_API int sb_bench(const sb_model *m, int32_t n_prompt, int32_t n_gen, int32_t 
                     double *tg_ts, char *err, size_t errlen);
 
 /* Memory read bandwidth for the roofline: the best of reps passes summing a fresh buffer of `bytes`
- * with the active kernels' widest loads, on the current thread count. Bytes per second, or < 0 when
- * the buffer cannot be allocated. */
+ * with the active kernels' widest loads (and their prefetch), on the current thread count; each
+ * thread reads its share in 1 MiB segments, its rate the median segment's (time spent descheduled
+ * on a busy machine is not read time), the pass's rate the sum of its threads'. Bytes per second,
+ * or < 0 when the buffer cannot be allocated. */
 SB_API double sb_read_bandwidth(int64_t bytes, int32_t reps);
 
 /* Latency profiling (profile.c), for the latency tables of `sparsamba profile`: weights stay cold (spread

@@ -75,26 +75,22 @@ INLINE void chunk_fp(int n, int dt, const uint8_t *rec, const float *x, int G, i
 
 /* per pair u of slots (2u, 2u+1) of a chunk: which half-word of codes holds its two fields (sel:
  * word * 2 + half), the word shifts bringing them to bit 0 of the low / high int16 of each lane, the
- * rotation for n = 1, and the group offsets 4g (bits 2..5 of the 6-bit vpermt2w index) */
+ * rotation for n = 1, and the group offsets 4g (bits 2..5 of the 6-bit vpermt2w index). A pure
+ * function of (n, u): inside the unrolled pair loop every field is a constant. */
 typedef struct {
     int32_t sel, shift, add, group;
 } pair_op;
-static pair_op g_pairs[4][32];
 
-static void init_pairs(void) {
-    for (int n = 1; n < 4; n++) {
-        for (int u = 0; u < 8 * (4 - n); u++) {
-            int sh[2], ad[2], gr[2], sel = 0;
-            for (int h = 0; h < 2; h++) {
-                int t = 2 * u + h, f, g, k = 0;
-                if (n == 1) f = g = t / 3, k = t % 3;
-                else f = t, g = n == 2 ? t / 2 : t;
-                sel = (f / 16) * 2 + (f % 16) / 8; /* both fields of a pair lie in the same half-word */
-                sh[h] = 2 * (f % 8), ad[h] = n == 1 ? k + 1 : 0, gr[h] = 4 * (g % 16);
-            }
-            g_pairs[n][u] = (pair_op){sel, sh[0] | sh[1] << 16, ad[0] | ad[1] << 16, gr[0] | gr[1] << 16};
-        }
+INLINE pair_op pair_of(int n, int u) {
+    int sh[2], ad[2], gr[2], sel = 0;
+    for (int h = 0; h < 2; h++) {
+        int t = 2 * u + h, f, g, k = 0;
+        if (n == 1) f = g = t / 3, k = t % 3;
+        else f = t, g = n == 2 ? t / 2 : t;
+        sel = (f / 16) * 2 + (f % 16) / 8; /* both fields of a pair lie in the same half-word */
+        sh[h] = 2 * (f % 8), ad[h] = n == 1 ? k + 1 : 0, gr[h] = 4 * (g % 16);
     }
+    return (pair_op){sel, sh[0] | sh[1] << 16, ad[0] | ad[1] << 16, gr[0] | gr[1] << 16};
 }
 
 /* acc += w.lo * x.lo + w.hi * x.hi per int32 lane. The VNNI instruction is written as inline asm so
@@ -137,19 +133,23 @@ INLINE __m512i chunk_i8(int n, const uint8_t *rec, const int16_t *xq, int npairs
         H[2 * w] = _mm512_or_si512(_mm512_and_si512(c, lo16), _mm512_slli_epi32(c, 16));
         H[2 * w + 1] = _mm512_or_si512(_mm512_srli_epi32(c, 16), _mm512_andnot_si512(lo16, c));
     }
-    const pair_op *op = g_pairs[n];
-#pragma GCC unroll 4
+#pragma GCC unroll 24
     for (int u = 0; u < npairs; u++) {
-        __m512i s = _mm512_srlv_epi16(H[op[u].sel], _mm512_set1_epi32(op[u].shift));
-        if (n == 1) s = _mm512_add_epi16(s, _mm512_set1_epi32(op[u].add));
-        __m512i idx = _mm512_ternarylogic_epi32(s, mask, _mm512_set1_epi32(op[u].group), 0xea); /* (s & mask) | group */
+        pair_op op = pair_of(n, u);
+        __m512i s = _mm512_srlv_epi16(H[op.sel], _mm512_set1_epi32(op.shift));
+        if (n == 1) s = _mm512_add_epi16(s, _mm512_set1_epi32(op.add));
+        __m512i idx = _mm512_ternarylogic_epi32(s, mask, _mm512_set1_epi32(op.group), 0xea); /* (s & mask) | group */
         __m512i xp = _mm512_permutex2var_epi16(xlo, idx, xhi);
         if (u % 2 == 0) pf_line(v + 32 * u, pf);
         __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v + 32 * u)));
-        if (u & 1) s1 = dot_pairs(s1, w, xp, vnni);
-        else s0 = dot_pairs(s0, w, xp, vnni);
+        switch (u & 3) { /* four independent sums: vpdpwssd's latency is not the limit */
+        case 0: s0 = dot_pairs(s0, w, xp, vnni); break;
+        case 1: s1 = dot_pairs(s1, w, xp, vnni); break;
+        case 2: s2 = dot_pairs(s2, w, xp, vnni); break;
+        default: s3 = dot_pairs(s3, w, xp, vnni); break;
+        }
     }
-    return _mm512_add_epi32(s0, s1);
+    return _mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3));
 }
 
 /* ---- one class ---- */
@@ -216,7 +216,6 @@ static int g_ready, g_vnni;
 
 static void init(void) {
     if (__atomic_load_n(&g_ready, __ATOMIC_ACQUIRE)) return; /* idempotent: racing threads write the same */
-    init_pairs();
     const char *off = getenv("SPARSAMBA_NO_VNNI");
     g_vnni = __builtin_cpu_supports("avx512vnni") && !(off && *off == '1');
     __atomic_store_n(&g_ready, 1, __ATOMIC_RELEASE);
