@@ -14,7 +14,8 @@ weights, laid out as a packed file lays it out, copied round robin over the prof
 memory, timed per call through the decode path (``sb_linear_vec``), median of the calls. GB/s = the
 bytes one call streams (``streamed_bytes``: values + codes + row indices + scales of the layout the
 engine reads) / that median. The read probe is the engine's ``sb_read_bandwidth`` (SIMD sums over a
-``--probe-mib`` buffer, best of 3 passes), measured right before every group of entries (one model's
+``--probe-mib`` buffer with the kernels' prefetch, best of 3 passes, a pass's rate each thread's median
+1 MiB segment), measured right before every group of entries (one model's
 products in one dtype) at that group's thread count; % of the probe is against the median of the
 run's probes.
 
