@@ -176,6 +176,50 @@ INLINE __m512 block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int le
     return _mm512_add_ps(_mm512_add_ps(ac[0], ac[1]), _mm512_add_ps(ac[2], ac[3]));
 }
 
+/* Prefill, fp32 / f16: the block's 16 rows against TB = 4 tokens at once. Each slot's values are
+ * loaded and widened once and its code shifted once for the 4 tokens; only the broadcast, the
+ * permute and the FMA are per token (the per-token GEMV pass did everything 4 times). */
+#define TB 4
+INLINE void chunk_fp_tok(int n, int dt, const uint8_t *rec, const float *const x[TB], int G, __m512 acc[TB]) {
+    const uint8_t *v = rec + sb_v2_code_bytes(n);
+    if (n == 0) {
+#pragma GCC unroll 16
+        for (int t = 0; t < 4 * G; t++) {
+            __m512 w = load_w(dt, v, t);
+            for (int i = 0; i < TB; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[i][t]), acc[i]);
+        }
+        return;
+    }
+    __m512i c = _mm512_load_si512(rec);
+#pragma GCC unroll 16
+    for (int g = 0; g < G; g++) {
+        __m512 xb[TB];
+        for (int i = 0; i < TB; i++) xb[i] = _mm512_broadcast_f32x4(_mm_loadu_ps(x[i] + 4 * g));
+        if (n == 2 && g == 8) c = _mm512_load_si512(rec + 64);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4 - n; k++) {
+            int t = (4 - n) * g + k;
+            __m512i idx = n == 1 ? _mm512_add_epi32(c, _mm512_set1_epi32(k + 1)) : c;
+            __m512 w = load_w(dt, v, t);
+            for (int i = 0; i < TB; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_permutevar_ps(xb[i], idx), acc[i]);
+            if (n != 1) c = _mm512_srli_epi32(c, 2);
+        }
+        if (n == 1) c = _mm512_srli_epi32(c, 2);
+    }
+}
+
+INLINE void block_panel_tok(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int dt, __m512 out[TB]) {
+    int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK;
+    size_t rb = sb_v2_record_bytes(n, dt, 16);
+    const float *x[TB];
+    for (int i = 0; i < TB; i++) x[i] = a[i].x + j0, out[i] = _mm512_setzero_ps();
+    for (int ch = 0; ch < full; ch++, rec += rb) {
+        chunk_fp_tok(n, dt, rec, x, 16, out);
+        for (int i = 0; i < TB; i++) x[i] += SB_V2_CHUNK;
+    }
+    if (rest) chunk_fp_tok(n, dt, rec, x, (rest + 3) / 4, out);
+}
+
 INLINE void scatter(const sb_v2_class *c, int b, __m512 acc, float *y, size_t ldy) {
     float out[SB_V2_B];
     if (c->scale) acc = _mm512_mul_ps(acc, _mm512_loadu_ps(c->scale + SB_V2_B * b));
@@ -194,8 +238,16 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
     for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
         int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel;
         size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
-        for (int b = b0; b < b1; b++)
-            for (int t = 0; t < T; t++) scatter(c, b, block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, vnni, pf), Y + t, (size_t)ldy);
+        for (int b = b0; b < b1; b++) {
+            int t = 0;
+            if (dt != SB_V2_I8)
+                for (; t + TB <= T; t += TB) {
+                    __m512 r[TB];
+                    block_panel_tok(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, r);
+                    for (int i = 0; i < TB; i++) scatter(c, b, r[i], Y + t + i, (size_t)ldy);
+                }
+            for (; t < T; t++) scatter(c, b, block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, vnni, pf), Y + t, (size_t)ldy);
+        }
         panel += bpb * (size_t)c->nblocks;
     }
 }
