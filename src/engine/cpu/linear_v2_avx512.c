@@ -220,6 +220,54 @@ INLINE void block_panel_tok(const sb_v2_act *a, const uint8_t *rec, int j0, int 
     if (rest) chunk_fp_tok(n, dt, rec, x, (rest + 3) / 4, out);
 }
 
+/* Prefill, int8: the same for 4 tokens; the word indices and the widened weights of a pair are made
+ * once, the permute of each token's inputs and the dot product are per token. Int32 sums per token
+ * and chunk, flushed with that token's chunk scale. */
+INLINE void chunk_i8_tok(int n, const uint8_t *rec, const sb_v2_act *a, int ch, int npairs, int vnni, __m512 out[TB]) {
+    const uint8_t *v = rec + sb_v2_code_bytes(n);
+    __m512i s[TB];
+    for (int i = 0; i < TB; i++) s[i] = _mm512_setzero_si512();
+    if (n == 0) {
+        const int32_t *x32[TB];
+        for (int i = 0; i < TB; i++) x32[i] = (const int32_t *)(a[i].xq + SB_V2_CHUNK * ch);
+#pragma GCC unroll 8
+        for (int u = 0; u < npairs; u++) {
+            __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v + 32 * u)));
+            for (int i = 0; i < TB; i++) s[i] = dot_pairs(s[i], w, _mm512_set1_epi32(x32[i][u]), vnni);
+        }
+    } else {
+        __m512i xlo[TB], xhi[TB];
+        for (int i = 0; i < TB; i++) {
+            xlo[i] = _mm512_loadu_si512(a[i].xq + SB_V2_CHUNK * ch);
+            xhi[i] = _mm512_loadu_si512(a[i].xq + SB_V2_CHUNK * ch + 32);
+        }
+        __m512i H[4], lo16 = _mm512_set1_epi32(0xffff), mask = _mm512_set1_epi32(0x00030003);
+        for (int w = 0; w < (n == 2 ? 2 : 1); w++) {
+            __m512i c = _mm512_load_si512(rec + 64 * w);
+            H[2 * w] = _mm512_or_si512(_mm512_and_si512(c, lo16), _mm512_slli_epi32(c, 16));
+            H[2 * w + 1] = _mm512_or_si512(_mm512_srli_epi32(c, 16), _mm512_andnot_si512(lo16, c));
+        }
+#pragma GCC unroll 24
+        for (int u = 0; u < npairs; u++) {
+            pair_op op = pair_of(n, u);
+            __m512i sh = _mm512_srlv_epi16(H[op.sel], _mm512_set1_epi32(op.shift));
+            if (n == 1) sh = _mm512_add_epi16(sh, _mm512_set1_epi32(op.add));
+            __m512i idx = _mm512_ternarylogic_epi32(sh, mask, _mm512_set1_epi32(op.group), 0xea);
+            __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v + 32 * u)));
+            for (int i = 0; i < TB; i++) s[i] = dot_pairs(s[i], w, _mm512_permutex2var_epi16(xlo[i], idx, xhi[i]), vnni);
+        }
+    }
+    for (int i = 0; i < TB; i++) out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), _mm512_set1_ps(a[i].xs[ch]), out[i]);
+}
+
+INLINE void block_panel_i8_tok(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int vnni, __m512 out[TB]) {
+    int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK, ch0 = j0 / SB_V2_CHUNK;
+    size_t rb = sb_v2_record_bytes(n, SB_V2_I8, 16);
+    for (int i = 0; i < TB; i++) out[i] = _mm512_setzero_ps();
+    for (int ch = 0; ch < full; ch++, rec += rb) chunk_i8_tok(n, rec, a, ch0 + ch, 8 * (4 - n), vnni, out);
+    if (rest) chunk_i8_tok(n, rec, a, ch0 + full, (((rest + 3) / 4) * (4 - n) + 1) / 2, vnni, out);
+}
+
 INLINE void scatter(const sb_v2_class *c, int b, __m512 acc, float *y, size_t ldy) {
     float out[SB_V2_B];
     if (c->scale) acc = _mm512_mul_ps(acc, _mm512_loadu_ps(c->scale + SB_V2_B * b));
@@ -240,12 +288,12 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
         size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
         for (int b = b0; b < b1; b++) {
             int t = 0;
-            if (dt != SB_V2_I8)
-                for (; t + TB <= T; t += TB) {
-                    __m512 r[TB];
-                    block_panel_tok(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, r);
-                    for (int i = 0; i < TB; i++) scatter(c, b, r[i], Y + t + i, (size_t)ldy);
-                }
+            for (; t + TB <= T; t += TB) {
+                __m512 r[TB];
+                if (dt == SB_V2_I8) block_panel_i8_tok(&act[t], panel + (size_t)b * bpb, j0, len, n, vnni, r);
+                else block_panel_tok(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, r);
+                for (int i = 0; i < TB; i++) scatter(c, b, r[i], Y + t + i, (size_t)ldy);
+            }
             for (; t < T; t++) scatter(c, b, block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, vnni, pf), Y + t, (size_t)ldy);
         }
         panel += bpb * (size_t)c->nblocks;
