@@ -242,7 +242,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"`sb_profile_linear` (one synthetic layer, every row at n, copies rotated over a "
         f"{meta['working_set_mib']:.0f} MiB working set), median of the calls, median of {meta['rounds']} "
         f"interleaved round(s). GB/s = bytes streamed per call (values + codes + row indices + scales) ÷ "
-        f"time. Read probe (the engine's SIMD sum over {meta['probe_mib']} MiB, best of 3 passes, taken before "
+        f"time. Read probe (the engine's SIMD sum over {meta['probe_mib']} MiB with the kernels' prefetch, best "
+        f"of 3 passes, each thread's median 1 MiB segment, taken before "
         f"each model × dtype group; the median of the run's probes): **1 thread {p1:.1f} GB/s**"
         + (f", 2 threads {meta['probe_gbs']['2']:.1f} GB/s" if "2" in meta["probe_gbs"] else "")
         + f". Load average at the end: {' '.join(f'{x:.2f}' for x in meta['load_average'])}.",
