@@ -14,7 +14,8 @@ weights, laid out as a packed file lays it out, copied round robin over the prof
 memory, timed per call through the decode path (``sb_linear_vec``), median of the calls. GB/s = the
 bytes one call streams (``streamed_bytes``: values + codes + row indices + scales of the layout the
 engine reads) / that median. The read probe is the engine's ``sb_read_bandwidth`` (SIMD sums over a
-``--probe-mib`` buffer, best of 3 passes), measured right before every group of entries (one model's
+``--probe-mib`` buffer with the kernels' prefetch, best of 3 passes, a pass's rate each thread's median
+1 MiB segment), measured right before every group of entries (one model's
 products in one dtype) at that group's thread count; % of the probe is against the median of the
 run's probes.
 
@@ -241,7 +242,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"`sb_profile_linear` (one synthetic layer, every row at n, copies rotated over a "
         f"{meta['working_set_mib']:.0f} MiB working set), median of the calls, median of {meta['rounds']} "
         f"interleaved round(s). GB/s = bytes streamed per call (values + codes + row indices + scales) ÷ "
-        f"time. Read probe (the engine's SIMD sum over {meta['probe_mib']} MiB, best of 3 passes, taken before "
+        f"time. Read probe (the engine's SIMD sum over {meta['probe_mib']} MiB with the kernels' prefetch, best "
+        f"of 3 passes, each thread's median 1 MiB segment, taken before "
         f"each model × dtype group; the median of the run's probes): **1 thread {p1:.1f} GB/s**"
         + (f", 2 threads {meta['probe_gbs']['2']:.1f} GB/s" if "2" in meta["probe_gbs"] else "")
         + f". Load average at the end: {' '.join(f'{x:.2f}' for x in meta['load_average'])}.",

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_pruned
@@ -18,13 +19,16 @@ from sparsamba.model.mamba1 import Mamba1Config
 from sparsamba.prune.latency import load_latency_table, row_costs
 from sparsamba.runtime.engine import Engine, EngineError
 from sparsamba.runtime.profile import (
+    BLOCK_STAGES,
     _lib,
+    decode_stages,
     measure_layers,
     predicted_latency,
     profile_linear,
     profile_table,
     prunable_shapes,
     release,
+    stages_table,
     write_table,
 )
 
@@ -160,6 +164,36 @@ def test_measure_layers_of_a_compiled_model(tmp_path):
             measure_layers(eng, reps=0)
     assert list(t) == [f"blk.{i}.{k}" for i in range(2) for k in ("ssm_in", "ssm_x", "ssm_dt", "ssm_out")]
     assert all(0 < s < 0.1 for s in t.values())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_stages_account_for_the_step(tmp_path, threads):
+    d = random_pruned(tmp_path / "m", seed=2, hidden_size=40, expand=2, time_step_rank=5, state_size=4)
+    compile_model(d, tmp_path / "m.gguf", dtype="f16")
+    with Engine(tmp_path / "m.gguf", threads=threads) as eng:
+        eng.prefill([1, 2, 3])
+        before = eng.decode(5)
+        r = decode_stages(eng, 8)
+        with pytest.raises(SparsambaError, match="n_tokens must be positive"):
+            decode_stages(eng, 0)
+        lib = _lib()
+        err = ctypes.create_string_buffer(256)
+        d0 = ctypes.c_double()
+        assert lib.sb_profile_decode(eng.model_handle, 4, None, None, ctypes.byref(d0), err, len(err)) == 4
+        # the engine's state is its own: a decode after profiling gives the same logits as before it
+        eng.reset()
+        eng.prefill([1, 2, 3])
+        assert np.array_equal(eng.decode(5), before)
+    assert len(r["blocks"]) == 2 and all(list(b) == list(BLOCK_STAGES) for b in r["blocks"])
+    stages = [v for b in r["blocks"] for v in b.values()] + list(r["top"].values())
+    assert all(v >= 0 for v in stages) and r["top"]["head"] > 0 and r["blocks"][0]["in_proj"] > 0
+    # every second of the step is in some stage (the marks sit back to back), and none is counted twice
+    assert 0.9 * r["total"] <= sum(stages) <= 1.001 * r["total"]
+    products = [b for blk in r["bytes"]["blocks"] for k, b in blk.items() if k.endswith("_proj")]
+    others = [b for blk in r["bytes"]["blocks"] for k, b in blk.items() if not k.endswith("_proj")]
+    assert all(b > 0 for b in products) and not any(others) and r["bytes"]["top"]["head"] > 0
+    table = stages_table(r)
+    assert "| in_proj |" in table and "| step (wall) |" in table
 
 
 # ---------------------------------------------------------------- the round trip

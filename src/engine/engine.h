@@ -53,7 +53,9 @@ typedef struct {
 extern const sb_kernels sb_kernels_ref;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const sb_kernels sb_kernels_avx2;
-extern const sb_kernels sb_kernels_avx512; /* the AVX2 family's per-channel ops, AVX-512 products (VNNI at run time) */
+extern const sb_kernels sb_kernels_avx512; /* AVX-512 products (VNNI at run time) and scan step, AVX2's other ops */
+void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float *B, const float *C, float *s,
+                         float *yc); /* kernels_avx512.c */
 #endif
 #if defined(__aarch64__)
 extern const sb_kernels sb_kernels_neon;
@@ -72,6 +74,24 @@ int sb_check_forward(const sb_model *m, const int32_t *tokens, int32_t n, const 
 int sb_n_threads(void);
 void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y);
 void sb_linear_mat(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *act, int T, float *Y, int ldy);
+/* Decode stage timing (profile.c's sb_profile_decode, forward.c's marks): while sb_decode_stages points
+ * at (n_layer + 1) * SB_NSTAGE doubles, each decode step adds the seconds of stage s of block i to
+ * [i * SB_NSTAGE + s]; row n_layer holds the embedding lookup, the final norm and the head. */
+enum {
+    SB_ST_NORM,  /* RMSNorm + in_proj's activations (row n_layer: the final norm) */
+    SB_ST_IN,    /* in_proj */
+    SB_ST_CONV,  /* conv1d + SiLU + x_proj's activations */
+    SB_ST_X,     /* x_proj */
+    SB_ST_PREP,  /* dt_proj's and out_proj's activations */
+    SB_ST_DT,    /* dt_proj */
+    SB_ST_SCAN,  /* softplus, scan step, D skip, SiLU(z) gate */
+    SB_ST_OUT,   /* out_proj */
+    SB_ST_EMBED, /* the embedding row (row n_layer) */
+    SB_ST_HEAD,  /* the LM head product (row n_layer) */
+    SB_NSTAGE
+};
+extern double *sb_decode_stages;
+double sb_now(void); /* CLOCK_MONOTONIC seconds */
 /* bytes the profiler spreads its weights over, so that they come from memory: max(64 MiB, 2 x LLC) */
 size_t sb_profile_working_set(void);
 

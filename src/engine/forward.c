@@ -151,6 +151,27 @@ static int grow_prefill(sb_state *s, int T) {
 
 /* ---------------------------------------------------------------- decode: one token */
 
+/* Stage timing for sb_profile_decode (profile.c): while sb_decode_stages is set, the team syncs at the
+ * end of each stage and one thread adds the seconds since the previous mark to st[stage] (stage
+ * SB_NSTAGE only restarts the clock). Off, it is one test of a global per stage. */
+double *sb_decode_stages;
+static double g_stage_t;
+
+static void stage_mark(double *st, int stage) {
+    double t = sb_now();
+    if (stage < SB_NSTAGE) st[stage] += t - g_stage_t;
+    g_stage_t = t;
+}
+
+#define STAGE(st, stage)                                                                                     \
+    do {                                                                                                    \
+        if (st) {                                                                                           \
+            _Pragma("omp barrier");                                                                         \
+            _Pragma("omp master") stage_mark(st, stage);                                                    \
+            _Pragma("omp barrier");                                                                         \
+        }                                                                                                   \
+    } while (0)
+
 static void rmsnorm_vec(const float *h, const float *w, float eps, int d, float *out) {
     double ss = 0.0;
     for (int j = 0; j < d; j++) ss += (double)h[j] * h[j];
@@ -161,6 +182,7 @@ static void rmsnorm_vec(const float *h, const float *w, float eps, int d, float 
 /* every thread of the team runs this; s->h holds the residual stream */
 static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels *k) {
     const sb_info *I = &m->info;
+    double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
     const sb_layer *ly = &m->layers[i];
     int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, q = s->quantise;
 #pragma omp single
@@ -169,7 +191,9 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
         fill_bias(s->xz, ly->in.bias, 2 * di);
         sb_v2_act_set(s->ad, s->un, 1, q);
     }
+    STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &ly->in, s->ad, s->xz);
+    STAGE(st, SB_ST_IN);
 #pragma omp single
     {
         float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
@@ -185,13 +209,17 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
         memset(s->xdbl, 0, sizeof(float) * (size_t)(R + 2 * N));
         sb_v2_act_set(s->adi, s->xc, 1, q);
     }
+    STAGE(st, SB_ST_CONV);
     sb_linear_vec(k, &ly->x, s->adi, s->xdbl);
+    STAGE(st, SB_ST_X);
 #pragma omp single
     {
         fill_bias(s->dt, ly->dt_bias, di);
         sb_v2_act_set(s->ar, s->xdbl, 1, q); /* Δr: the first R outputs of ssm_x */
     }
+    STAGE(st, SB_ST_PREP);
     sb_linear_vec(k, &ly->dt, s->ar, s->dt);
+    STAGE(st, SB_ST_DT);
     const float *B = s->xdbl + R, *C = s->xdbl + R + N;
     float *ssm = s->ssm + (size_t)i * di * N;
 #pragma omp for schedule(static)
@@ -205,34 +233,42 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
         }
         k->mul_silu(s->y + c0, s->xz + di + c0, c1 - c0); /* the SiLU(z) gate */
     }
+    STAGE(st, SB_ST_SCAN);
 #pragma omp single
     {
         if (ly->out.bias)
             for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
         sb_v2_act_set(s->adi, s->y, 1, q);
     }
+    STAGE(st, SB_ST_PREP);
     sb_linear_vec(k, &ly->out, s->adi, s->h); /* out_proj accumulates into the residual */
+    STAGE(st, SB_ST_OUT);
 }
 
 /* every thread of the team runs this too */
-static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float *logits) {
+static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float *logits, double *st) {
 #pragma omp single
     {
         rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, s->un);
         memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
         sb_v2_act_set(s->ad, s->un, 1, s->quantise);
     }
+    STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &m->head, s->ad, logits);
+    STAGE(st, SB_ST_HEAD);
 }
 
 static void decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logits, int mode) {
     const sb_kernels *k = sb_active_kernels();
+    double *st = sb_decode_stages ? sb_decode_stages + (size_t)m->info.n_layer * SB_NSTAGE : NULL;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
+        STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
+        STAGE(st, SB_ST_EMBED);
         for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k);
-        if (mode) head_vec(m, s, k, logits);
+        if (mode) head_vec(m, s, k, logits, st);
     }
 }
 
@@ -340,7 +376,7 @@ static void prefill_chunk(const sb_model *m, sb_state *s, const int32_t *tok, in
         for (int t = mode == 2 ? 0 : T - 1; mode && t < T; t++) {
 #pragma omp single
             for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + t];
-            head_vec(m, s, k, logits + (mode == 2 ? (size_t)t * I->vocab_size : 0));
+            head_vec(m, s, k, logits + (mode == 2 ? (size_t)t * I->vocab_size : 0), NULL);
         }
 #pragma omp single
         for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + T - 1];

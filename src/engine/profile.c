@@ -25,7 +25,7 @@
 #define MIN_WORKING_SET ((size_t)64 << 20)
 #define MAX_WORKING_SET ((size_t)512 << 20)
 
-static double now(void) {
+double sb_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
@@ -226,10 +226,10 @@ int sb_profile_linear(int32_t out, int32_t in, int32_t n, int32_t dtype, int32_t
         lin.w.cls[0].index = (const int32_t *)((const uint8_t *)c0.index + delta);
         lin.w.cls[0].scale = c0.scale ? (const float *)((const uint8_t *)c0.scale + delta) : NULL;
         lin.w.cls[0].stream = c0.stream + delta;
-        double t0 = now();
+        double t0 = sb_now();
         sb_v2_act_set(&a, x, 1, dt == SB_V2_I8); /* every product prepares its activations */
         sb_linear_vec(k, &lin, &a, y);
-        double dt_s = now() - t0;
+        double dt_s = sb_now() - t0;
         if (i >= 0) t[i] = dt_s;
     }
     *seconds = median(t, reps);
@@ -273,10 +273,10 @@ int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err
                 memset(y, 0, sizeof(float) * (size_t)lin[j]->out);
                 sb_v2_act a;
                 sb_v2_act_bind(&a, amem, lin[j]->in);
-                double t0 = now();
+                double t0 = sb_now();
                 sb_v2_act_set(&a, x, 1, I->dtype == GG_I8);
                 sb_linear_vec(k, lin[j], &a, y);
-                double dt = now() - t0;
+                double dt = sb_now() - t0;
                 if (r >= 0) t[((size_t)(4 * i + j)) * reps + r] = dt;
             }
         }
@@ -285,4 +285,50 @@ int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err
     for (int l = 0; l < 4 * L; l++) seconds[l] = median(t + (size_t)l * reps, reps);
     free(x), free(y), free(t), free(amem);
     return SB_OK;
+}
+
+/* ---------------------------------------------------------------- a decode step, stage by stage */
+
+int sb_profile_decode(const sb_model *m, int32_t n_tokens, double *seconds, double *bytes, double *total, char *err,
+                      size_t errlen) {
+    if (!m || n_tokens <= 0 || !seconds || !bytes || !total) {
+        snprintf(err, errlen, "a model, a positive n_tokens and output buffers are needed (got n_tokens %d)", n_tokens);
+        return SB_ERR_ARG;
+    }
+    const sb_info *I = &m->info;
+    size_t ns = (size_t)(I->n_layer + 1) * SB_NSTAGE;
+    sb_state *s;
+    int rc = sb_state_new(m, &s, err, errlen);
+    if (rc) return rc;
+    float *logits = malloc(sizeof(float) * (size_t)I->vocab_size);
+    if (!logits) {
+        sb_state_free(s);
+        snprintf(err, errlen, "out of memory");
+        return SB_ERR_NOMEM;
+    }
+    int32_t tok[4] = {1, 2, 3, 4};
+    for (int i = 0; i < 4; i++) tok[i] %= I->vocab_size;
+    rc = sb_forward(m, s, tok, 4, logits, 1, err, errlen); /* a short prompt; then one untimed step */
+    if (!rc) rc = sb_forward(m, s, tok, 1, logits, 1, err, errlen);
+    memset(seconds, 0, sizeof(double) * ns);
+    double t0 = sb_now();
+    sb_decode_stages = seconds;
+    for (int g = 0; g < n_tokens && !rc; g++) {
+        int32_t next = (int32_t)((g * 104729L + 3) % I->vocab_size); /* fixed tokens, as sb_bench */
+        rc = sb_forward(m, s, &next, 1, logits, 1, err, errlen);
+    }
+    sb_decode_stages = NULL;
+    *total = (sb_now() - t0) / n_tokens;
+    for (size_t i = 0; i < ns; i++) seconds[i] /= n_tokens;
+    memset(bytes, 0, sizeof(double) * ns);
+    for (int i = 0; i < I->n_layer; i++) {
+        const sb_layer *ly = &m->layers[i];
+        double *b = bytes + (size_t)i * SB_NSTAGE;
+        b[SB_ST_IN] = (double)ly->in.bytes, b[SB_ST_X] = (double)ly->x.bytes;
+        b[SB_ST_DT] = (double)ly->dt.bytes, b[SB_ST_OUT] = (double)ly->out.bytes;
+    }
+    bytes[(size_t)I->n_layer * SB_NSTAGE + SB_ST_HEAD] = (double)m->head.bytes;
+    free(logits);
+    sb_state_free(s);
+    return rc;
 }

@@ -96,8 +96,10 @@ SB_API int sb_bench(const sb_model *m, int32_t n_prompt, int32_t n_gen, int32_t 
                     double *tg_ts, char *err, size_t errlen);
 
 /* Memory read bandwidth for the roofline: the best of reps passes summing a fresh buffer of `bytes`
- * with the active kernels' widest loads, on the current thread count. Bytes per second, or < 0 when
- * the buffer cannot be allocated. */
+ * with the active kernels' widest loads (and their prefetch), on the current thread count; each
+ * thread reads its share in 1 MiB segments, its rate the median segment's (time spent descheduled
+ * on a busy machine is not read time), the pass's rate the sum of its threads'. Bytes per second,
+ * or < 0 when the buffer cannot be allocated. */
 SB_API double sb_read_bandwidth(int64_t bytes, int32_t reps);
 
 /* Latency profiling (profile.c), for the latency tables of `sparsamba profile`: weights stay cold (spread
@@ -110,6 +112,15 @@ SB_API double sb_read_bandwidth(int64_t bytes, int32_t reps);
 SB_API int sb_profile_linear(int32_t out, int32_t in, int32_t n, int32_t dtype, int32_t reps, double *seconds,
                              char *err, size_t errlen);
 SB_API int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err, size_t errlen);
+/* sb_profile_decode: where a decode step's time goes. A 4-token prompt, one untimed step, then n_tokens
+ * timed steps (fixed tokens) on the current thread count, the team synced at the end of every stage
+ * (that sync is the only overhead). Per stage, mean seconds per token into seconds[i * 10 + s] and the
+ * bytes the stage's product reads into bytes[...] (0 for a stage without one), (n_layer + 1) * 10
+ * doubles each: block i's stages s = norm, in_proj, conv, x_proj, activation prep, dt_proj, scan,
+ * out_proj, (unused), (unused); row n_layer: final norm, -, -, -, -, -, -, -, embedding row, head.
+ * *total: wall seconds per step, marks included. */
+SB_API int sb_profile_decode(const sb_model *m, int32_t n_tokens, double *seconds, double *bytes, double *total,
+                             char *err, size_t errlen);
 /* the profiler keeps its working set between calls (not thread-safe); this frees it */
 SB_API void sb_profile_release(void);
 

@@ -447,6 +447,14 @@ def cmd_bench(a) -> None:
                 rows.append(BenchRow(Path(path).name, th, shape, i.weight_bytes, tg, eng.kernels))
     for w in slower_despite_fewer_bytes(rows):
         _log(w)
+    if a.stages:
+        from .runtime.profile import decode_stages, stages_table
+
+        for path in models:
+            for th in threads:
+                with Engine(path, threads=th) as eng:
+                    print(f"\n{Path(path).name}, {th} thread(s): where a decode step's time goes")
+                    print(stages_table(decode_stages(eng, a.n_gen)))
 
 
 @dataclass
@@ -696,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (tg)")
     s.add_argument("-r", "--reps", type=int, default=5, help="repetitions; the table shows medians")
     s.add_argument("-t", "--threads", default="1,2", help="comma-separated thread counts")
+    s.add_argument("--stages", action="store_true", help="also time each stage of a decode step")
     s.set_defaults(func=cmd_bench)
 
     s = command("profile", "measure a latency table (layer shape x n) with the engine, for prune --latency-table")

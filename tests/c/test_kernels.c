@@ -210,6 +210,31 @@ static void test_read_sum(size_t n) {
     free(x);
 }
 
+/* the int8 products' activation quantiser: the SIMD version this family's CPU runs must give the
+ * scalar definition's bits (values, scales and the AVX2 tables), on odd lengths, a chunk of zeros and
+ * values at half-steps (ties round to even) */
+static void test_quantise(int Kn) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (K == &sb_kernels_ref) return;
+    size_t ab = sb_v2_act_bytes(Kn);
+    uint8_t *m1 = aligned_alloc(64, ab), *m2 = aligned_alloc(64, ab);
+    float *x = malloc(sizeof(float) * (size_t)Kn);
+    for (int j = 0; j < Kn; j++) x[j] = j / 64 == 1 ? 0.0f : uniform(-3.0f, 3.0f);
+    for (int j = 128; j + 1 < Kn && j < 192; j += 2) x[j] = 32767.0f, x[j + 1] = (float)(j - 160) + 0.5f;
+    sb_v2_act a, b;
+    sb_v2_act_bind(&a, m1, Kn), sb_v2_act_bind(&b, m2, Kn);
+    memcpy(a.x, x, sizeof(float) * (size_t)Kn), memcpy(b.x, x, sizeof(float) * (size_t)Kn);
+    sb_v2_quantise_ref(&a);
+    sb_v2_quantise_avx2(&b);
+    char what[64];
+    snprintf(what, sizeof what, "quantise K=%d: SIMD bits equal the scalar's", Kn);
+    check(what, memcmp(m1, m2, ab) != 0, 0, 0, 0);
+    free(m1), free(m2), free(x);
+#else
+    (void)Kn;
+#endif
+}
+
 /* ---------------------------------------------------------------- the family */
 
 static const struct {
@@ -252,6 +277,8 @@ int main(int argc, char **argv) {
     static const int NS[] = {1, 4, 7, 16, 17, 33, 64};
     for (size_t i = 0; i < sizeof NS / sizeof *NS; i++) test_scan_step(NS[i]);
     test_read_sum(64), test_read_sum(640), test_read_sum(64 * 1001);
+    static const int QK[] = {1, 5, 64, 200, 1536};
+    for (size_t i = 0; i < sizeof QK / sizeof *QK; i++) test_quantise(QK[i]);
     printf("products of %d cases, max error / sum|w||x|: f32 %.2e, f16 %.2e, int8 %.2e\n", argc - 2, g_worst_dt[0],
            g_worst_dt[1], g_worst_dt[2]);
     printf("%s %s: %d checks, %d failed, worst error %.3f of its bound\n", g_failures ? "FAIL" : "PASS",

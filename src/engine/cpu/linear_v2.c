@@ -29,9 +29,7 @@ void sb_v2_act_bind(sb_v2_act *a, void *mem, int K) {
     memset(mem, 0, sb_v2_act_bytes(K)); /* the padding past K stays zero from here on */
 }
 
-void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise) {
-    for (int j = 0; j < a->K; j++) a->x[j] = x[(size_t)j * stride];
-    if (!quantise) return;
+void sb_v2_quantise_ref(sb_v2_act *a) {
     for (int c = 0; c < a->nchunk; c++) {
         const float *xc = a->x + SB_V2_CHUNK * c;
         float m = 0.0f;
@@ -48,6 +46,48 @@ void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise) {
             a->xt[8 * g + 4 + (j & 3)] = (uint32_t)(uint16_t)q << 16;
         }
     }
+}
+
+/* the quantiser this CPU runs: every version gives the reference's bits, so the choice follows the CPU,
+ * not the kernel family in effect */
+static void (*quantiser(void))(sb_v2_act *) {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) return sb_v2_quantise_avx2;
+#endif
+    return sb_v2_quantise_ref;
+}
+
+void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise) {
+    static void (*quant)(sb_v2_act *);
+    if (stride == 1) memcpy(a->x, x, sizeof(float) * (size_t)a->K);
+    else
+        for (int j = 0; j < a->K; j++) a->x[j] = x[(size_t)j * stride];
+    if (!quantise) return;
+    void (*q)(sb_v2_act *) = __atomic_load_n(&quant, __ATOMIC_RELAXED);
+    if (!q) __atomic_store_n(&quant, q = quantiser(), __ATOMIC_RELAXED); /* racing threads store the same */
+    q(a);
+}
+
+/* ---------------------------------------------------------------- prefetch distance */
+
+size_t sb_v2_prefetch_bytes(void) {
+    static size_t pf = (size_t)-1;
+    size_t v = __atomic_load_n(&pf, __ATOMIC_RELAXED);
+    if (v != (size_t)-1) return v;
+    const char *env = getenv("SPARSAMBA_PREFETCH");
+    v = 0;
+    if (env && *env) {
+        long l = strtol(env, NULL, 10);
+        v = l > 0 ? (size_t)(l < (1L << 20) ? l : 1L << 20) / 64 * 64 : 0;
+    } else {
+#if defined(__x86_64__) || defined(_M_X64)
+        __builtin_cpu_init();
+        v = __builtin_cpu_is("intel") ? 4096 : 0;
+#endif
+    }
+    __atomic_store_n(&pf, v, __ATOMIC_RELAXED); /* racing threads store the same value */
+    return v;
 }
 
 /* ---------------------------------------------------------------- one dense row */

@@ -163,6 +163,12 @@ size_t sb_v2_act_bytes(int K);              /* a multiple of 64 */
 void sb_v2_act_bind(sb_v2_act *a, void *mem, int K); /* mem 64-byte aligned, sb_v2_act_bytes(K) */
 /* x[j * stride] for j < K (stride 1: a vector; ldx: a column of channel-major activations) */
 void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise);
+/* a->x quantised into xq, xs and xt: the scalar definition, and the SIMD version sb_v2_act_set runs where
+ * the CPU has it, which gives the same bits (vcvtps2dq rounds to nearest even, as lrintf does) */
+void sb_v2_quantise_ref(sb_v2_act *a);
+#if defined(__x86_64__) || defined(_M_X64)
+void sb_v2_quantise_avx2(sb_v2_act *a);
+#endif
 
 /* Check a whole blob against the matrix it must be, (out, in) in dtype, before any kernel reads it:
  * header, every class's counts, offsets and sizes, row indices (in range, distinct across classes,
@@ -190,6 +196,12 @@ int sb_v2_avx512_vnni(void);
 void sb_v2_gemv_neon(const sb_v2_class *c, const sb_v2_act *a, float *y, int b0, int b1);
 void sb_v2_gemm_neon(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1);
 #endif
+
+/* How far ahead (bytes of a class's stream) the decode kernels prefetch; 0: no prefetch (they touch the
+ * line being read). Read once: SPARSAMBA_PREFETCH=BYTES if set, else 4096 on Intel CPUs, where it
+ * took the f16 kernels from ~65% to ~100% of a plain read, and 0 elsewhere (on an AMD Zen 4, 1 KiB
+ * ahead was 10-20% slower). A multiple of 64, at most 1 MiB. */
+size_t sb_v2_prefetch_bytes(void);
 
 /* start of block b's stream over panel p */
 static inline const uint8_t *sb_v2_block_stream(const sb_v2_class *c, int p, int b) {

@@ -14,6 +14,9 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* decode prefetches each line of the stream pf bytes ahead, as linear_v2_avx512.c does */
+INLINE void pf_line(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T0); }
+
 static inline __m256 permute(__m256 t, __m256i idx) { return _mm256_permutevar_ps(t, idx); }
 
 INLINE __m256 load_w(int dt, const uint8_t *v, int t, int half) {
@@ -21,19 +24,27 @@ INLINE __m256 load_w(int dt, const uint8_t *v, int t, int half) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 32 * (size_t)t + 16 * half)));
 }
 
-INLINE void chunk_fp(int n, int dt, const uint8_t *rec, const float *x, int G, __m256 acc[4]) {
+/* G = 16 (a full chunk, `full` set: the loops unroll) or a tail's run-time G, where a slot's accumulator
+ * pair follows its place k in the group, so that acc[] stays in registers */
+INLINE void chunk_fp(int n, int dt, const uint8_t *rec, const float *x, int G, int full, __m256 acc[4], size_t pf) {
     const uint8_t *v = rec + sb_v2_code_bytes(n);
+    const int sb = dt == SB_V2_F32 ? 64 : 32; /* bytes of one slot's 16 values */
     if (n == 0) {
 #pragma GCC unroll 8
-        for (int t = 0; t < 4 * G; t++) {
-            __m256 xs = _mm256_broadcast_ss(x + t);
-            acc[2 * (t & 1)] = _mm256_fmadd_ps(load_w(dt, v, t, 0), xs, acc[2 * (t & 1)]);
-            acc[2 * (t & 1) + 1] = _mm256_fmadd_ps(load_w(dt, v, t, 1), xs, acc[2 * (t & 1) + 1]);
-        }
+        for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                int t = 4 * g + k, ai = 2 * (k & 1);
+                if (sb * t % 64 == 0) pf_line(v + sb * t, pf);
+                __m256 xs = _mm256_broadcast_ss(x + t);
+                acc[ai] = _mm256_fmadd_ps(load_w(dt, v, t, 0), xs, acc[ai]);
+                acc[ai + 1] = _mm256_fmadd_ps(load_w(dt, v, t, 1), xs, acc[ai + 1]);
+            }
         return;
     }
+    pf_line(rec, pf);
+    if (n == 2) pf_line(rec + 64, pf);
     __m256i c0 = _mm256_load_si256((const __m256i *)rec), c1 = _mm256_load_si256((const __m256i *)(rec + 32));
-    int t = 0;
 #pragma GCC unroll 16
     for (int g = 0; g < G; g++) {
         __m256 xb = _mm256_broadcast_ps((const __m128 *)(x + 4 * g));
@@ -41,14 +52,17 @@ INLINE void chunk_fp(int n, int dt, const uint8_t *rec, const float *x, int G, _
             c0 = _mm256_load_si256((const __m256i *)(rec + 64));
             c1 = _mm256_load_si256((const __m256i *)(rec + 96));
         }
-        for (int k = 0; k < 4 - n; k++, t++) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4 - n; k++) {
+            int t = (4 - n) * g + k, ai = 2 * ((full ? t : k) & 1);
             __m256i i0 = c0, i1 = c1;
             if (n == 1) { /* kept = removed + 1 + k (mod 4: the permute reads 2 bits) */
                 i0 = _mm256_add_epi32(c0, _mm256_set1_epi32(k + 1));
                 i1 = _mm256_add_epi32(c1, _mm256_set1_epi32(k + 1));
             }
-            acc[2 * (t & 1)] = _mm256_fmadd_ps(load_w(dt, v, t, 0), permute(xb, i0), acc[2 * (t & 1)]);
-            acc[2 * (t & 1) + 1] = _mm256_fmadd_ps(load_w(dt, v, t, 1), permute(xb, i1), acc[2 * (t & 1) + 1]);
+            if (sb * t % 64 == 0) pf_line(v + sb * t, pf);
+            acc[ai] = _mm256_fmadd_ps(load_w(dt, v, t, 0), permute(xb, i0), acc[ai]);
+            acc[ai + 1] = _mm256_fmadd_ps(load_w(dt, v, t, 1), permute(xb, i1), acc[ai + 1]);
             if (n != 1) c0 = _mm256_srli_epi32(c0, 2), c1 = _mm256_srli_epi32(c1, 2);
         }
         if (n == 1) c0 = _mm256_srli_epi32(c0, 2), c1 = _mm256_srli_epi32(c1, 2);
@@ -68,13 +82,14 @@ INLINE __m256i pick(__m256i code, int f, int add, __m256 table) {
 }
 
 /* int32 sums (two halves) of one chunk record of npairs pairs */
-INLINE void chunk_i8(int n, const uint8_t *rec, const int16_t *xq, const uint32_t *xt, int npairs, __m256i s[2]) {
+INLINE void chunk_i8(int n, const uint8_t *rec, const int16_t *xq, const uint32_t *xt, int npairs, __m256i s[2], size_t pf) {
     const uint8_t *v = rec + sb_v2_code_bytes(n);
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
     if (n == 0) {
         const int32_t *x32 = (const int32_t *)xq;
 #pragma GCC unroll 8
         for (int u = 0; u < npairs; u++) {
+            if (u % 2 == 0) pf_line(v + 32 * u, pf);
             __m256i xd = _mm256_set1_epi32(x32[u]);
             __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 32 * u)));
             __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 32 * u + 16)));
@@ -83,6 +98,8 @@ INLINE void chunk_i8(int n, const uint8_t *rec, const int16_t *xq, const uint32_
         }
     } else {
         __m256i c[2][2]; /* [word][half] */
+        pf_line(rec, pf);
+        if (n == 2) pf_line(rec + 64, pf);
         for (int w = 0; w < (n == 2 ? 2 : 1); w++) {
             c[w][0] = _mm256_load_si256((const __m256i *)(rec + 64 * w));
             c[w][1] = _mm256_load_si256((const __m256i *)(rec + 64 * w + 32));
@@ -96,6 +113,7 @@ INLINE void chunk_i8(int n, const uint8_t *rec, const int16_t *xq, const uint32_
             __m256 th = _mm256_castsi256_ps(_mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(xt + 8 * gb + 4))));
             __m256i x0 = _mm256_or_si256(pick(c[fa / 16][0], fa, da, tl), pick(c[fb / 16][0], fb, db, th));
             __m256i x1 = _mm256_or_si256(pick(c[fa / 16][1], fa, da, tl), pick(c[fb / 16][1], fb, db, th));
+            if (u % 2 == 0) pf_line(v + 32 * u, pf);
             __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 32 * u)));
             __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 32 * u + 16)));
             if (u & 1) b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(w0, x0)), b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(w1, x1));
@@ -106,7 +124,8 @@ INLINE void chunk_i8(int n, const uint8_t *rec, const int16_t *xq, const uint32_
 }
 
 /* the 16 rows of one block over one panel (rec: the block's stream there), as two halves */
-INLINE void block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int dt, __m256 *lo, __m256 *hi) {
+INLINE void block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int dt, __m256 *lo, __m256 *hi,
+                        size_t pf) {
     int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK, Gt = (rest + 3) / 4, ch0 = j0 / SB_V2_CHUNK;
     size_t rb = sb_v2_record_bytes(n, dt, 16);
     if (dt == SB_V2_I8) {
@@ -114,8 +133,8 @@ INLINE void block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int len,
         for (int ch = 0; ch < full + (rest > 0); ch++, rec += rb) {
             __m256i s[2];
             int j = SB_V2_CHUNK * (ch0 + ch);
-            if (ch < full) chunk_i8(n, rec, a->xq + j, a->xt + 2 * j, 8 * (4 - n), s);
-            else chunk_i8(n, rec, a->xq + j, a->xt + 2 * j, (Gt * (4 - n) + 1) / 2, s);
+            if (ch < full) chunk_i8(n, rec, a->xq + j, a->xt + 2 * j, 8 * (4 - n), s, pf);
+            else chunk_i8(n, rec, a->xq + j, a->xt + 2 * j, (Gt * (4 - n) + 1) / 2, s, pf);
             __m256 sc = _mm256_set1_ps(a->xs[ch0 + ch]);
             l = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), sc, l);
             h = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1]), sc, h);
@@ -125,8 +144,8 @@ INLINE void block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int len,
     }
     __m256 ac[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const float *x = a->x + j0;
-    for (int ch = 0; ch < full; ch++, rec += rb, x += SB_V2_CHUNK) chunk_fp(n, dt, rec, x, 16, ac);
-    if (rest) chunk_fp(n, dt, rec, x, Gt, ac);
+    for (int ch = 0; ch < full; ch++, rec += rb, x += SB_V2_CHUNK) chunk_fp(n, dt, rec, x, 16, 1, ac, pf);
+    if (rest) chunk_fp(n, dt, rec, x, Gt, 0, ac, pf);
     *lo = _mm256_add_ps(ac[0], ac[2]), *hi = _mm256_add_ps(ac[1], ac[3]);
 }
 
@@ -144,16 +163,17 @@ INLINE void scatter(const sb_v2_class *c, int b, __m256 lo, __m256 hi, float *y,
 }
 
 /* panels outer (x of a panel stays in L1), blocks inner; prefill runs every token over a block's
- * panel stream while it is in cache, so the weights come from memory once per T tokens */
+ * panel stream while it is in cache, so the weights come from memory once per T tokens (no prefetch) */
 INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1, int n, int dt) {
     const uint8_t *panel = c->stream;
+    size_t pf = T == 1 ? sb_v2_prefetch_bytes() : 0;
     for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
         int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel;
         size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
         for (int b = b0; b < b1; b++)
             for (int t = 0; t < T; t++) {
                 __m256 lo, hi;
-                block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, &lo, &hi);
+                block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, &lo, &hi, pf);
                 scatter(c, b, lo, hi, Y + t, (size_t)ldy);
             }
         panel += bpb * (size_t)c->nblocks;
@@ -168,4 +188,33 @@ void sb_v2_gemm_avx2(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y
 
 void sb_v2_gemv_avx2(const sb_v2_class *c, const sb_v2_act *a, float *y, int b0, int b1) {
     sb_v2_gemm_avx2(c, a, 1, y, 1, b0, b1); /* T = 1 is a constant to the inlined loop of each body */
+}
+
+/* sb_v2_quantise_ref with 8 lanes: the same max, scale, rounding (vcvtps2dq: nearest even, as lrintf)
+ * and clamp, so the same bits */
+void sb_v2_quantise_avx2(sb_v2_act *a) {
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i lim = _mm256_set1_epi32(32767), nlim = _mm256_set1_epi32(-32767), lo16 = _mm256_set1_epi32(0xffff);
+    for (int c = 0; c < a->nchunk; c++) {
+        const float *xc = a->x + SB_V2_CHUNK * c;
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < SB_V2_CHUNK; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xc + i), abs));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float mx = _mm_cvtss_f32(h), s = mx > 0.0f ? mx / 32767.0f : 1.0f, inv = 1.0f / s;
+        a->xs[c] = s;
+        __m256 vinv = _mm256_set1_ps(inv);
+        int16_t *xq = a->xq + SB_V2_CHUNK * c;
+        uint32_t *xt = a->xt + 2 * SB_V2_CHUNK * c;
+        for (int i = 0; i < SB_V2_CHUNK; i += 8) {
+            __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xc + i), vinv));
+            q = _mm256_min_epi32(_mm256_max_epi32(q, nlim), lim);
+            _mm_storeu_si128((__m128i *)(xq + i), _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+            /* per group of 4: its q in the low int16 of 4 dwords, then in the high int16 */
+            __m256i l = _mm256_and_si256(q, lo16), hgh = _mm256_slli_epi32(q, 16);
+            _mm256_storeu_si256((__m256i *)(xt + 2 * i), _mm256_permute2x128_si256(l, hgh, 0x20));
+            _mm256_storeu_si256((__m256i *)(xt + 2 * i + 8), _mm256_permute2x128_si256(l, hgh, 0x31));
+        }
+    }
 }

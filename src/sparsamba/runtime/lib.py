@@ -62,6 +62,7 @@ PROTOTYPES: dict[str, tuple] = {
     "sb_read_bandwidth": (ctypes.c_double, [_I64, _I32]),
     "sb_profile_linear": (ctypes.c_int, [_I32, _I32, _I32, _I32, _I32, _DP, *_ERR]),
     "sb_profile_model": (ctypes.c_int, [_P, _I32, _DP, *_ERR]),
+    "sb_profile_decode": (ctypes.c_int, [_P, _I32, _DP, _DP, _DP, *_ERR]),
     "sb_profile_release": (None, []),
     "sb_backend_open": (ctypes.c_int, [_P, _I32, _I32, _PP, *_ERR]),
     "sb_backend_free": (None, [_P]),

@@ -257,3 +257,56 @@ def measure_layers(engine, reps: int = 200) -> dict[str, float]:
     if lib.sb_profile_model(engine.model_handle, reps, out, err, len(err)):
         raise EngineError(err.value.decode(errors="replace"))
     return {f"blk.{i}.{GGUF_NAMES[j]}": out[4 * i + j] for i in range(L) for j in range(4)}
+
+
+# sb_profile_decode's stages, in its order (src/engine/engine.h SB_ST_*): a block's row, then the
+# row of the embedding lookup, final norm and head
+BLOCK_STAGES = ("norm", "in_proj", "conv", "x_proj", "prep", "dt_proj", "scan", "out_proj")
+N_STAGES = 10
+HEAD_STAGES = {0: "final_norm", 8: "embedding", 9: "head"}
+
+
+def decode_stages(engine, n_tokens: int = 32) -> dict:
+    """Where one decode step's time goes (``sb_profile_decode``): mean seconds per token of each stage
+    of each block (``blocks[i][stage]``) and of the embedding lookup, final norm and head (``top``), the
+    bytes each product read (``bytes``, same keys), and the wall ``total`` per step. The team syncs
+    at the end of every stage while this runs, which is its only overhead."""
+    from .engine import EngineError
+
+    if n_tokens <= 0:
+        raise SparsambaError(f"n_tokens must be positive, got {n_tokens}")
+    lib = _lib()
+    L = engine.info.n_layer
+    sec = (ctypes.c_double * ((L + 1) * N_STAGES))()
+    nb = (ctypes.c_double * ((L + 1) * N_STAGES))()
+    total = ctypes.c_double()
+    err = error_buffer()
+    lib.sb_set_threads(engine.threads)
+    if lib.sb_profile_decode(engine.model_handle, n_tokens, sec, nb, ctypes.byref(total), err, len(err)):
+        raise EngineError(err.value.decode(errors="replace"))
+    blocks = [{s: sec[i * N_STAGES + j] for j, s in enumerate(BLOCK_STAGES)} for i in range(L)]
+    blocks_b = [{s: nb[i * N_STAGES + j] for j, s in enumerate(BLOCK_STAGES)} for i in range(L)]
+    top = {s: sec[L * N_STAGES + j] for j, s in HEAD_STAGES.items()}
+    top_b = {s: nb[L * N_STAGES + j] for j, s in HEAD_STAGES.items()}
+    return {"blocks": blocks, "top": top, "bytes": {"blocks": blocks_b, "top": top_b}, "total": total.value}
+
+
+def stages_table(r: dict) -> str:
+    """``decode_stages``' result as a markdown table: each stage summed over the blocks, its share of the
+    step, and for the products the bytes read per second."""
+    rows: dict[str, list[float]] = {}
+    for b, nb in zip(r["blocks"], r["bytes"]["blocks"]):
+        for k, v in b.items():
+            t = rows.setdefault(k, [0.0, 0.0])
+            t[0] += v
+            t[1] += nb[k]
+    for k, v in r["top"].items():
+        rows[k] = [v, r["bytes"]["top"][k]]
+    total = r["total"]
+    lines = ["| stage | ms / token | share | GB/s |", "| --- | ---: | ---: | ---: |"]
+    for k, (t, nb) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        gbs = f"{nb / t / 1e9:.1f}" if nb and t > 0 else ""
+        lines.append(f"| {k} | {t * 1e3:.3f} | {t / total:.1%} | {gbs} |")
+    gbs = sum(v[1] for v in rows.values()) / total / 1e9
+    lines.append(f"| step (wall) | {total * 1e3:.3f} | 100% | {gbs:.1f} |")
+    return "\n".join(lines)
