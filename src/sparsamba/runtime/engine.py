@@ -48,6 +48,9 @@ class EngineInfo:
     format_version: int
     file_bytes: int
     weight_bytes: int  # matrix bytes read per decoded token
+    arch: int = 1  # 1 Mamba-1 (sparsamba.mamba), 2 Mamba-2 (sparsamba.mamba2; dt_rank 0)
+    n_head: int = 0  # Mamba-2: heads (head_dim = d_inner / n_head); 0 for Mamba-1
+    n_group: int = 0  # Mamba-2: B/C groups
 
 
 def set_isa(isa: str) -> str:

@@ -35,6 +35,7 @@ class Info(ctypes.Structure):
             "format_version",
         )
     ] + [("file_bytes", ctypes.c_int64), ("weight_bytes", ctypes.c_int64)]
+    _fields_ += [(name, ctypes.c_int32) for name in ("arch", "n_head", "n_group")]
 
 
 _P, _PP, _STR, _SIZE = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_size_t

@@ -1,0 +1,230 @@
+"""Mamba-2 through the compiler and the native engine: random Mamba-2s with odd shapes (several n_groups,
+head_dim, d_state, conv widths, time_step_limit set, biases, tied and untied heads), dense and with
+C_4^n rows at every n, compiled to f32 / f16 / int8; the engine's logits against ``plan_forward`` of the
+file, our torch reference and transformers' Mamba2ForCausalLM (full forward: its one-token path ignores
+time_step_limit); decode == prefill; 1 thread == 2 threads; every kernel family; the CLI; and the
+configs the compiler refuses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+
+from sparsamba.cli import main
+from sparsamba.compile import compile_model, plan_forward, read_packed
+from sparsamba.errors import SparsambaError
+from sparsamba.model.hf import load_model, save_model
+from sparsamba.model.mamba2 import Mamba2Config, Mamba2LM
+from sparsamba.prune.pattern import group_masks
+from sparsamba.runtime.engine import Engine, EngineError, set_isa
+
+# as tests/test_engine.py: against plan_forward of the file only float order differs; against the fp32
+# source, f16 / int8 add their weight rounding (measured here: f16 <= 1e-3, int8 <= 3e-2)
+SAME_WEIGHTS = 1e-4
+VS_SOURCE = {"f32": 1e-4, "f16": 3e-3, "int8": 8e-2}
+ISAS = ["scalar"] + [f for f in ("avx2", "avx512") if set_isa(f).startswith(f)]
+set_isa("auto")
+
+CONFIGS = {
+    # one group, head_dim 16, N 16 (whole SIMD vectors), untied head
+    "g1-p16-N16": dict(
+        hidden_size=48, num_heads=6, head_dim=16, n_groups=1, state_size=16, tie_word_embeddings=False
+    ),
+    # three groups, head_dim 5, N 7 (SIMD tails), K 3, biases, no conv bias, both time_step_limit sides
+    "g3-p5-N7-bias": dict(
+        hidden_size=30,
+        num_heads=12,
+        head_dim=5,
+        n_groups=3,
+        state_size=7,
+        conv_kernel=3,
+        use_bias=True,
+        use_conv_bias=False,
+        tie_word_embeddings=True,
+        time_step_limit=(0.02, 0.5),
+    ),
+    # expand 1, two groups, head_dim 9, N 20, upper clamp only, chunk 8 (not dividing the prompt)
+    "g2-p9-N20-dtmax": dict(
+        hidden_size=36,
+        expand=1,
+        num_heads=4,
+        head_dim=9,
+        n_groups=2,
+        state_size=20,
+        chunk_size=8,
+        tie_word_embeddings=False,
+        time_step_limit=(0.0, 0.08),
+    ),
+}
+
+
+def random_mamba2(out_dir, seed: int, pruned: bool, vocab: int = 53, **kw):
+    """A random Mamba-2 (2 blocks) off its init values; ``pruned``: in_proj / out_proj rows follow C_4^n
+    with n drawn from 0..4 per row."""
+    torch.manual_seed(seed)
+    cfg = Mamba2Config(vocab_size=vocab, num_hidden_layers=2, chunk_size=kw.pop("chunk_size", 16), **kw)
+    m = Mamba2LM(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:  # norm weights, D, A_log, dt_bias, biases: a mixed-up channel shows
+                p.add_(0.3 * torch.randn_like(p))
+        if pruned:
+            for name, mod in m.named_modules():
+                if name.endswith(("in_proj", "out_proj")):
+                    W = mod.weight
+                    n = torch.randint(0, 5, (W.shape[0],))
+                    W.mul_(group_masks(torch.randn_like(W))[n, torch.arange(W.shape[0])])
+    return save_model(m, out_dir)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{(config, pruned, dtype): (packed file, source dir)}"""
+    root = tmp_path_factory.mktemp("m2")
+    out = {}
+    for i, (name, kw) in enumerate(CONFIGS.items()):
+        for pruned in (False, True):
+            src = random_mamba2(root / f"{name}-{pruned}", seed=20 + i, pruned=pruned, **kw)
+            for dtype in ("f32", "f16", "int8"):
+                rep = compile_model(src, root / f"{name}-{pruned}-{dtype}.gguf", dtype=dtype)
+                out[name, pruned, dtype] = (rep.path, src, rep)
+    return out
+
+
+def ids_for(vocab: int, n: int = 23, seed: int = 0) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(autouse=True)
+def _auto_isa():
+    yield
+    set_isa("auto")
+
+
+def test_the_compiler_plans_mamba2(compiled):
+    path, src, rep = compiled["g3-p5-N7-bias", True, "f16"]
+    # the verifier ran after every pass and on the file read back
+    assert list(rep.errors) == ["load", "reorder", "fold", "fuse", "pack", "file"]
+    assert rep.errors["fuse"] <= 1e-5 and rep.errors["file"] <= 3e-3
+    back = read_packed(path)
+    assert back.dims.arch == "mamba2" and back.dims.n_heads == 12 and back.dims.n_groups == 3
+    assert back.dims.dt_limit == (0.02, 0.5) and back.norm_folded
+    assert not back.blocks[0].linears["ssm_in"].dense and not back.blocks[0].linears["ssm_out"].dense
+    n_seen = {c.n for b in back.blocks for lp in b.linears.values() for c in lp.classes}
+    assert n_seen == {0, 1, 2, 3}
+    assert "ssm_norm.weight" not in back.blocks[0].tensors  # folded into ssm_out
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "sparsamba.mamba2"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["f32", "f16", "int8"])
+@pytest.mark.parametrize("pruned", [False, True])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_the_references(compiled, name, pruned, dtype, isa):
+    path, src, _ = compiled[name, pruned, dtype]
+    assert set_isa(isa).startswith(isa)
+    eng = Engine(path, threads=1)
+    assert eng.info.arch == 2 and eng.info.n_group == CONFIGS[name]["n_groups"]
+    ids = ids_for(eng.info.vocab_size)
+    got = eng.logits(ids)  # (l, V), prefill
+    ref = plan_forward(read_packed(path), torch.tensor(ids)).numpy()
+    err, mean = rel_err(got, ref)
+    assert err <= SAME_WEIGHTS, f"vs plan_forward: max rel {err:.3g}, mean |Δ| {mean:.3g}"
+    with torch.no_grad():
+        src_logits = load_model(src)(torch.tensor([ids]))[0].numpy()
+    err, mean = rel_err(got, src_logits)
+    assert err <= VS_SOURCE[dtype], f"vs the source model: max rel {err:.3g}, mean |Δ| {mean:.3g}"
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(compiled, name, pruned):
+    tf = pytest.importorskip("transformers")
+    path, src, _ = compiled[name, pruned, "f32"]
+    hf = tf.Mamba2ForCausalLM.from_pretrained(src).eval()
+    ids = ids_for(hf.config.vocab_size, n=27, seed=3)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids]), use_cache=False).logits[0].numpy()  # the full forward
+    err, mean = rel_err(Engine(path, threads=1).logits(ids), ref)
+    assert err <= 1e-4, f"vs transformers: max rel {err:.3g}, mean |Δ| {mean:.3g}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_equals_prefill_and_threads_agree(compiled, name, isa):
+    path, _, _ = compiled[name, True, "f32"]
+    assert set_isa(isa).startswith(isa)
+    eng = Engine(path, threads=1)
+    ids = ids_for(eng.info.vocab_size, n=19, seed=5)
+    full = eng.logits(ids)
+    eng.reset()
+    steps = np.stack([eng.decode(t) for t in ids])
+    err, mean = rel_err(steps, full)
+    assert err <= 1e-5, f"decode vs prefill: max rel {err:.3g}, mean |Δ| {mean:.3g}"
+    # a prompt in two prefills, then decode: the conv window and the state carried across calls
+    eng.reset()
+    part = np.stack([eng.prefill(ids[:7]), eng.prefill(ids[7:12]), *[eng.decode(t) for t in ids[12:]]])
+    assert rel_err(part, full[[6, 11, *range(12, len(ids))]])[0] <= 1e-5
+    two = Engine(path, threads=2)
+    assert two.threads == 2
+    assert np.array_equal(two.logits(ids), full), "2 threads must give the 1-thread logits exactly"
+
+
+def test_greedy_generation_matches_the_torch_reference(compiled):
+    from sparsamba.eval.generate import generate
+
+    path, src, _ = compiled["g1-p16-N16", True, "f32"]
+    prompt = ids_for(53, n=9, seed=8)
+    want = generate(load_model(src), prompt, max_new_tokens=12)
+    assert Engine(path, threads=1).generate(prompt, 12) == want
+
+
+def test_cli_compile_and_run(compiled, tmp_path, capsys):
+    _, src, _ = compiled["g2-p9-N20-dtmax", True, "f32"]
+    out = tmp_path / "m2.gguf"
+    assert main(["compile", str(src), "-o", str(out), "--dtype", "int8"]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    assert main(["run", str(out), "--tokens", "1 2 3 4", "-n", "5"]) == 0
+    toks = capsys.readouterr().out.split()
+    assert len(toks) == 5 and all(t.isdigit() for t in toks), toks
+    assert [int(t) for t in toks] == Engine(out, threads=1).generate([1, 2, 3, 4], 5)
+
+
+def test_opencl_refuses_mamba2(compiled):
+    path, _, _ = compiled["g1-p16-N16", False, "f32"]
+    with pytest.raises(EngineError, match="OpenCL"):
+        Engine(path, threads=1, device="opencl")
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (dict(rms_norm=False), "rms_norm"),
+        (dict(norm_before_gate=True), "norm_before_gate"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(head_dim=7), "head_dim"),
+    ],
+)
+def test_unsupported_configs_are_refused_at_compile(compiled, tmp_path, edit, needle, capsys):
+    _, src, _ = compiled["g1-p16-N16", False, "f32"]
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in src.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(edit)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SparsambaError, match=needle):
+        compile_model(d, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    assert main(["compile", str(d), "-o", str(tmp_path / "y.gguf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
