@@ -3,7 +3,7 @@ head_dim, d_state, conv widths, time_step_limit set, biases, tied and untied hea
 C_4^n rows at every n, compiled to f32 / f16 / int8; the engine's logits against ``plan_forward`` of the
 file, our torch reference and transformers' Mamba2ForCausalLM (full forward: its one-token path ignores
 time_step_limit); decode == prefill; 1 thread == 2 threads; every kernel family; the CLI; and the
-configs the compiler refuses."""
+configs the compiler refuses. (OpenCL: tests/test_engine_opencl.py; NEON: tests/test_engine_arm64.py.)"""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sparsamba.cli import main
 from sparsamba.compile import compile_model, plan_forward, read_packed
 from sparsamba.errors import SparsambaError
 from sparsamba.model.hf import load_model
-from sparsamba.runtime.engine import Engine, EngineError, set_isa
+from sparsamba.runtime.engine import Engine, set_isa
 
 # as tests/test_engine.py: against plan_forward of the file only float order differs; against the fp32
 # source, f16 / int8 add their weight rounding (measured here: f16 <= 1e-3, int8 <= 3e-2)
@@ -144,12 +144,6 @@ def test_cli_compile_and_run(compiled, tmp_path, capsys):
     toks = capsys.readouterr().out.split()
     assert len(toks) == 5 and all(t.isdigit() for t in toks), toks
     assert [int(t) for t in toks] == Engine(out, threads=1).generate([1, 2, 3, 4], 5)
-
-
-def test_opencl_refuses_mamba2(compiled):
-    path, _, _ = compiled["g1-p16-N16", False, "f32"]
-    with pytest.raises(EngineError, match="OpenCL"):
-        Engine(path, threads=1, device="opencl")
 
 
 @pytest.mark.parametrize(

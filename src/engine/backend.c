@@ -46,11 +46,6 @@ int sb_backend_open(const sb_model *m, int32_t kind, int32_t device_index, sb_ba
 #ifndef SB_HAVE_OPENCL
     if (kind == SB_BACKEND_OPENCL) return no_opencl(err, errlen);
 #endif
-    if (kind == SB_BACKEND_OPENCL && m->m2) {
-        snprintf(err, errlen, "OpenCL: the OpenCL backend does not run Mamba-2 models (sparsamba.mamba2) yet; use the "
-                              "CPU backend");
-        return SB_ERR_DEVICE;
-    }
     sb_backend *b = calloc(1, sizeof *b);
     if (!b) {
         snprintf(err, errlen, "out of memory");
