@@ -6,6 +6,12 @@ embedded model pruned, f32 / f16 / int8. A prompt's logits (prefill: the GEMM ke
 a Cortex-A53 (ARMv8.0) and `-cpu max`; on both --isa auto picks the NEON family (packed format v2 has one
 NEON family: int8 through widening multiplies, f16 widened to fp32).
 
+The text side as a new user on ARM64 Linux types it: the cross-built `sparsamba-run -m model.gguf -p TEXT`
+gives the text of the x86 `sparsamba-run` (greedy and sampled with a seed: the sampler is splitmix64,
+the same on every machine) and, greedy, of `sparsamba run`; and examples/generate.c, linked against the
+cross-built libsparsamba.so (dynamic, as an app links it; qemu's -L gives it the target's loader, libc
+and libgomp), prints the same text.
+
 Needs Debian's gcc-aarch64-linux-gnu + libc6-dev-arm64-cross and qemu-user; without them the tests
 skip, unless SPARSAMBA_REQUIRE_ARM64=1 (CI), which makes a missing toolchain a failure."""
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +28,13 @@ import pytest
 from conftest import PRUNED_CONFIGS, compiled_models, max_rel
 
 from sparsamba.runtime.engine import Engine
+from sparsamba.runtime.lib import standalone
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = os.environ.get("SPARSAMBA_REQUIRE_ARM64") == "1"
 INSTALL = "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
+SYSROOT = "/usr/aarch64-linux-gnu"  # the target's loader and libraries, for dynamically linked programs
+EMBEDDED = ROOT / "src" / "sparsamba" / "assets" / "kjv-mamba-tiny"
 # max |arm64 - x86| / max |x86| over all logits. The same stored weights on both sides: only the order
 # of float sums and the exp / log polynomials differ (measured on these models: <= 1e-6 for every
 # dtype, NEON and scalar alike).
@@ -116,6 +126,72 @@ def test_arm64_picks_neon_by_default(arm64_run, compiled, tmp_path, cpu):
     eng = Engine(path, threads=1)
     got, _ = run_arm64(arm64_run, path, [1, 2, 3], "auto", tmp_path / "logits.bin", eng.info.vocab_size, cpu)
     assert max_rel(got, eng.logits([1, 2, 3])) <= SAME_WEIGHTS
+
+
+# ----------------------------------------------------------------------------------------------
+# text in, text out, and the library an app links
+
+
+@pytest.fixture(scope="module")
+def arm64_app(arm64_run) -> Path:
+    """examples/generate.c against the cross-built libsparsamba.so, in the same build tree"""
+    build = arm64_run.parent
+    p = subprocess.run(
+        ["cmake", "--build", str(build), "--target", "sparsamba", "example-generate", "-j2"],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return build / "example-generate"
+
+
+@pytest.fixture(scope="module")
+def embedded_gguf(tmp_path_factory) -> Path:
+    from sparsamba.compile import compile_model
+
+    return compile_model(EMBEDDED, tmp_path_factory.mktemp("arm64-emb") / "m.gguf", dtype="f32").path
+
+
+def text_of(cmd: list[str]) -> str:
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+TEXT_N = 16
+
+
+@pytest.mark.parametrize("prompt", ["In the beginning", "καὶ 中文 😀"])
+def test_arm64_text_mode_matches_x86_and_python(arm64_run, embedded_gguf, prompt):
+    args = ["-m", str(embedded_gguf), "-p", prompt, "-n", str(TEXT_N), "-t", "1"]
+    arm = text_of(["qemu-aarch64", str(arm64_run), *args])
+    assert arm == text_of([str(standalone()), *args]) and len(arm) > len(prompt) + 10
+    py = [sys.executable, "-m", "sparsamba", "run", str(embedded_gguf), "--prompt", prompt, "-n", str(TEXT_N)]
+    assert arm == text_of([*py, "--threads", "1"])
+    sampled = [*args, "--temp", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed"]
+    arm7 = text_of(["qemu-aarch64", str(arm64_run), *sampled, "7"])
+    assert arm7 == text_of([str(standalone()), *sampled, "7"])
+    assert arm7 != text_of(["qemu-aarch64", str(arm64_run), *sampled, "8"])  # the seed is used
+
+
+def test_arm64_library_example(arm64_run, arm64_app, embedded_gguf):
+    readelf = shutil.which("readelf")
+    lib = next(arm64_run.parent.glob("libsparsamba.so.*.*.*"))
+    if readelf:
+        d = subprocess.run([readelf, "-h", "-d", str(lib)], capture_output=True, text=True).stdout
+        assert "AArch64" in d and "Library soname: [libsparsamba.so." in d, d
+    prompt = "And God said"
+    arm = text_of(["qemu-aarch64", "-L", SYSROOT, str(arm64_app), str(embedded_gguf), prompt, str(TEXT_N)])
+    py = [sys.executable, "-m", "sparsamba", "run", str(embedded_gguf), "--prompt", prompt, "-n", str(TEXT_N)]
+    assert arm == text_of([*py, "--threads", "1"]) and len(arm) > len(prompt) + 10
+    p = subprocess.run(
+        ["qemu-aarch64", "-L", SYSROOT, str(arm64_app), "/nonexistent.gguf", "x"],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 1 and "/nonexistent.gguf: cannot open" in p.stderr
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-/* sparsamba engine: the plain C ABI that Python (ctypes) and the standalone program call.
+/* sparsamba engine: the plain C ABI of libsparsamba, the library an app links and Python loads
+ * (ctypes); the standalone program sparsamba-run is built from the same core.
  *
  * A model is a packed GGUF (docs/packed-format.md), mapped read-only and validated completely
  * at load; a state holds one sequence's recurrent state (conv window and SSM state per layer).
@@ -14,6 +15,16 @@
 extern "C" {
 #endif
 
+/* The version of this header, which is the package's (pyproject.toml: CMake refuses to configure when
+ * the two differ). SB_ABI_VERSION counts incompatible changes of this ABI (a struct's layout, a
+ * function's signature or meaning, a function removed) and is the library's SONAME,
+ * libsparsamba.so.<SB_ABI_VERSION>; adding a function bumps the minor version only. */
+#define SB_VERSION_MAJOR 0
+#define SB_VERSION_MINOR 1
+#define SB_VERSION_PATCH 0
+#define SB_ABI_VERSION 0
+
+/* The library exports these functions and nothing else (it is built with hidden visibility). */
 #if defined(_WIN32)
 #define SB_API __declspec(dllexport)
 #else
@@ -33,6 +44,15 @@ enum {
  * (F/BW/VL) uses VNNI for int8 where the CPU has it (SPARSAMBA_NO_VNNI=1 forces vpmaddwd). 4 was the
  * retired neon-fp16 family (packed format v1). */
 enum { SB_ISA_AUTO = 0, SB_ISA_SCALAR = 1, SB_ISA_AVX2 = 2, SB_ISA_NEON = 3, SB_ISA_AVX512 = 5 };
+
+/* The library's version, "MAJOR.MINOR.PATCH" (static storage), and its ABI number. */
+SB_API const char *sb_version(void);
+SB_API int32_t sb_abi_version(void);
+/* Whether the library loaded at run time serves the header the caller was compiled against: the same
+ * ABI, and a version at least the header's major.minor (older libraries lack functions added since).
+ * SB_ERR_ARG with a line naming both otherwise. Call it through SB_CHECK_VERSION first thing. */
+SB_API int sb_check_version(int32_t abi, int32_t major, int32_t minor, char *err, size_t errlen);
+#define SB_CHECK_VERSION(err, errlen) sb_check_version(SB_ABI_VERSION, SB_VERSION_MAJOR, SB_VERSION_MINOR, err, errlen)
 
 typedef struct sb_model sb_model;
 typedef struct sb_state sb_state;

@@ -1,6 +1,10 @@
 """The engine's shared library and every prototype of its C ABI (``src/engine/sparsamba.h``), declared
 once here: ``runtime/engine.py`` and ``runtime/profile.py`` call ``library()`` and nothing else declares
-a signature. A function the header adds gets its line in ``PROTOTYPES``."""
+a signature. A function the header adds gets its line in ``PROTOTYPES``.
+
+The library is libsparsamba, the same file an app links (it exports only the header's ``sb_*``
+functions): the package ships one plain ``libsparsamba.so``, a standalone CMake build the versioned
+``libsparsamba.so.<ABI>``."""
 
 from __future__ import annotations
 
@@ -11,9 +15,7 @@ from pathlib import Path
 
 from ..errors import SparsambaError
 
-LIB_NAME = {"darwin": "libsparsamba_engine.dylib", "win32": "sparsamba_engine.dll"}.get(
-    sys.platform, "libsparsamba_engine.so"
-)
+LIB_NAME = {"darwin": "libsparsamba.dylib", "win32": "sparsamba.dll"}.get(sys.platform, "libsparsamba.so")
 
 
 class Info(ctypes.Structure):
@@ -44,6 +46,9 @@ _ERR = [_STR, _SIZE]  # every fallible call ends with (char *err, size_t errlen)
 
 # name -> (restype, argtypes), in sparsamba.h's order
 PROTOTYPES: dict[str, tuple] = {
+    "sb_version": (_STR, []),
+    "sb_abi_version": (_I32, []),
+    "sb_check_version": (ctypes.c_int, [_I32, _I32, _I32, *_ERR]),
     "sb_model_load": (ctypes.c_int, [_STR, _PP, *_ERR]),
     "sb_model_free": (None, [_P]),
     "sb_model_info": (None, [_P, ctypes.POINTER(Info)]),
@@ -141,6 +146,14 @@ def library() -> ctypes.CDLL:
         fn = getattr(lib, name, None)
         if fn is not None:
             fn.restype, fn.argtypes = restype, argtypes
+    from .. import __version__
+
+    built = lib.sb_version().decode() if hasattr(lib, "sb_version") else "an older one (no sb_version)"
+    if built != __version__:  # a library left from another checkout or an old build
+        raise SparsambaError(
+            f"the native engine {path} is version {built}, the package {__version__}: reinstall the package "
+            "(pip install -e .), which rebuilds it"
+        )
     _lib = lib
     return lib
 
