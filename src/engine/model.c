@@ -136,7 +136,6 @@ static int load_model(loader *L) {
     I->vocab_size = (int32_t)v[0], I->d_model = (int32_t)v[1], I->n_layer = (int32_t)v[2];
     I->d_inner = (int32_t)v[3], I->d_state = (int32_t)v[4], I->dt_rank = (int32_t)v[5], I->d_conv = (int32_t)v[6];
     I->format_version = (int32_t)ver;
-    I->arch = 1;
     I->file_bytes = (int64_t)m->map_size;
     if ((rc = gg_get_f32(f, "sparsamba.mamba.attention.layer_norm_rms_epsilon", &m->eps, err, el))) return rc;
     if ((rc = gg_get_bool(f, "sparsamba.mamba.norm_folded", &I->norm_folded, err, el))) return rc;

@@ -59,7 +59,7 @@ int sb_m2_load(sb_loader *L) {
     else if (dl == 4 && !memcmp(ds, "int8", 4)) I->dtype = GG_I8;
     else return sb_load_err(L, "sparsamba.compile.dtype '%.*s' is unknown (f32, f16, int8)", (int)(dl > 16 ? 16 : dl), ds);
     I->vocab_size = V, I->d_model = d, I->n_layer = nl, I->d_inner = di, I->d_state = N, I->dt_rank = 0;
-    I->d_conv = K, I->n_head = h, I->n_group = g, I->arch = 2;
+    I->d_conv = K;
     I->format_version = (int32_t)ver;
     I->file_bytes = (int64_t)m->map_size;
 
@@ -121,6 +121,12 @@ int sb_m2_load(sb_loader *L) {
     if ((rc = sb_load_no_leftovers(L, "sparsamba.mamba2"))) return rc;
     I->weight_bytes = bytes;
     return SB_OK;
+}
+
+int32_t sb_model_arch(const sb_model *m, int32_t *n_head, int32_t *n_group) {
+    if (n_head) *n_head = m->m2 ? m->m2->h : 0;
+    if (n_group) *n_group = m->m2 ? m->m2->g : 0;
+    return m->m2 ? 2 : 1;
 }
 
 void sb_m2_free(sb_m2 *M) {

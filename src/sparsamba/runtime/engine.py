@@ -149,6 +149,9 @@ class Engine:
         fields["dtype"] = by_ggml_type(fields["dtype"])
         fields["tied_head"] = bool(fields["tied_head"])
         fields["norm_folded"] = bool(fields["norm_folded"])
+        heads, groups = ctypes.c_int32(), ctypes.c_int32()
+        fields["arch"] = lib.sb_model_arch(model, ctypes.byref(heads), ctypes.byref(groups))
+        fields["n_head"], fields["n_group"] = heads.value, groups.value
         self.info = EngineInfo(**fields)
         if threads is None:  # a model of a few MB is done before a second thread has started
             threads = 0 if self.info.weight_bytes >= SMALL_MODEL_BYTES else 1
