@@ -1,11 +1,12 @@
-"""The weights the speed benchmark runs: random Mamba-1 models of the published shapes, dense and
+"""The weights the speed benchmark runs: random Mamba-1 and Mamba-2 models of the published shapes, dense and
 C_4^n-sparse (dense with exact zeros), written once as HF directories and cached under the work dir,
 so llama.cpp (dense GGUF export), transformers and our compiler all read the SAME weights.
 
 Sparse models mix rows of different n (weights removed per group of 4, as a learned ``c4`` prune
 does) in a stated proportion, with random kept positions inside each group; the global sparsity over
-the prunable projections (in_proj, x_proj, dt_proj, out_proj) is made exact up to the granularity of
-one Δ row (R/4 weights), by moving a few dt_proj rows to the next n.
+the prunable projections (Mamba-1: in_proj, x_proj, dt_proj, out_proj; Mamba-2: in_proj, out_proj) is
+made exact up to the granularity of one row of the layer with the fewest inputs (Mamba-1: a Δ row, R/4
+weights; Mamba-2: an in_proj row, d/4), by moving a few such rows to the next n.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import torch
 from sparsamba import assets
 from sparsamba.model.hf import build_model, read_config, read_weights, save_model
 from sparsamba.model.mamba1 import Mamba1Config
+from sparsamba.model.mamba2 import Mamba2Config
 from sparsamba.prune.pattern import mask_from_scores, parse_pattern, removed_per_row
 
 # bump when the generated weights change, so a cached directory from an older recipe is rebuilt
 RECIPE_VERSION = 1
 SEED = 0
 PRUNABLE = ("in_proj", "x_proj", "dt_proj", "out_proj")
+PRUNABLE2 = ("in_proj", "out_proj")  # Mamba-2
 
 # the published Mamba-1 shapes (state-spaces/mamba-130m, -370m): N 16, expand 2, K 4, tied head,
 # vocabulary 50280 (the GPT-NeoX tokenizer's 50277 rounded up to a multiple of 8)
@@ -33,6 +36,36 @@ SHAPES: dict[str, dict] = {
     "370m": dict(hidden_size=1024, num_hidden_layers=48),
 }
 COMMON = dict(vocab_size=50280, state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True)
+# the published Mamba-2 shapes (state-spaces/mamba2-130m, -370m): N 128, head_dim 64, one group, expand
+# 2, K 4, tied head, the same vocabulary
+SHAPES2: dict[str, dict] = {
+    "mamba2-130m": dict(hidden_size=768, num_hidden_layers=24, num_heads=24),
+    "mamba2-370m": dict(hidden_size=1024, num_hidden_layers=48, num_heads=32),
+}
+COMMON2 = dict(
+    vocab_size=50280,
+    state_size=128,
+    expand=2,
+    head_dim=64,
+    n_groups=1,
+    conv_kernel=4,
+    tie_word_embeddings=True,
+)
+ALL_SHAPES = [*SHAPES, *SHAPES2]
+
+
+def _config(shape: str):
+    return (
+        Mamba2Config(**SHAPES2[shape], **COMMON2)
+        if shape in SHAPES2
+        else Mamba1Config(**SHAPES[shape], **COMMON)
+    )
+
+
+def _prunable(shape_or_cfg) -> tuple[str, ...]:
+    m2 = shape_or_cfg in SHAPES2 if isinstance(shape_or_cfg, str) else shape_or_cfg.model_type == "mamba2"
+    return PRUNABLE2 if m2 else PRUNABLE
+
 
 # fraction of rows with each n (weights removed per group of 4); mean n / 4 = the sparsity
 MIXES: dict[float, dict[int, float]] = {
@@ -78,10 +111,11 @@ def _cached(d: Path, stamp: dict) -> dict | None:
 
 def dense_model(shape: str, work: Path) -> BenchModel:
     d = work / "models" / shape
-    stamp = _stamp(dict(shape=shape, **SHAPES[shape], **COMMON))
+    m2 = shape in SHAPES2
+    stamp = _stamp(dict(shape=shape, **(SHAPES2 if m2 else SHAPES)[shape], **(COMMON2 if m2 else COMMON)))
     if _cached(d, stamp) is None:
         torch.manual_seed(SEED)
-        model = build_model(Mamba1Config(**SHAPES[shape], **COMMON))
+        model = build_model(_config(shape))
         info = dict(stamp=stamp, sparsity=0.0, mix={})
         save_model(
             model,
@@ -104,19 +138,25 @@ def _row_n(out: int, mix: dict[int, float], gen: torch.Generator) -> torch.Tenso
     return n[torch.randperm(out, generator=gen)]
 
 
-def sparsify(sd: dict[str, torch.Tensor], n_layers: int, sparsity: float, seed: int) -> dict[int, float]:
+def sparsify(
+    sd: dict[str, torch.Tensor],
+    n_layers: int,
+    sparsity: float,
+    seed: int,
+    prunable: tuple[str, ...] = PRUNABLE,
+) -> dict[int, float]:
     """Zero ``sd``'s prunable weights in place to exactly ``sparsity`` (see the module docstring).
     Returns the measured fraction of rows per n."""
     gen = torch.Generator().manual_seed(seed)
     mix = MIXES[sparsity]
-    keys = [f"backbone.layers.{i}.mixer.{p}.weight" for i in range(n_layers) for p in PRUNABLE]
+    keys = [f"backbone.layers.{i}.mixer.{p}.weight" for i in range(n_layers) for p in prunable]
     row_n = {k: _row_n(sd[k].shape[0], mix, gen) for k in keys}
     total = sum(sd[k].numel() for k in keys)
     # every `in` is a multiple of 4 here, so a row of n removes exactly n · in / 4 weights
     removed = sum(int(row_n[k].sum()) * sd[k].shape[1] // 4 for k in keys)
     target = round(sparsity * total)
-    # the correction: dt_proj rows have the smallest `in` (R), so each step of n moves R/4 weights
-    dts = [k for k in keys if ".dt_proj." in k]
+    # the correction: rows of the smallest `in` (Mamba-1: dt_proj's R), each step of n moves in/4 weights
+    dts = [k for k in keys if sd[k].shape[1] == min(sd[j].shape[1] for j in keys)]
     step = sd[dts[0]].shape[1] // 4
     moves = round((target - removed) / step)
     sign = 1 if moves > 0 else -1
@@ -158,10 +198,16 @@ def sparse_model(shape: str, sparsity: float, work: Path) -> BenchModel:
         model.lm_head.weight = model.backbone.embeddings.weight
         with torch.no_grad():
             mix = sparsify(
-                dict(model.named_parameters()), cfg.num_hidden_layers, sparsity, SEED + round(sparsity * 100)
+                dict(model.named_parameters()),
+                cfg.num_hidden_layers,
+                sparsity,
+                SEED + round(sparsity * 100),
+                _prunable(cfg),
             )
         keys = [
-            f"backbone.layers.{i}.mixer.{p}.weight" for i in range(cfg.num_hidden_layers) for p in PRUNABLE
+            f"backbone.layers.{i}.mixer.{p}.weight"
+            for i in range(cfg.num_hidden_layers)
+            for p in _prunable(cfg)
         ]
         measured, _ = _measure(dict(model.named_parameters()), keys)
         info = dict(stamp=stamp, sparsity=measured, mix={str(k): v for k, v in mix.items()})
@@ -179,7 +225,9 @@ def pruned_model(path: Path) -> BenchModel:
     """A real pruner output (HF directory, dense with zeros): its sparsity and n mix read from the zeros."""
     cfg = read_config(path)
     sd = read_weights(path)
-    keys = [f"backbone.layers.{i}.mixer.{p}.weight" for i in range(cfg.num_hidden_layers) for p in PRUNABLE]
+    keys = [
+        f"backbone.layers.{i}.mixer.{p}.weight" for i in range(cfg.num_hidden_layers) for p in _prunable(cfg)
+    ]
     keys = [k for k in keys if k in sd]
     sparsity, mix = _measure(sd, keys) if keys else (0.0, {})
     return BenchModel(path.resolve().name, "pruned", sparsity, path, mix)

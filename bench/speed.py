@@ -5,6 +5,7 @@ peak RSS) with a memory-bandwidth roofline for decode. Not part of CI; see bench
     python bench/speed.py                      # 130m + 370m, every engine, 5 reps (~20 min on 2 cores)
     python bench/speed.py --quick              # 130m only, 2 reps
     python bench/speed.py --engines llama.cpp,transformers --models 130m --reps 3
+    python bench/speed.py --models mamba2-130m,mamba2-370m  # the Mamba-2 shapes (llama.cpp's mamba2 GGUF)
     python bench/speed.py --pruned out/mamba-c4-50 [--pruned out/dense] # real pruner outputs instead
     python bench/speed.py --dtypes f16,q8_0,q4_0,int8  # only these rows (llama.cpp Q8_0 / Q4_0 included)
 
@@ -369,7 +370,11 @@ def plan(a: argparse.Namespace, skipped: list[str]) -> list[Job]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="130m,370m", help="shapes to generate: 130m,370m")
+    ap.add_argument(
+        "--models",
+        default="130m,370m",
+        help="shapes to generate: 130m,370m (Mamba-1), mamba2-130m,mamba2-370m",
+    )
     ap.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2")
     ap.add_argument("--reps", type=int, default=None, help="repetitions per test (default 5; 2 with --quick)")
     ap.add_argument("--quick", action="store_true", help="130m only, 2 repetitions")
@@ -416,8 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.engines = machine.csv_choices(ap, a.engines, ENGINES, "engine")
     a.dtypes = machine.csv_choices(ap, a.dtypes, DTYPES, "dtype", lower=True)
     for s in a.models:
-        if s not in models.SHAPES:
-            ap.error(f"unknown model shape {s!r}; choose from {', '.join(models.SHAPES)}")
+        if s not in models.ALL_SHAPES:
+            ap.error(f"unknown model shape {s!r}; choose from {', '.join(models.ALL_SHAPES)}")
     return a
 
 

@@ -19,6 +19,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 N_PROMPT, N_GEN = 128, 64
 DECODE_PROMPT = 4  # "decode after a short prompt": Mamba's step cost does not depend on the position
@@ -29,21 +30,23 @@ def _peak_kib() -> int:
 
 
 def transformers_bench(model_dir: str, threads: int, reps: int) -> dict:
-    """transformers' MambaForCausalLM, fp32 on the CPU (its sequential reference path: no CUDA kernels).
+    """transformers' MambaForCausalLM (Mamba2ForCausalLM for a mamba2 directory), fp32 on the CPU (its sequential reference path: no CUDA kernels).
 
     pp: one forward over tokens 0..127 from a fresh cache, logits of the last position only (as
     llama-bench's prompt batch asks for); tg: 64 greedy steps with the cache, after a 4-token prompt.
     One untimed warm-up of each first, as llama-bench does.
     """
     import torch
-    from transformers import MambaForCausalLM
+    from transformers import Mamba2ForCausalLM, MambaForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # "fast path not available" is expected on a CPU
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # a decaying SSM state would otherwise crawl through denormals
     base = _peak_kib()
-    model = MambaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    m2 = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") == "mamba2"
+    cls = Mamba2ForCausalLM if m2 else MambaForCausalLM
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
 
     def prefill() -> float:
         ids = torch.arange(N_PROMPT)[None] % model.config.vocab_size

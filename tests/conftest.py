@@ -140,3 +140,60 @@ def random_pruned(out_dir, seed: int = 0, row_block: int = 1, vocab: int = 61, l
                 n = torch.randint(0, 5, (-(-out // row_block),)).repeat_interleave(row_block)[:out]
                 W.mul_(group_masks(torch.randn_like(W))[n, torch.arange(out)])
     return save_model(m, out_dir, tokenizer_dir=like)
+
+
+# Random Mamba-2s with odd shapes, for the compiler and the engine (tests/test_engine_mamba2.py)
+MAMBA2_CONFIGS = {
+    # one group, head_dim 16, N 16 (whole SIMD vectors), untied head
+    "g1-p16-N16": dict(
+        hidden_size=48, num_heads=6, head_dim=16, n_groups=1, state_size=16, tie_word_embeddings=False
+    ),
+    # three groups, head_dim 5, N 7 (SIMD tails), K 3, biases, no conv bias, both time_step_limit sides
+    "g3-p5-N7-bias": dict(
+        hidden_size=30,
+        num_heads=12,
+        head_dim=5,
+        n_groups=3,
+        state_size=7,
+        conv_kernel=3,
+        use_bias=True,
+        use_conv_bias=False,
+        tie_word_embeddings=True,
+        time_step_limit=(0.02, 0.5),
+    ),
+    # expand 1, two groups, head_dim 9, N 20, upper clamp only, chunk 8 (not dividing the prompt)
+    "g2-p9-N20-dtmax": dict(
+        hidden_size=36,
+        expand=1,
+        num_heads=4,
+        head_dim=9,
+        n_groups=2,
+        state_size=20,
+        chunk_size=8,
+        tie_word_embeddings=False,
+        time_step_limit=(0.0, 0.08),
+    ),
+}
+
+
+def random_mamba2(out_dir, seed: int, pruned: bool, vocab: int = 53, **kw):
+    """A random Mamba-2 (2 blocks) off its init values; ``pruned``: in_proj / out_proj rows follow C_4^n
+    with n drawn from 0..4 per row."""
+    from sparsamba.model.hf import save_model
+    from sparsamba.model.mamba2 import Mamba2Config, Mamba2LM
+    from sparsamba.prune.pattern import group_masks
+
+    torch.manual_seed(seed)
+    cfg = Mamba2Config(vocab_size=vocab, num_hidden_layers=2, chunk_size=kw.pop("chunk_size", 16), **kw)
+    m = Mamba2LM(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:  # norm weights, D, A_log, dt_bias, biases: a mixed-up channel shows
+                p.add_(0.3 * torch.randn_like(p))
+        if pruned:
+            for name, mod in m.named_modules():
+                if name.endswith(("in_proj", "out_proj")):
+                    W = mod.weight
+                    n = torch.randint(0, 5, (W.shape[0],))
+                    W.mul_(group_masks(torch.randn_like(W))[n, torch.arange(W.shape[0])])
+    return save_model(m, out_dir)

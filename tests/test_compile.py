@@ -32,8 +32,7 @@ from sparsamba.compile.packed_v2 import DTYPES, matrix_bytes, unpack_matrix, up
 from sparsamba.compile.plan import classify_rows, dense_rows
 from sparsamba.compile.verify import check_plan, sample_ids
 from sparsamba.errors import SparsambaError
-from sparsamba.model.hf import load_model, save_model
-from sparsamba.model.mamba2 import Mamba2Config, Mamba2LM
+from sparsamba.model.hf import load_model
 from sparsamba.prune.pattern import removed_per_row
 
 CONFIGS = PRUNED_CONFIGS
@@ -229,14 +228,6 @@ def test_sizes(models, tmp_path, dtype):
 
 # ----------------------------------------------------------------------------------------------
 # errors
-
-
-def test_mamba2_is_refused_with_a_pointer(tmp_path):
-    cfg = Mamba2Config(vocab_size=50, hidden_size=32, state_size=8, num_hidden_layers=1, head_dim=8, num_heads=8)
-    d = save_model(Mamba2LM(cfg), tmp_path / "m2")
-    with pytest.raises(SparsambaError, match="Mamba-1.*export-gguf"):
-        compile_model(d, tmp_path / "x.gguf")
-    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_bad_paths_and_nothing_half_written(models, tmp_path, monkeypatch):

@@ -192,3 +192,35 @@ def test_arm64_library_example(arm64_run, arm64_app, embedded_gguf):
         text=True,
     )
     assert p.returncode == 1 and "/nonexistent.gguf: cannot open" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def compiled_mamba2(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """Two random pruned Mamba-2s (head_dim 16 / N 16 and head_dim 9 / N 20: the NEON SSD step's full
+    vectors and its tails) in every dtype."""
+    from conftest import MAMBA2_CONFIGS, random_mamba2
+
+    from sparsamba.compile import compile_model
+
+    root = tmp_path_factory.mktemp("arm64-mamba2")
+    out = {}
+    for i, name in enumerate(("g1-p16-N16", "g2-p9-N20-dtmax")):
+        src = random_mamba2(root / name, seed=40 + i, pruned=True, **MAMBA2_CONFIGS[name])
+        for dtype in ("f32", "f16", "int8"):
+            out[name, dtype] = compile_model(src, root / f"{name}-{dtype}.gguf", dtype=dtype).path
+    return out
+
+
+@pytest.mark.parametrize("isa", ["neon", "scalar"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "int8"])
+@pytest.mark.parametrize("name", ["g1-p16-N16", "g2-p9-N20-dtmax"])
+def test_arm64_mamba2_matches_x86(arm64_run, compiled_mamba2, tmp_path, name, dtype, isa):
+    path = compiled_mamba2[name, dtype]
+    eng = Engine(path, threads=1)
+    V = eng.info.vocab_size
+    ids = np.random.default_rng(len(name)).integers(0, V, PROMPT).tolist()
+    for prompt in (ids, ids[:1]):
+        got, tokens = run_arm64(arm64_run, path, prompt, isa, tmp_path / "logits.bin", V)
+        err = max_rel(got, eng.logits(prompt))
+        assert err <= SAME_WEIGHTS, f"Mamba-2 {name} {dtype} {isa} T={len(prompt)}: max rel err {err:.2e}"
+        assert tokens == eng.generate(prompt, NEW)

@@ -345,3 +345,120 @@ def test_a_model_larger_than_the_address_space_limit(good, asan_run, tmp_path):
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)),
     )
     assert p.returncode == 1 and "cannot map" in p.stderr and "memory" in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# sparsamba.mamba2 files: the same loader checks on Mamba-2's keys and tensors
+
+
+@pytest.fixture(scope="module")
+def good2(tmp_path_factory) -> Path:
+    """A small valid int8 Mamba-2 file: three groups, biases, time_step_limit set, C_4^n classes."""
+    from conftest import MAMBA2_CONFIGS, random_mamba2
+
+    root = tmp_path_factory.mktemp("files2")
+    src = random_mamba2(root / "m", seed=9, pruned=True, **MAMBA2_CONFIGS["g3-p5-N7-bias"])
+    return compile_model(src, root / "good2.gguf", dtype="int8").path
+
+
+def test_mamba2_good_file_runs_clean_under_the_sanitizers(good2, asan_run):
+    for isa in ("auto", "scalar"):
+        p = sanitized(asan_run, good2, "--tokens", "1 2 3 4 5 6 7 8 9", "--isa", isa)
+        assert p.returncode == 0, p.stderr
+        assert [int(t) for t in p.stdout.split()] == Engine(good2, threads=1).generate(list(range(1, 10)), 2)
+
+
+def test_mamba2_key_errors(good2, asan_run, tmp_path):
+    kv, _ = offsets(good2)
+    k = "sparsamba.mamba2."
+
+    def u32(key: str, v: int) -> Path:
+        return mutated(good2, tmp_path, [(kv[k + key], v.to_bytes(4, "little"))])
+
+    def f32(key: str, v: float) -> Path:
+        return mutated(good2, tmp_path, [(kv[k + key], struct.pack("<f", v))])
+
+    expect_error(
+        u32("ssm.head_count", 7), asan_run, f"key '{k}ssm.head_count' = 7 does not divide ssm.inner_size 60"
+    )
+    expect_error(u32("ssm.group_count", 5), asan_run, f"key '{k}ssm.group_count' = 5 does not divide")
+    expect_error(u32("ssm.state_size", 0), asan_run, f"key '{k}ssm.state_size' = 0 is out of range")
+    expect_error(u32("ssm.conv_kernel", 65), asan_run, f"key '{k}ssm.conv_kernel' = 65 is out of range")
+    # a valid but different shape: every tensor sized from it is refused by name
+    expect_error(
+        u32("ssm.state_size", 6), asan_run, "'blk.0.ssm_conv1d.weight' has shape (102, 3), expected (96, 3)"
+    )
+    expect_error(f32("ssm.dt_min", 1.0), asan_run, "need 0 <= dt_min <= dt_max")
+    expect_error(f32("ssm.dt_min", float("nan")), asan_run, "need 0 <= dt_min <= dt_max")
+    expect_error(f32("ssm.dt_max", -1.0), asan_run, "need 0 <= dt_min <= dt_max")
+    expect_error(f32("attention.layer_norm_rms_epsilon", float("inf")), asan_run, "must be finite")
+    expect_error(
+        mutated(good2, tmp_path, [(kv["sparsamba.format_version"], (3).to_bytes(4, "little"))]),
+        asan_run,
+        "packed format version 3; this engine reads format version 2",
+    )
+
+
+def test_mamba2_tensor_errors(good2, asan_run, tmp_path):
+    _, ti = offsets(good2)
+    data = good2.read_bytes()
+
+    def renamed(old: bytes, new: bytes) -> Path:
+        at = data.index(len(old).to_bytes(8, "little") + old) + 8
+        return mutated(good2, tmp_path, [(at, new)])
+
+    for name in ("ssm_a", "ssm_d"):
+        expect_error(
+            renamed(f"blk.1.{name}".encode(), b"blk.1.ssm_q"), asan_run, f"missing tensor 'blk.1.{name}'"
+        )
+    expect_error(
+        renamed(b"blk.0.ssm_dt.bias", b"blk.0.ssm_dt.biaz"), asan_run, "missing tensor 'blk.0.ssm_dt.bias'"
+    )
+    expect_error(
+        renamed(b"blk.1.ssm_out.bias", b"blk.1.ssm_out.biaz"), asan_run, "missing tensor 'blk.1.ssm_out.bias'"
+    )
+    expect_error(
+        renamed(b"blk.1.ssm_out.v2", b"blk.1.ssm_ou2.v2"), asan_run, "missing tensor 'blk.1.ssm_out.v2'"
+    )
+    # conv (cd, K) stored as (K, cd): the same bytes, the wrong shape
+    c = ti["blk.0.ssm_conv1d.weight"]
+    swap = [(c["dims"], (102).to_bytes(8, "little")), (c["dims"] + 8, (3).to_bytes(8, "little"))]
+    expect_error(
+        mutated(good2, tmp_path, swap),
+        asan_run,
+        "'blk.0.ssm_conv1d.weight' has shape (3, 102), expected (102, 3)",
+    )
+    d = ti["blk.1.ssm_a"]
+    expect_error(
+        mutated(good2, tmp_path, [(d["type"], (26).to_bytes(4, "little"))]),
+        asan_run,
+        "'blk.1.ssm_a' has type I32, expected F32",
+    )
+    # ssm_in's blob declares a different output count
+    t = ti["blk.0.ssm_in.v2"]
+    expect_error(
+        mutated(good2, tmp_path, [(t["data"] + 12, (100).to_bytes(4, "little"))]),
+        asan_run,
+        "'blk.0.ssm_in.v2'",
+    )
+
+
+def test_mamba2_random_header_corruption_never_crashes(good2, asan_run, tmp_path):
+    kv, ti = offsets(good2)
+    header_end = min(t["data"] for t in ti.values())
+    rng = random.Random(1)
+    data = good2.read_bytes()
+    errors = 0
+    for i in range(120):
+        buf = bytearray(data)
+        for _ in range(rng.randint(1, 3)):
+            buf[rng.randrange(header_end)] = rng.randrange(256)
+        path = tmp_path / "fuzz.gguf"
+        path.write_bytes(bytes(buf))
+        try:
+            Engine(path, threads=1).logits([1, 2, 3])
+        except EngineError:
+            errors += 1
+        if i % 8 == 0:
+            assert sanitized(asan_run, path).returncode in (0, 1)
+    assert errors > 25

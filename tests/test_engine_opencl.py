@@ -207,3 +207,63 @@ def test_run_command_on_opencl(compiled, device, capsys):
     args = ["run", str(path), "--tokens", "1 2 3", "-n", "5"]
     assert main([*args, "--device", "opencl", "--device-index", str(device)]) == 0
     assert [int(t) for t in capsys.readouterr().out.split()] == Engine(path, threads=1).generate([1, 2, 3], 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mamba-2 (mamba2.cl): the same parity with the CPU engine, and Oclgrind's checks
+
+
+@pytest.fixture(scope="module")
+def compiled_mamba2(tmp_path_factory, device) -> dict[tuple[str, str], Path]:
+    from conftest import MAMBA2_CONFIGS, random_mamba2
+
+    from sparsamba.compile import compile_model
+
+    root = tmp_path_factory.mktemp("opencl-mamba2")
+    out = {}
+    for i, (name, kw) in enumerate(MAMBA2_CONFIGS.items()):
+        src = random_mamba2(root / name, seed=50 + i, pruned=True, **kw)
+        for dtype in ("f32", "f16", "int8"):
+            out[name, dtype] = compile_model(src, root / f"{name}-{dtype}.gguf", dtype=dtype).path
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "int8"])
+@pytest.mark.parametrize("name", ["g1-p16-N16", "g3-p5-N7-bias", "g2-p9-N20-dtmax"])
+def test_mamba2_matches_the_cpu_engine(compiled_mamba2, device, name, dtype):
+    path = compiled_mamba2[name, dtype]
+    cpu, ocl = Engine(path, threads=1), Engine(path, device="opencl", device_index=device)
+    ids = ids_for(cpu.info.vocab_size, PROMPT, seed=2)
+    want = cpu.logits(ids)
+    assert max_rel(ocl.logits(ids), want) <= PARITY
+    ocl.reset()
+    pieces = [ocl.prefill(ids[:2]), ocl.prefill(ids[2:9]), *[ocl.decode(t) for t in ids[9:]]]
+    assert max_rel(np.stack(pieces), want[[1, 8, *range(9, PROMPT)]]) <= PARITY
+    assert ocl.generate(ids, 6) == cpu.generate(ids, 6)
+
+
+def test_mamba2_no_out_of_bounds_access_or_race_under_oclgrind(compiled_mamba2, device):
+    rt = _oclgrind_runtime()
+    if rt is None:
+        if REQUIRED:
+            pytest.fail("oclgrind not found (SPARSAMBA_REQUIRE_OPENCL=1; apt-get install oclgrind)")
+        pytest.skip("oclgrind not found; apt-get install oclgrind to run this test")
+    paths = [str(compiled_mamba2["g3-p5-N7-bias", "f32"]), str(compiled_mamba2["g2-p9-N20-dtmax", "int8"])]
+    code = f"""
+import numpy as np
+from sparsamba.runtime.engine import Engine
+for path in {paths!r}:
+    cpu, ocl = Engine(path, threads=1), Engine(path, device="opencl")
+    assert "Oclgrind" in ocl.kernels, ocl.kernels
+    ids = [1, 5, 9, 2, 7, 3, 11, 4, 8]
+    want = cpu.logits(ids)
+    got = ocl.logits(ids)
+    ocl.reset()
+    got = np.concatenate([got, np.stack([ocl.decode(t) for t in ids[:3]])])
+    want = np.concatenate([want, want[:3]])
+    print("ERR", float(np.abs(got - want).max() / np.abs(want).max()))
+"""
+    p = _in_subprocess(code, SPARSAMBA_OPENCL_LIB=str(rt), OCLGRIND_DATA_RACES="1")
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr[-3000:]
+    errs = [float(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("ERR")]
+    assert len(errs) == 2 and max(errs) <= PARITY, p.stdout

@@ -67,6 +67,11 @@ def test_loader_and_forward_survive_fuzzing(fuzzer, tmp_path):
     src = random_pruned(tmp_path / "mt", seed=5, vocab=tok.get_vocab_size(), **PRUNED_CONFIGS["d24"])
     tok.save(str(src / "tokenizer.json"))
     compile_model(src, corpus / "seed-tokenizer.gguf", dtype="int8")
+    # a Mamba-2 file: its loader and forward (model_mamba2.c, forward_mamba2.c) are fuzzed too
+    from conftest import MAMBA2_CONFIGS, random_mamba2
+
+    src = random_mamba2(tmp_path / "mamba2", seed=6, pruned=True, vocab=23, **MAMBA2_CONFIGS["g3-p5-N7-bias"])
+    compile_model(src, corpus / "seed-mamba2.gguf", dtype="int8")
     (corpus / "empty").write_bytes(b"")
     artifacts = tmp_path / "crashes"
     artifacts.mkdir()

@@ -33,7 +33,8 @@ struct sb_model {
     sb_linear embd;       /* (V, d), one n = 0 class in token order: the embedding, and the head when tied */
     sb_linear head;       /* the LM head (a copy of embd's description when tied) */
     const float *out_norm;
-    sb_layer *layers;
+    sb_layer *layers;     /* Mamba-1 blocks; NULL for Mamba-2 */
+    struct sb_m2 *m2;     /* Mamba-2 dims and blocks (mamba2.h); NULL for Mamba-1 */
 };
 
 /* Kernels: the matrix products of packed format v2 (cpu/linear_v2.h: y[index[r]] += W_r . x for the

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "mamba2.h"
 
 #define PREFILL_CHUNK 256 /* longer prompts run in chunks: bounded scratch, state carried */
 
@@ -48,6 +49,7 @@ struct sb_state {
     int cap;
     float *H, *HN, *XZ, *XC, *XDBL, *DT, *Y, *BT, *CT, *rs;
     sb_v2_act *Ad, *Adi, *Ar; /* (cap,) per token */
+    sb_m2_state *m2;          /* a Mamba-2 model's state (forward_mamba2.c); the fields above stay NULL */
 };
 
 /* ---------------------------------------------------------------- small ops */
@@ -76,6 +78,7 @@ static void free_prefill(sb_state *s) {
 
 void sb_state_free(sb_state *s) {
     if (!s) return;
+    sb_m2_state_free(s->m2);
     free_prefill(s);
     float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->xz, s->xc, s->xdbl, s->dt, s->y};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
@@ -84,6 +87,10 @@ void sb_state_free(sb_state *s) {
 }
 
 void sb_state_reset(sb_state *s) {
+    if (s->m2) {
+        sb_m2_state_reset(s->m2);
+        return;
+    }
     const sb_info *I = &s->m->info;
     memset(s->conv, 0, sizeof(float) * (size_t)I->n_layer * I->d_inner * (I->d_conv - 1 ? I->d_conv - 1 : 1));
     memset(s->ssm, 0, sizeof(float) * (size_t)I->n_layer * I->d_inner * I->d_state);
@@ -96,6 +103,12 @@ int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen) {
     *out = NULL;
     if (!s) goto oom;
     s->m = m;
+    if (m->m2) {
+        int rc = sb_m2_state_new(m, &s->m2, err, errlen);
+        if (rc) free(s);
+        else *out = s;
+        return rc;
+    }
     s->quantise = I->dtype == GG_I8;
     s->conv = calloc((size_t)I->n_layer * di * (K > 1 ? K - 1 : 1), sizeof(float));
     s->ssm = calloc((size_t)I->n_layer * di * N, sizeof(float));
@@ -412,6 +425,7 @@ int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n,
         snprintf(err, errlen, "the state belongs to another model");
         return SB_ERR_ARG;
     }
+    if (s->m2) return sb_m2_forward(m, s->m2, tokens, n, logits, mode, err, errlen);
     if (n == 1) {
         decode_token(m, s, tokens[0], logits, mode);
         return SB_OK;

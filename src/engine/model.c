@@ -12,10 +12,11 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "mamba2.h"
 
 #define FORMAT_VERSION 2
 
-typedef struct {
+typedef struct sb_loader {
     sb_model *m;
     char *err;
     size_t errlen;
@@ -111,6 +112,7 @@ static int load_model(loader *L) {
     const char *arch;
     uint64_t alen;
     if ((rc = gg_get_str(f, "general.architecture", &arch, &alen, err, el))) return rc;
+    if (alen == 16 && memcmp(arch, "sparsamba.mamba2", 16) == 0) return sb_m2_load(L);
     if (alen != 15 || memcmp(arch, "sparsamba.mamba", 15) != 0)
         return ferr(L, "architecture '%.*s' is not a sparsamba packed model ('sparsamba.mamba'); compile one with "
                        "`sparsamba compile` (a plain 'mamba' GGUF is for llama.cpp)",
@@ -211,6 +213,31 @@ static int load_model(loader *L) {
     return SB_OK;
 }
 
+/* the checked accessors above, for another architecture's loader (mamba2.h) */
+sb_model *sb_loader_model(sb_loader *L) { return L->m; }
+int sb_load_err(sb_loader *L, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(L->err, L->errlen, fmt, ap);
+    va_end(ap);
+    return SB_ERR_FORMAT;
+}
+const gg_tensor *sb_load_tensor(sb_loader *L, const char *name, uint32_t type, uint64_t rows, uint64_t cols, int *rc) {
+    return get(L, name, type, rows, cols, rc);
+}
+const float *sb_load_vec(sb_loader *L, const char *name, uint64_t n, int *rc) { return vec(L, name, n, rc); }
+int sb_load_linear(sb_loader *L, const char *prefix, int out, int in, sb_linear *lin, int64_t *bytes) {
+    return load_linear(L, prefix, out, in, lin, bytes);
+}
+int sb_load_no_leftovers(sb_loader *L, const char *arch) {
+    const gg_file *f = &L->m->gf;
+    for (uint64_t t = 0; t < f->n_tensors; t++)
+        if (!L->used[t])
+            return ferr(L, "tensor '%.*s' is not part of a %s model (misnamed?)",
+                        (int)(f->tensors[t].name_len > 128 ? 128 : f->tensors[t].name_len), f->tensors[t].name, arch);
+    return SB_OK;
+}
+
 int sb_model_load(const char *path, sb_model **out, char *err, size_t errlen) {
     char msg[512] = "";
     *out = NULL;
@@ -275,6 +302,7 @@ void sb_model_free(sb_model *m) {
     if (!m) return;
     gg_free(&m->gf);
     free(m->layers);
+    sb_m2_free(m->m2);
     if (m->map) munmap(m->map, m->map_size);
     free(m);
 }

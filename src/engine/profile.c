@@ -244,6 +244,10 @@ int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err
         snprintf(err, errlen, "a model, a positive reps and a seconds buffer are needed (got reps %d)", reps);
         return SB_ERR_ARG;
     }
+    if (m->m2) {
+        snprintf(err, errlen, "profiling a model's layers is for Mamba-1 models; this is a Mamba-2 (sparsamba.mamba2)");
+        return SB_ERR_ARG;
+    }
     const sb_info *I = &m->info;
     int L = I->n_layer, widest = 2 * I->d_inner;
     if (I->d_model > widest) widest = I->d_model;

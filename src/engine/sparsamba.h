@@ -70,6 +70,10 @@ typedef struct {
 SB_API int sb_model_load(const char *path, sb_model **out, char *err, size_t errlen);
 SB_API void sb_model_free(sb_model *m);
 SB_API void sb_model_info(const sb_model *m, sb_info *out);
+/* The model's architecture: 1 Mamba-1 (sparsamba.mamba), 2 Mamba-2 (sparsamba.mamba2, whose sb_info has
+ * dt_rank 0); for Mamba-2 also its heads (head_dim = d_inner / n_head) and B/C groups, else 0 (either
+ * pointer may be NULL). */
+SB_API int32_t sb_model_arch(const sb_model *m, int32_t *n_head, int32_t *n_group);
 
 SB_API int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen);
 SB_API void sb_state_reset(sb_state *s);

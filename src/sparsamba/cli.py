@@ -301,7 +301,7 @@ def cmd_train_tiny(a) -> None:
     from .model.train_tiny import TrainConfig, train_tiny
     from .runtime.engine import check_threads
 
-    tc = TrainConfig(steps=a.steps, seed=a.seed, threads=check_threads(a.threads))
+    tc = TrainConfig(steps=a.steps, seed=a.seed, threads=check_threads(a.threads), arch=a.arch)
     train_tiny(a.data or assets.KJV_TEXT, a.output, tc, overwrite=a.overwrite, log=_log)
 
 
@@ -641,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
     s.add_argument("-t", "--threads", type=int, default=1, help="torch threads (the result depends on it)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.add_argument("--arch", choices=("mamba", "mamba2"), default="mamba", help="Mamba-1 or Mamba-2 (same width, depth)")
     s.set_defaults(func=cmd_train_tiny)
 
     s = command("export-gguf", "the same weights as a plain mamba / mamba2 GGUF that llama.cpp runs (the speed baseline)")
@@ -652,11 +653,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command(
         "compile",
-        "a (pruned) Mamba-1 into the packed GGUF the native engine runs (reorder, fold, fuse, pack); "
+        "a (pruned) Mamba-1 or Mamba-2 into the packed GGUF the native engine runs (reorder, fold, fuse, pack); "
         "prints the bytes of each format (dense, CSR, ours)",
     )
     s.add_argument(
-        "model", nargs="?", help="HF-format Mamba-1 directory, dense or pruned with exact zeros (default: the embedded model)"
+        "model", nargs="?", help="HF-format Mamba-1 / Mamba-2 directory, dense or pruned with exact zeros (default: the embedded model)"
     )
     s.add_argument("-o", "--output", required=True, help="output .gguf file (written atomically)")
     s.add_argument("--dtype", choices=formats.PACKED, default="f16", help="dtype of the weight matrices")

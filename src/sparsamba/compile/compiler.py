@@ -1,4 +1,4 @@
-"""``compile_model``: an HF-format Mamba-1 directory -> the packed GGUF, the verifier between passes."""
+"""``compile_model``: an HF-format Mamba-1 / Mamba-2 directory -> the packed GGUF, the verifier between passes."""
 
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ class CompileReport:
 def summarize(plan: Plan) -> str:
     """A readable summary of a plan: per block and layer, dense or its classes with row counts, and π."""
     dm = plan.dims
+    m2 = getattr(dm, "arch", "mamba") == "mamba2"
+    shape = f"h {dm.n_heads}, p {dm.head_dim}, g {dm.n_groups}" if m2 else f"R {dm.dt_rank}"
     lines = [
         f"plan of {plan.name} after {', '.join(plan.passes) or 'loading'}: {dm.n_layer} blocks, d {dm.d_model}, "
-        f"d_inner {dm.d_inner}, N {dm.d_state}, R {dm.dt_rank}, K {dm.d_conv}, vocab {dm.vocab_size}, "
+        f"d_inner {dm.d_inner}, N {dm.d_state}, {shape}, K {dm.d_conv}, vocab {dm.vocab_size}, "
         f"{'tied' if dm.tied else 'untied'} head, dtype {plan.dtype or 'fp32 (unpacked)'}, "
         f"norm {'folded into ssm_in' if plan.norm_folded else 'separate'}"
     ]
@@ -65,7 +67,7 @@ def compile_model(
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> CompileReport:
-    """Compile ``model_dir`` (HF-format Mamba-1, dense or pruned) into the packed GGUF ``out_path``.
+    """Compile ``model_dir`` (HF-format Mamba-1 or Mamba-2, dense or pruned) into the packed GGUF ``out_path``.
 
     Runs reorder, fold, fuse and pack(dtype) with the verifier after each (the plan's logits against the
     source model's on a few random tokens). ``dump_after`` = a pass name: summarize the plan after that

@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import formats
 from ..errors import SparsambaError
 from .plan import BlockPlan, LinearPlan, Plan, RowClass, classify_rows, dense_rows, with_pass
+from .plan_mamba2 import fold_mamba2, fuse_mamba2, is_mamba2
 
 PASSES = ("reorder", "fold", "fuse", "pack")
 
@@ -229,6 +230,8 @@ def pack(plan: Plan, dtype: str = "f16") -> Plan:
 def run_pass(plan: Plan, name: str, dtype: str = "f16") -> Plan:
     if name == "reorder":
         return reorder(plan)
+    if name in ("fold", "fuse") and is_mamba2(plan):
+        return fold_mamba2(plan) if name == "fold" else fuse_mamba2(plan)
     if name == "fold":
         return fold_layouts(plan)
     if name == "fuse":

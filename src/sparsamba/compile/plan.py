@@ -172,18 +172,23 @@ def dense_rows(lp: LinearPlan) -> Tensor:
 
 
 def load_source(model_dir: str | Path):
-    """An HF-format Mamba-1 directory -> (its directory, our Mamba1LM in eval mode, its GGUF tokenizer
-    section or None when it has no tokenizer.json). Refuses Mamba-2 before reading any weights."""
+    """An HF-format Mamba-1 or Mamba-2 directory -> (its directory, our Mamba1LM / Mamba2LM in eval mode,
+    its GGUF tokenizer section or None when it has no tokenizer.json). Refuses a Mamba-2 config the
+    engine does not run before reading any weights."""
     from ..gguf_io import GGUFTokenizer
     from ..model.hf import build_model, load_state, read_config, read_weights, resolve
 
     d = resolve(model_dir)
     cfg = read_config(d)
-    if cfg.model_type != "mamba":
+    if cfg.model_type not in ("mamba", "mamba2"):
         raise SparsambaError(
-            f"{d}: a {cfg.model_type} model; the packed engine supports Mamba-1 (model_type 'mamba') only. "
-            "For llama.cpp, write it as a dense GGUF with `sparsamba export-gguf`"
+            f"{d}: a {cfg.model_type} model; the packed engine runs Mamba-1 and Mamba-2 (model_type 'mamba', "
+            "'mamba2') only"
         )
+    if cfg.model_type == "mamba2":
+        from .plan_mamba2 import check_supported
+
+        check_supported(cfg, str(d / "config.json"))
     model = build_model(cfg)
     load_state(model, read_weights(d), d)  # every name and shape checked against config.json
     tok = None
@@ -193,14 +198,19 @@ def load_source(model_dir: str | Path):
 
 
 def plan_from_model(model_dir: str | Path) -> Plan:
-    """The plan of an HF-format Mamba-1 directory (dense or pruned): fp32 tensors, every layer dense."""
+    """The plan of an HF-format Mamba-1 / Mamba-2 directory (dense or pruned): fp32 tensors, every layer
+    dense."""
     d, model, tok = load_source(model_dir)
     return plan_from_state(model, d.resolve().name, tok)
 
 
 def plan_from_state(model, name: str, tokenizer=None) -> Plan:
-    """The plan of a loaded ``Mamba1LM``."""
+    """The plan of a loaded ``Mamba1LM`` (or ``Mamba2LM``: plan_mamba2.plan_from_mamba2)."""
     cfg = model.config
+    if cfg.model_type == "mamba2":
+        from .plan_mamba2 import plan_from_mamba2
+
+        return plan_from_mamba2(model, name, tokenizer)
     sd = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     for k, v in sd.items():
         if not torch.isfinite(v).all():

@@ -16,6 +16,7 @@ from .. import formats
 from ..errors import SparsambaError
 from .packed_v2 import dense_of, matvec, unpack_matrix
 from .plan import LinearPlan, Plan
+from .plan_mamba2 import check_tensors, is_mamba2, plan_forward_mamba2
 
 # ----------------------------------------------------------------------------------------------
 # The forward
@@ -66,6 +67,9 @@ def plan_forward(plan: Plan, ids: Tensor) -> Tensor:
     """Logits (b, l, V) of token ids (b, l) (or (l,) -> (l, V)), computed from the plan token by token."""
     squeeze = ids.ndim == 1
     ids = ids.view(1, -1) if squeeze else ids
+    if is_mamba2(plan):
+        logits = plan_forward_mamba2(plan, ids, _Unpacked())
+        return logits[0] if squeeze else logits
     dm = plan.dims
     b, L = ids.shape
     di, N, R, K = dm.d_inner, dm.d_state, dm.dt_rank, dm.d_conv
@@ -187,6 +191,8 @@ def check_plan(plan: Plan, stage: str) -> None:
             _fail(stage, f"blk.{i}.ssm_in.bias present although use_bias = {dm.use_bias}")
         if b.perm is not None and not torch.equal(b.perm.sort().values, torch.arange(di)):
             _fail(stage, f"blk.{i}: π is not a permutation of 0..{di - 1}")
+    if is_mamba2(plan):
+        check_tensors(plan, lambda what: _fail(stage, what))
 
 
 # ----------------------------------------------------------------------------------------------

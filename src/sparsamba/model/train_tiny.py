@@ -1,5 +1,6 @@
 """Train the small embedded model (``sparsamba train-tiny``): a byte-level BPE tokenizer and a Mamba-1
-language model on the shipped KJV splits, deterministic given the seed, on a CPU in well under an hour.
+(or, with ``arch="mamba2"``, a Mamba-2) language model on the shipped KJV splits, deterministic given the
+seed, on a CPU in well under an hour.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from ..eval.data import eval_windows, read_text, tokenize
 from .mamba1 import Mamba1Config, Mamba1LM
+from .mamba2 import Mamba2Config, Mamba2LM
 
 EOS = "<|endoftext|>"
 
@@ -33,6 +35,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     seed: int = 0
     threads: int = 1  # 2 OpenMP threads were slower than 1 with anything else running
+    arch: str = "mamba"  # "mamba2": a Mamba-2 of the same width and depth (heads of head_dim, one group)
+    head_dim: int = 32  # Mamba-2 only
 
 
 def train_tokenizer(text: str, vocab_size: int):
@@ -111,7 +115,7 @@ def train_tiny(
         f"tokenizer: {tok.get_vocab_size()} tokens; train split {ids.numel()} tokens ({time.time() - t0:.1f} s)"
     )
 
-    cfg = Mamba1Config(
+    common = dict(
         vocab_size=tc.vocab_size,
         hidden_size=tc.hidden_size,
         num_hidden_layers=tc.num_hidden_layers,
@@ -120,7 +124,17 @@ def train_tiny(
         bos_token_id=0,
         eos_token_id=0,
     )
-    model = Mamba1LM(cfg)
+    if tc.arch == "mamba2":
+        di = 2 * tc.hidden_size
+        cfg = Mamba2Config(
+            **common, head_dim=tc.head_dim, num_heads=di // tc.head_dim, n_groups=1, chunk_size=64, tie_word_embeddings=True
+        )
+        model = Mamba2LM(cfg)
+    elif tc.arch == "mamba":
+        cfg = Mamba1Config(**common)
+        model = Mamba1LM(cfg)
+    else:
+        raise ValueError(f"arch {tc.arch!r}: 'mamba' or 'mamba2'")
     with torch.no_grad():
         for layer in model.backbone.layers:  # GPT-2's residual scaling, as mamba_ssm does
             layer.mixer.out_proj.weight /= math.sqrt(cfg.num_hidden_layers)

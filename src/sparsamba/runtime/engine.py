@@ -48,6 +48,9 @@ class EngineInfo:
     format_version: int
     file_bytes: int
     weight_bytes: int  # matrix bytes read per decoded token
+    arch: int = 1  # 1 Mamba-1 (sparsamba.mamba), 2 Mamba-2 (sparsamba.mamba2; dt_rank 0)
+    n_head: int = 0  # Mamba-2: heads (head_dim = d_inner / n_head); 0 for Mamba-1
+    n_group: int = 0  # Mamba-2: B/C groups
 
 
 def set_isa(isa: str) -> str:
@@ -146,6 +149,9 @@ class Engine:
         fields["dtype"] = by_ggml_type(fields["dtype"])
         fields["tied_head"] = bool(fields["tied_head"])
         fields["norm_folded"] = bool(fields["norm_folded"])
+        heads, groups = ctypes.c_int32(), ctypes.c_int32()
+        fields["arch"] = lib.sb_model_arch(model, ctypes.byref(heads), ctypes.byref(groups))
+        fields["n_head"], fields["n_group"] = heads.value, groups.value
         self.info = EngineInfo(**fields)
         if threads is None:  # a model of a few MB is done before a second thread has started
             threads = 0 if self.info.weight_bytes >= SMALL_MODEL_BYTES else 1

@@ -51,6 +51,7 @@ PROTOTYPES: dict[str, tuple] = {
     "sb_model_load": (ctypes.c_int, [_STR, _PP, *_ERR]),
     "sb_model_free": (None, [_P]),
     "sb_model_info": (None, [_P, ctypes.POINTER(Info)]),
+    "sb_model_arch": (_I32, [_P, ctypes.POINTER(_I32), ctypes.POINTER(_I32)]),
     "sb_state_new": (ctypes.c_int, [_P, _PP, *_ERR]),
     "sb_state_reset": (None, [_P]),
     "sb_state_free": (None, [_P]),

@@ -1,0 +1,385 @@
+/* The Mamba-2 forward (docs/packed-format.md, "What the engine computes" for sparsamba.mamba2): decode
+ * (one token, vectors) and prefill (a chunk of tokens, channel-major activations X[c * ldx + t] as in
+ * forward.c, so both matrices are sparse x dense GEMMs and every per-channel op reads a row). The scan
+ * of prefill is the recurrence token by token (per head, heads in parallel).
+ *
+ * The fusions are loops here: the block RMSNorm's weight is folded into ssm_in and the gated norm's
+ * into ssm_out by the compiler; conv1d over x, B, C + SiLU is one pass; dt bias + softplus + the
+ * time_step_limit clamp one; the state step + D skip + SiLU(z) gate one per head; the group RMSNorm
+ * scales y as the activations of ssm_out are prepared; ssm_out accumulates into the residual.
+ *
+ * Threads: one parallel region per token or chunk, as forward.c: serial steps in `omp single`,
+ * per-channel and per-head loops in `omp for`, the products split by threads.c. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mamba2.h"
+
+#define PREFILL_CHUNK 256
+
+static int pad16(int n) { return (n + 15) / 16 * 16 + 16; }
+
+static sb_v2_act *acts_new(int K, int n) {
+    size_t ab = sb_v2_act_bytes(K);
+    sb_v2_act *a = malloc(sizeof *a * (size_t)n);
+    uint8_t *mem = aligned_alloc(64, ab * (size_t)n);
+    if (!a || !mem) {
+        free(a), free(mem);
+        return NULL;
+    }
+    for (int t = 0; t < n; t++) sb_v2_act_bind(&a[t], mem + ab * (size_t)t, K);
+    return a;
+}
+
+static void acts_free(sb_v2_act *a) {
+    if (a) free(a[0].x);
+    free(a);
+}
+
+struct sb_m2_state {
+    const sb_model *m;
+    int quantise;
+    float *conv, *ssm;                 /* (L, cd, K-1) and (L, h, p, N) */
+    float *h, *un, *zxd, *xbc, *dt, *y, *dtx; /* decode scratch: (d) (d) (n_in) (cd) (h) (di) (di) */
+    sb_v2_act *ad, *adi;
+    int cap;                           /* prefill: columns (ldx) of the buffers below */
+    float *H, *HN, *ZXD, *XBC, *DT, *Y, *BT, *CT, *rs, *grs; /* grs (g, ldx): the group norm's scales */
+    sb_v2_act *Ad, *Adi;
+};
+
+static size_t conv_len(const sb_m2 *M) { return (size_t)M->cd * (M->K > 1 ? M->K - 1 : 1); }
+
+static void free_prefill(sb_m2_state *s) {
+    float **bufs[] = {&s->H, &s->HN, &s->ZXD, &s->XBC, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs, &s->grs};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
+        free(*bufs[i]);
+        *bufs[i] = NULL;
+    }
+    acts_free(s->Ad), acts_free(s->Adi);
+    s->Ad = s->Adi = NULL;
+    s->cap = 0;
+}
+
+void sb_m2_state_free(sb_m2_state *s) {
+    if (!s) return;
+    free_prefill(s);
+    float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->zxd, s->xbc, s->dt, s->y, s->dtx};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+    acts_free(s->ad), acts_free(s->adi);
+    free(s);
+}
+
+void sb_m2_state_reset(sb_m2_state *s) {
+    const sb_m2 *M = s->m->m2;
+    int L = s->m->info.n_layer;
+    memset(s->conv, 0, sizeof(float) * (size_t)L * conv_len(M));
+    memset(s->ssm, 0, sizeof(float) * (size_t)L * M->di * M->N);
+}
+
+int sb_m2_state_new(const sb_model *m, sb_m2_state **out, char *err, size_t errlen) {
+    const sb_m2 *M = m->m2;
+    int L = m->info.n_layer;
+    sb_m2_state *s = calloc(1, sizeof *s);
+    *out = NULL;
+    if (!s) goto oom;
+    s->m = m;
+    s->quantise = m->info.dtype == GG_I8;
+    s->conv = calloc((size_t)L * conv_len(M), sizeof(float));
+    s->ssm = calloc((size_t)L * M->di * M->N, sizeof(float));
+    s->h = calloc((size_t)pad16(M->d), sizeof(float));
+    s->un = calloc((size_t)pad16(M->d), sizeof(float));
+    s->zxd = calloc((size_t)pad16(M->n_in), sizeof(float));
+    s->xbc = calloc((size_t)pad16(M->cd), sizeof(float));
+    s->dt = calloc((size_t)pad16(M->h), sizeof(float));
+    s->y = calloc((size_t)pad16(M->di), sizeof(float));
+    s->dtx = calloc((size_t)pad16(M->di), sizeof(float));
+    s->ad = acts_new(M->d, 1), s->adi = acts_new(M->di, 1);
+    if (!s->conv || !s->ssm || !s->h || !s->un || !s->zxd || !s->xbc || !s->dt || !s->y || !s->dtx || !s->ad ||
+        !s->adi)
+        goto oom;
+    *out = s;
+    return SB_OK;
+oom:
+    sb_m2_state_free(s);
+    snprintf(err, errlen, "out of memory allocating the Mamba-2 state (d_inner %d, d_state %d, %d layers)", M->di,
+             M->N, L);
+    return SB_ERR_NOMEM;
+}
+
+static int grow_prefill(sb_m2_state *s, int T) {
+    if (T <= s->cap) return SB_OK;
+    free_prefill(s);
+    const sb_m2 *M = s->m->m2;
+    size_t ldx = (size_t)(T + 7) / 8 * 8;
+    if (ldx % 64 == 0) ldx += 8; /* not a power-of-two stride (forward.c) */
+    s->H = calloc((size_t)pad16(M->d) * ldx, sizeof(float));
+    s->HN = calloc((size_t)pad16(M->d) * ldx, sizeof(float));
+    s->ZXD = calloc((size_t)pad16(M->n_in) * ldx, sizeof(float));
+    s->XBC = calloc((size_t)pad16(M->cd) * ldx, sizeof(float));
+    s->DT = calloc((size_t)pad16(M->h) * ldx, sizeof(float));
+    s->Y = calloc((size_t)pad16(M->di) * ldx, sizeof(float));
+    s->BT = calloc(ldx * (size_t)M->g * M->N, sizeof(float));
+    s->CT = calloc(ldx * (size_t)M->g * M->N, sizeof(float));
+    s->rs = calloc(ldx, sizeof(float));
+    s->grs = calloc(ldx * (size_t)M->g, sizeof(float));
+    s->Ad = acts_new(M->d, (int)ldx), s->Adi = acts_new(M->di, (int)ldx);
+    if (!s->H || !s->HN || !s->ZXD || !s->XBC || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs || !s->grs || !s->Ad ||
+        !s->Adi) {
+        free_prefill(s);
+        return SB_ERR_NOMEM;
+    }
+    s->cap = (int)ldx;
+    return SB_OK;
+}
+
+static void fill_bias(float *y, const float *bias, int n) {
+    if (bias) memcpy(y, bias, sizeof(float) * (size_t)n);
+    else memset(y, 0, sizeof(float) * (size_t)n);
+}
+
+static void rmsnorm_vec(const float *h, const float *w, float eps, int d, float *out) {
+    double ss = 0.0;
+    for (int j = 0; j < d; j++) ss += (double)h[j] * h[j];
+    float r = 1.0f / sqrtf((float)(ss / d) + eps);
+    for (int j = 0; j < d; j++) out[j] = h[j] * r * (w ? w[j] : 1.0f);
+}
+
+/* Δ = clamp(softplus(v + dt_bias), dt_min, dt_max), in place over n values of head hh */
+static void delta(const sb_kernels *k, const sb_m2 *M, const sb_m2_layer *ly, int hh, float *v, int n) {
+    for (int t = 0; t < n; t++) v[t] += ly->dt_bias[hh];
+    k->softplus(v, n);
+    for (int t = 0; t < n; t++) v[t] = fminf(fmaxf(v[t], M->dt_min), M->dt_max);
+}
+
+/* ---------------------------------------------------------------- decode: one token */
+
+static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kernels *k, sb_ssd_head_fn ssd) {
+    const sb_m2 *M = m->m2;
+    const sb_m2_layer *ly = &M->layers[i];
+    int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, q = s->quantise;
+    int r = M->h / M->g;
+#pragma omp single
+    {
+        rmsnorm_vec(s->h, ly->norm, m->eps, d, s->un);
+        fill_bias(s->zxd, ly->in.bias, M->n_in);
+        sb_v2_act_set(s->ad, s->un, 1, q);
+    }
+    sb_linear_vec(k, &ly->in, s->ad, s->zxd);
+    float *cst = s->conv + (size_t)i * conv_len(M);
+#pragma omp for schedule(static)
+    for (int c0 = 0; c0 < cd; c0 += 64) { /* conv1d over x, B, C + SiLU, window shifted in place */
+        int c1 = c0 + 64 < cd ? c0 + 64 : cd;
+        for (int c = c0; c < c1; c++) {
+            const float *w = ly->conv_w + (size_t)c * K;
+            float *st = cst + (size_t)c * (K - 1), x = s->zxd[di + c], acc = ly->conv_b[c] + w[K - 1] * x;
+            for (int j = 0; j < K - 1; j++) acc += w[j] * st[j];
+            for (int j = 0; j + 1 < K - 1; j++) st[j] = st[j + 1];
+            if (K > 1) st[K - 2] = x;
+            s->xbc[c] = acc;
+        }
+        k->silu(s->xbc + c0, c1 - c0);
+    }
+#pragma omp single
+    {
+        memcpy(s->dt, s->zxd + di + cd, sizeof(float) * (size_t)M->h);
+        for (int hh = 0; hh < M->h; hh++) delta(k, M, ly, hh, s->dt + hh, 1);
+    }
+    const float *x = s->xbc, *B = s->xbc + di, *C = s->xbc + di + M->g * N, *z = s->zxd;
+    float *ssm = s->ssm + (size_t)i * di * N;
+#pragma omp for schedule(static)
+    for (int hh = 0; hh < M->h; hh++) { /* the state step + D skip + SiLU(z) gate, one head at a time */
+        float dt = s->dt[hh], *dtx = s->dtx + (size_t)hh * p, *y = s->y + (size_t)hh * p;
+        const float *xh = x + (size_t)hh * p;
+        for (int c = 0; c < p; c++) dtx[c] = dt * xh[c];
+        int grp = hh / r;
+        ssd(p, N, expf(dt * ly->A[hh]), dtx, B + (size_t)grp * N, C + (size_t)grp * N, ssm + (size_t)hh * p * N, y);
+        for (int c = 0; c < p; c++) y[c] += ly->D[hh] * xh[c];
+        k->mul_silu(y, z + (size_t)hh * p, p);
+    }
+#pragma omp single
+    { /* the gated RMSNorm over each group's di / g channels (its weight folded into ssm_out) */
+        int gs = di / M->g;
+        for (int grp = 0; grp < M->g; grp++) {
+            float *y = s->y + (size_t)grp * gs;
+            double ss = 0.0;
+            for (int c = 0; c < gs; c++) ss += (double)y[c] * y[c];
+            float sc = 1.0f / sqrtf((float)(ss / gs) + m->eps);
+            for (int c = 0; c < gs; c++) y[c] *= sc * (ly->gnorm ? ly->gnorm[grp * gs + c] : 1.0f);
+        }
+        if (ly->out.bias)
+            for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
+        sb_v2_act_set(s->adi, s->y, 1, q);
+    }
+    sb_linear_vec(k, &ly->out, s->adi, s->h);
+}
+
+static void head_vec(const sb_model *m, sb_m2_state *s, const sb_kernels *k, float *logits) {
+#pragma omp single
+    {
+        rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, s->un);
+        memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
+        sb_v2_act_set(s->ad, s->un, 1, s->quantise);
+    }
+    sb_linear_vec(k, &m->head, s->ad, logits);
+}
+
+static void decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *logits, int mode) {
+    const sb_kernels *k = sb_active_kernels();
+    sb_ssd_head_fn ssd = sb_ssd_head_for(k);
+#pragma omp parallel if (sb_n_threads() > 1)
+    {
+#pragma omp single
+        sb_v2_row(&m->embd.w.cls[0], tok, s->h);
+        for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k, ssd);
+        if (mode) head_vec(m, s, k, logits);
+    }
+}
+
+/* ---------------------------------------------------------------- prefill: T tokens at once */
+
+static void acts_set(sb_v2_act *A, const float *X, int ldx, int T, int q) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) sb_v2_act_set(&A[t], X + t, ldx, q);
+}
+
+static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const sb_kernels *k, sb_ssd_head_fn ssd) {
+    const sb_m2 *M = m->m2;
+    const sb_m2_layer *ly = &M->layers[i];
+    int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, g = M->g, gN = g * N, ldx = s->cap;
+    int q = s->quantise, r = M->h / g;
+#pragma omp single
+    {
+        for (int t = 0; t < T; t++) s->rs[t] = 0.0f;
+        for (int c = 0; c < d; c++)
+            for (int t = 0; t < T; t++) s->rs[t] += s->H[(size_t)c * ldx + t] * s->H[(size_t)c * ldx + t];
+        for (int t = 0; t < T; t++) s->rs[t] = 1.0f / sqrtf(s->rs[t] / d + m->eps);
+    }
+#pragma omp for schedule(static)
+    for (int c = 0; c < d; c++) {
+        float w = ly->norm ? ly->norm[c] : 1.0f;
+        for (int t = 0; t < T; t++) s->HN[(size_t)c * ldx + t] = s->H[(size_t)c * ldx + t] * s->rs[t] * w;
+    }
+#pragma omp for schedule(static)
+    for (int c = 0; c < M->n_in; c++) {
+        float b = ly->in.bias ? ly->in.bias[c] : 0.0f;
+        for (int t = 0; t < ldx; t++) s->ZXD[(size_t)c * ldx + t] = b;
+    }
+    acts_set(s->Ad, s->HN, ldx, T, q);
+    sb_linear_mat(k, &ly->in, s->Ad, T, s->ZXD, ldx);
+    float *cst = s->conv + (size_t)i * conv_len(M);
+#pragma omp for schedule(static)
+    for (int c = 0; c < cd; c++) { /* conv1d + SiLU over the chunk, the carried window first */
+        const float *w = ly->conv_w + (size_t)c * K, *x = s->ZXD + (size_t)(di + c) * ldx;
+        float *st = cst + (size_t)c * (K - 1), *xc = s->XBC + (size_t)c * ldx;
+        for (int t = 0; t < T; t++) {
+            float acc = ly->conv_b[c];
+            for (int j = 0; j < K; j++) {
+                int src = t - (K - 1) + j;
+                acc += w[j] * (src >= 0 ? x[src] : st[K - 1 + src]);
+            }
+            xc[t] = acc;
+        }
+        k->silu(xc, T);
+        for (int j = 0; j < K - 1; j++) {
+            int src = T - (K - 1) + j;
+            st[j] = src >= 0 ? x[src] : st[K - 1 + src];
+        }
+    }
+#pragma omp for schedule(static) nowait
+    for (int hh = 0; hh < M->h; hh++) {
+        float *v = s->DT + (size_t)hh * ldx;
+        memcpy(v, s->ZXD + (size_t)(di + cd + hh) * ldx, sizeof(float) * (size_t)T);
+        delta(k, M, ly, hh, v, T);
+    }
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) /* B, C token-major: a step reads one token's N of its group at once */
+        for (int j = 0; j < gN; j++) {
+            s->BT[(size_t)t * gN + j] = s->XBC[(size_t)(di + j) * ldx + t];
+            s->CT[(size_t)t * gN + j] = s->XBC[(size_t)(di + gN + j) * ldx + t];
+        }
+    float *ssm = s->ssm + (size_t)i * di * N;
+#pragma omp for schedule(static)
+    for (int hh = 0; hh < M->h; hh++) {
+        float dtx[64], yt[64]; /* p channels at a time, in pieces of 64 */
+        int grp = hh / r;
+        for (int t = 0; t < T; t++) {
+            float dt = s->DT[(size_t)hh * ldx + t], decay = expf(dt * ly->A[hh]);
+            for (int c0 = 0; c0 < p; c0 += 64) {
+                int pc = p - c0 < 64 ? p - c0 : 64;
+                for (int c = 0; c < pc; c++) dtx[c] = dt * s->XBC[(size_t)(hh * p + c0 + c) * ldx + t];
+                ssd(pc, N, decay, dtx, s->BT + (size_t)t * gN + (size_t)grp * N, s->CT + (size_t)t * gN + (size_t)grp * N,
+                    ssm + ((size_t)hh * p + c0) * N, yt);
+                for (int c = 0; c < pc; c++) {
+                    size_t o = (size_t)(hh * p + c0 + c) * ldx + t;
+                    s->Y[o] = yt[c] + ly->D[hh] * s->XBC[o];
+                }
+            }
+        }
+        for (int c = hh * p; c < (hh + 1) * p; c++) k->mul_silu(s->Y + (size_t)c * ldx, s->ZXD + (size_t)c * ldx, T);
+    }
+    int gs = di / g;
+#pragma omp for schedule(static)
+    for (int grp = 0; grp < g; grp++) { /* the gated RMSNorm: per token, over the group's channels */
+        float *rs = s->grs + (size_t)grp * ldx;
+        for (int t = 0; t < T; t++) rs[t] = 0.0f;
+        for (int c = grp * gs; c < (grp + 1) * gs; c++)
+            for (int t = 0; t < T; t++) rs[t] += s->Y[(size_t)c * ldx + t] * s->Y[(size_t)c * ldx + t];
+        for (int t = 0; t < T; t++) rs[t] = 1.0f / sqrtf(rs[t] / gs + m->eps);
+        for (int c = grp * gs; c < (grp + 1) * gs; c++) {
+            float w = ly->gnorm ? ly->gnorm[c] : 1.0f;
+            for (int t = 0; t < T; t++) s->Y[(size_t)c * ldx + t] *= rs[t] * w;
+        }
+    }
+    if (ly->out.bias) {
+#pragma omp for schedule(static) nowait
+        for (int c = 0; c < d; c++)
+            for (int t = 0; t < T; t++) s->H[(size_t)c * ldx + t] += ly->out.bias[c];
+    }
+    acts_set(s->Adi, s->Y, ldx, T, q);
+    sb_linear_mat(k, &ly->out, s->Adi, T, s->H, ldx);
+}
+
+static void prefill_chunk(const sb_model *m, sb_m2_state *s, const int32_t *tok, int T, float *logits, int mode) {
+    const sb_info *I = &m->info;
+    const sb_kernels *k = sb_active_kernels();
+    sb_ssd_head_fn ssd = sb_ssd_head_for(k);
+    int d = I->d_model, ldx = s->cap;
+#pragma omp parallel if (sb_n_threads() > 1)
+    {
+#pragma omp single
+        for (int t = 0; t < T; t++) {
+            sb_v2_row(&m->embd.w.cls[0], tok[t], s->h);
+            for (int c = 0; c < d; c++) s->H[(size_t)c * ldx + t] = s->h[c];
+        }
+        for (int i = 0; i < I->n_layer; i++) prefill_layer(m, s, i, T, k, ssd);
+        for (int t = mode == 2 ? 0 : T - 1; mode && t < T; t++) {
+#pragma omp single
+            for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + t];
+            head_vec(m, s, k, logits + (mode == 2 ? (size_t)t * I->vocab_size : 0));
+        }
+#pragma omp single
+        for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + T - 1];
+    }
+}
+
+int sb_m2_forward(const sb_model *m, sb_m2_state *s, const int32_t *tokens, int32_t n, float *logits, int32_t mode,
+                  char *err, size_t errlen) {
+    const sb_info *I = &m->info;
+    if (n == 1) {
+        decode_token(m, s, tokens[0], logits, mode);
+        return SB_OK;
+    }
+    for (int t0 = 0; t0 < n; t0 += PREFILL_CHUNK) {
+        int T = n - t0 < PREFILL_CHUNK ? n - t0 : PREFILL_CHUNK;
+        if (grow_prefill(s, T > 8 ? T : 8)) {
+            snprintf(err, errlen, "out of memory allocating prefill buffers for %d tokens", T);
+            return SB_ERR_NOMEM;
+        }
+        int last = t0 + T == n;
+        prefill_chunk(m, s, tokens + t0, T, mode == 2 ? logits + (size_t)t0 * I->vocab_size : logits,
+                      mode == 2 ? 2 : (last ? mode : 0));
+    }
+    return SB_OK;
+}
