@@ -21,24 +21,6 @@
 
 static int pad16(int n) { return (n + 15) / 16 * 16 + 16; }
 
-/* activation buffers of one input width K: n of them (one per token), memory owned by the first */
-static sb_v2_act *acts_new(int K, int n) {
-    size_t ab = sb_v2_act_bytes(K);
-    sb_v2_act *a = malloc(sizeof *a * (size_t)n);
-    uint8_t *mem = aligned_alloc(64, ab * (size_t)n);
-    if (!a || !mem) {
-        free(a), free(mem);
-        return NULL;
-    }
-    for (int t = 0; t < n; t++) sb_v2_act_bind(&a[t], mem + ab * (size_t)t, K);
-    return a;
-}
-
-static void acts_free(sb_v2_act *a) {
-    if (a) free(a[0].x); /* the first binding starts at the memory's start */
-    free(a);
-}
-
 struct sb_state {
     const sb_model *m;
     int quantise;      /* int8 matrices: products quantise their activations per chunk */
@@ -70,7 +52,7 @@ static void free_prefill(sb_state *s) {
     }
     sb_v2_act **acts[] = {&s->Ad, &s->Adi, &s->Ar};
     for (size_t i = 0; i < 3; i++) {
-        acts_free(*acts[i]);
+        sb_v2_acts_free(*acts[i]);
         *acts[i] = NULL;
     }
     s->cap = 0;
@@ -82,7 +64,7 @@ void sb_state_free(sb_state *s) {
     free_prefill(s);
     float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->xz, s->xc, s->xdbl, s->dt, s->y};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
-    acts_free(s->ad), acts_free(s->adi), acts_free(s->ar);
+    sb_v2_acts_free(s->ad), sb_v2_acts_free(s->adi), sb_v2_acts_free(s->ar);
     free(s);
 }
 
@@ -119,7 +101,7 @@ int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen) {
     s->xdbl = calloc((size_t)pad16(R + 2 * N), sizeof(float));
     s->dt = calloc((size_t)pad16(di), sizeof(float));
     s->y = calloc((size_t)pad16(di), sizeof(float));
-    s->ad = acts_new(d, 1), s->adi = acts_new(di, 1), s->ar = acts_new(R, 1);
+    s->ad = sb_v2_acts_new(d, 1), s->adi = sb_v2_acts_new(di, 1), s->ar = sb_v2_acts_new(R, 1);
     if (!s->conv || !s->ssm || !s->h || !s->un || !s->xz || !s->xc || !s->xdbl || !s->dt || !s->y || !s->ad ||
         !s->adi || !s->ar)
         goto oom;
@@ -152,7 +134,7 @@ static int grow_prefill(sb_state *s, int T) {
     s->BT = calloc(ldx * (size_t)N, sizeof(float));
     s->CT = calloc(ldx * (size_t)N, sizeof(float));
     s->rs = calloc(ldx, sizeof(float));
-    s->Ad = acts_new(d, (int)ldx), s->Adi = acts_new(di, (int)ldx), s->Ar = acts_new(R, (int)ldx);
+    s->Ad = sb_v2_acts_new(d, (int)ldx), s->Adi = sb_v2_acts_new(di, (int)ldx), s->Ar = sb_v2_acts_new(R, (int)ldx);
     if (!s->H || !s->HN || !s->XZ || !s->XC || !s->XDBL || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs ||
         !s->Ad || !s->Adi || !s->Ar) {
         free_prefill(s);

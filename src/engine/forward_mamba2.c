@@ -21,23 +21,6 @@
 
 static int pad16(int n) { return (n + 15) / 16 * 16 + 16; }
 
-static sb_v2_act *acts_new(int K, int n) {
-    size_t ab = sb_v2_act_bytes(K);
-    sb_v2_act *a = malloc(sizeof *a * (size_t)n);
-    uint8_t *mem = aligned_alloc(64, ab * (size_t)n);
-    if (!a || !mem) {
-        free(a), free(mem);
-        return NULL;
-    }
-    for (int t = 0; t < n; t++) sb_v2_act_bind(&a[t], mem + ab * (size_t)t, K);
-    return a;
-}
-
-static void acts_free(sb_v2_act *a) {
-    if (a) free(a[0].x);
-    free(a);
-}
-
 struct sb_m2_state {
     const sb_model *m;
     int quantise;
@@ -57,7 +40,7 @@ static void free_prefill(sb_m2_state *s) {
         free(*bufs[i]);
         *bufs[i] = NULL;
     }
-    acts_free(s->Ad), acts_free(s->Adi);
+    sb_v2_acts_free(s->Ad), sb_v2_acts_free(s->Adi);
     s->Ad = s->Adi = NULL;
     s->cap = 0;
 }
@@ -67,7 +50,7 @@ void sb_m2_state_free(sb_m2_state *s) {
     free_prefill(s);
     float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->zxd, s->xbc, s->dt, s->y, s->dtx};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
-    acts_free(s->ad), acts_free(s->adi);
+    sb_v2_acts_free(s->ad), sb_v2_acts_free(s->adi);
     free(s);
 }
 
@@ -95,7 +78,7 @@ int sb_m2_state_new(const sb_model *m, sb_m2_state **out, char *err, size_t errl
     s->dt = calloc((size_t)pad16(M->h), sizeof(float));
     s->y = calloc((size_t)pad16(M->di), sizeof(float));
     s->dtx = calloc((size_t)pad16(M->di), sizeof(float));
-    s->ad = acts_new(M->d, 1), s->adi = acts_new(M->di, 1);
+    s->ad = sb_v2_acts_new(M->d, 1), s->adi = sb_v2_acts_new(M->di, 1);
     if (!s->conv || !s->ssm || !s->h || !s->un || !s->zxd || !s->xbc || !s->dt || !s->y || !s->dtx || !s->ad ||
         !s->adi)
         goto oom;
@@ -124,7 +107,7 @@ static int grow_prefill(sb_m2_state *s, int T) {
     s->CT = calloc(ldx * (size_t)M->g * M->N, sizeof(float));
     s->rs = calloc(ldx, sizeof(float));
     s->grs = calloc(ldx * (size_t)M->g, sizeof(float));
-    s->Ad = acts_new(M->d, (int)ldx), s->Adi = acts_new(M->di, (int)ldx);
+    s->Ad = sb_v2_acts_new(M->d, (int)ldx), s->Adi = sb_v2_acts_new(M->di, (int)ldx);
     if (!s->H || !s->HN || !s->ZXD || !s->XBC || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs || !s->grs || !s->Ad ||
         !s->Adi) {
         free_prefill(s);

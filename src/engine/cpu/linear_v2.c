@@ -29,6 +29,23 @@ void sb_v2_act_bind(sb_v2_act *a, void *mem, int K) {
     memset(mem, 0, sb_v2_act_bytes(K)); /* the padding past K stays zero from here on */
 }
 
+sb_v2_act *sb_v2_acts_new(int K, int n) {
+    size_t ab = sb_v2_act_bytes(K);
+    sb_v2_act *a = malloc(sizeof *a * (size_t)n);
+    uint8_t *mem = aligned_alloc(64, ab * (size_t)n);
+    if (!a || !mem) {
+        free(a), free(mem);
+        return NULL;
+    }
+    for (int t = 0; t < n; t++) sb_v2_act_bind(&a[t], mem + ab * (size_t)t, K);
+    return a;
+}
+
+void sb_v2_acts_free(sb_v2_act *a) {
+    if (a) free(a[0].x); /* the first binding starts at the memory's start */
+    free(a);
+}
+
 void sb_v2_quantise_ref(sb_v2_act *a) {
     for (int c = 0; c < a->nchunk; c++) {
         const float *xc = a->x + SB_V2_CHUNK * c;

@@ -161,6 +161,10 @@ typedef struct {
 
 size_t sb_v2_act_bytes(int K);              /* a multiple of 64 */
 void sb_v2_act_bind(sb_v2_act *a, void *mem, int K); /* mem 64-byte aligned, sb_v2_act_bytes(K) */
+/* n activation buffers of width K (one per token of a prefill chunk), their memory owned by the first;
+ * NULL when out of memory. sb_v2_acts_free(NULL) is a no-op. */
+sb_v2_act *sb_v2_acts_new(int K, int n);
+void sb_v2_acts_free(sb_v2_act *a);
 /* x[j * stride] for j < K (stride 1: a vector; ldx: a column of channel-major activations) */
 void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise);
 /* a->x quantised into xq, xs and xt: the scalar definition, and the SIMD version sb_v2_act_set runs where
