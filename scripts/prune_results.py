@@ -39,45 +39,46 @@ from sparsamba.prune.run import prune_model
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "prune_results"
 SEEDS = (0, 1, 2)  # calibration seeds of the headline rows
+CACHE_DIR = [str(CACHE)]  # --cache, for the targets' demo timings
 RECONSTRUCT = 50  # Adam steps per block of the "+ reconstruction" rows (lr 1e-3)
 C4N2 = "c4n2: SparseGPT 2:4's masks, exact re-solve"
+OWN = C4N2 + ", toward its own weights"
+ALLOC = "C_4^n allocated (0 steps)"
+BLOCK = "C_4^n allocated, per-block scope"
+REC = " + reconstruction"
+PACKED = "C_4^n allocated, packed GGUF through the engine"
 
 
 def runs(model: str, sparsities: list[float], steps: int) -> list[dict]:
-    """The grid of one model: label, PruneConfig fields, calibration seed."""
+    """The grid of one model: label, PruneConfig fields, calibration seed.
+
+    Every method at every sparsity it can reach: 2:4, 4:8 and c4n2 fix the sparsity at 50%, so they
+    have no 30% or 70% row. Every row but the "toward its own weights" ablation is run with and without
+    ``RECONSTRUCT`` steps of block-wise reconstruction (the same for every method)."""
     out = [dict(label="dense", method=None)]
     learned = f"C_4^n learned ({steps} steps)"
+    base = []
     for s in sparsities:
         for m in ("magnitude", "wanda", "sparsegpt"):
-            out.append(dict(label=f"{m} unstructured", method=m, pattern="unstructured", sparsity=s))
-        out.append(dict(label="C_4^n allocated (0 steps)", method="c4", pattern="c4", sparsity=s, steps=0))
-        out.append(dict(label=learned, method="c4", pattern="c4", sparsity=s, steps=steps))
+            base.append(dict(label=f"{m} unstructured", method=m, pattern="unstructured", sparsity=s))
+        base.append(dict(label=ALLOC, method="c4", pattern="c4", sparsity=s, steps=0))
+        base.append(dict(label=BLOCK, method="c4", pattern="c4", sparsity=s, steps=0, scope="block"))
+        base.append(dict(label=learned, method="c4", pattern="c4", sparsity=s, steps=steps))
     if 0.5 in sparsities:
         for m in ("magnitude", "wanda", "sparsegpt"):
             for p in ("2:4", "4:8"):
-                out.append(dict(label=f"{m} {p}", method=m, pattern=p))
-        out.append(dict(label=C4N2, method="c4", pattern="c4n2"))
-        out.append(
-            dict(label=C4N2 + ", toward its own weights", method="c4", pattern="c4n2", dense_target=False)
-        )
-        out.append(
-            dict(
-                label="C_4^n allocated, per-block scope",
-                method="c4",
-                pattern="c4",
-                sparsity=0.5,
-                steps=0,
-                scope="block",
-            )
-        )
-        for r in [r for r in out if r.get("method") in ("sparsegpt", "c4") and r.get("sparsity", 0.5) == 0.5]:
-            if r.get("dense_target") is False or r.get("scope") == "block" or r["pattern"] == "4:8":
-                continue
-            out.append({**r, "label": r["label"] + " + reconstruction", "reconstruct": RECONSTRUCT})
-        if model == "kjv-mamba-tiny":  # the headline: 3 calibration seeds
-            for r in [r for r in out if r.get("sparsity", 0.5) == 0.5 and r.get("method") == "c4"]:
-                if r["label"] in (learned, "C_4^n allocated (0 steps)", C4N2):
-                    out += [{**r, "seed": sd} for sd in SEEDS[1:]]
+                base.append(dict(label=f"{m} {p}", method=m, pattern=p))
+        base.append(dict(label=C4N2, method="c4", pattern="c4n2"))
+    out += base
+    out += [{**r, "label": r["label"] + REC, "reconstruct": RECONSTRUCT} for r in base]
+    if 0.5 in sparsities:
+        out.append(dict(label=OWN, method="c4", pattern="c4n2", dense_target=False))
+    if model == "kjv-mamba-tiny":  # the headline: 3 calibration seeds
+        for r in [r for r in base if r.get("sparsity", 0.5) == 0.5 and r["label"] in (learned, ALLOC, C4N2)]:
+            out += [{**r, "seed": sd} for sd in SEEDS[1:]]
+    for s in (0.5, 0.7):  # the packed model through the native engine, f32 and int8, beside torch
+        if s in sparsities and model == "kjv-mamba-tiny":
+            out.append(dict(label=PACKED, method="c4", pattern="c4", sparsity=s, steps=0, packed=True))
     return out
 
 
@@ -147,8 +148,9 @@ def run_row(r: dict, mpath: str, nsamples: int, seqlen: int, q) -> None:
             learn=LearnConfig(steps=r.get("steps", 0)),
         )
         rep = prune_model(model, calib, cfg, progress=False, log=lambda *_: None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process only: the row's own
     ppl = perplexity(model, held, batch_size=16, progress=False).perplexity
+    packed = _packed(model, mpath, held) if r.get("packed") else None
     layer_n = {k: v["n_hist"] for k, v in rep["layers"].items()} if rep and r["pattern"] == "c4" else None
     q.put(
         dict(
@@ -159,8 +161,35 @@ def run_row(r: dict, mpath: str, nsamples: int, seqlen: int, q) -> None:
             model_rss_mb=round(loaded),
             learning=rep.get("learning") if rep else None,
             layer_n=layer_n,
+            engine=packed,
         )
     )
+
+
+def _packed(model, mpath: str, held: torch.Tensor) -> dict:
+    """Perplexity of the pruned model compiled to a packed GGUF (f32 and int8), run by the native engine
+    on the same windows as the torch twin (1 engine thread)."""
+    import tempfile
+
+    from sparsamba.compile import compile_model
+    from sparsamba.eval.native import EngineLM
+    from sparsamba.model.hf import save_model
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = save_model(model, Path(tmp) / "pruned", tokenizer_dir=mpath)
+        for dtype in ("f32", "int8"):
+            rep = compile_model(pruned, Path(tmp) / f"{dtype}.gguf", dtype=dtype)
+            m = EngineLM(rep.path, threads=1)
+            try:
+                t = time.time()
+                ppl = perplexity(m, held, batch_size=16, progress=False).perplexity
+            finally:
+                m.close()
+            out[dtype] = dict(
+                perplexity=ppl, bytes=rep.path.stat().st_size, eval_seconds=round(time.time() - t)
+            )
+    return out
 
 
 def main() -> None:
@@ -175,21 +204,28 @@ def main() -> None:
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th row from the i-th")
     ap.add_argument("--write-only", action="store_true", help="rewrite the docs from the stored rows")
+    ap.add_argument("--list", action="store_true", help="print the rows still to run, in order, and stop")
     ap.add_argument("--extra-seeds-only", action="store_true", help="run only the headline's seeds 1, 2")
+    ap.add_argument(
+        "--demo", action="store_true", help="time `sparsamba demo` (wall, CPU, load average) and stop"
+    )
     ap.add_argument("--only", help="run only the rows whose label contains this text")
+    ap.add_argument(
+        "--model", choices=("kjv-mamba-tiny", "kjv-llama-tiny"), help="run only this model's rows"
+    )
     ap.add_argument("--cache", default=str(CACHE), help="where each finished row is stored")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     a = ap.parse_args()
     out = Path(a.out)
     Path(a.cache).mkdir(parents=True, exist_ok=True)
+    CACHE_DIR[0] = a.cache
+    if a.demo:
+        time_demo(Path(a.cache) / "demo.json")
+        return
     tok = load_tokenizer(assets.DEFAULT_MODEL)
     models = {"kjv-mamba-tiny": (assets.DEFAULT_MODEL, a.sparsities)}
+    llama = ROOT / "build" / "kjv-llama-tiny"
     if not a.no_llama:
-        llama = ROOT / "build" / "kjv-llama-tiny"
-        if not (llama / "config.json").exists() and not a.write_only:
-            t = time.time()
-            train_tiny_llama(llama, tok, tokenize(read_text(assets.KJV_TEXT / "train.txt.gz"), tok))
-            print(f"trained {llama} in {time.time() - t:.0f} s", flush=True)
         models["kjv-llama-tiny"] = (llama, a.llama_sparsities)
     grid = [(m, p, r) for m, (p, sps) in models.items() for r in runs(m, sps, a.steps)]
     todo = sorted(
@@ -206,7 +242,18 @@ def main() -> None:
             or j % n != i
             or (a.extra_seeds_only and not r.get("seed"))
             or (a.only and a.only not in r["label"])
+            or (a.model and a.model != mname)
         ):
+            continue
+        if (
+            mname == "kjv-llama-tiny" and not (llama / "config.json").exists() and not a.list
+        ):  # trained when first needed
+            t = time.time()
+            train_tiny_llama(llama, tok, tokenize(read_text(assets.KJV_TEXT / "train.txt.gz"), tok))
+            (llama / "train_seconds.txt").write_text(f"{time.time() - t:.0f}\n")
+            print(f"trained {llama} in {time.time() - t:.0f} s", flush=True)
+        if a.list:
+            print(f"{mname:15s} {r['label']:62s} {r.get('sparsity', 0.5):.0%} seed {r.get('seed', 0)}")
             continue
         t = time.time()
         q = ctx.Queue()
@@ -232,24 +279,71 @@ def main() -> None:
             flush=True,
         )
         write(out, grid, a)
-    write(out, grid, a)
+    if not a.list:
+        write(out, grid, a)
 
 
 def _priority(model: str, r: dict, steps: int) -> int:
+    """The order of a run cut short: the headline, the engine's packed rows, the fast methods, the rest
+    without reconstruction, the headline's reconstruction, then the LLaMA-style model, then the rest."""
     s, label, mamba = r.get("sparsity", 0.5), r["label"], model == "kjv-mamba-tiny"
-    head = label in (C4N2, "C_4^n allocated (0 steps)", f"C_4^n learned ({steps} steps)")
-    head = head or label in ("sparsegpt 2:4", "sparsegpt unstructured")
+    rec = label.endswith(REC)
+    head = label.removesuffix(REC) in (
+        C4N2,
+        ALLOC,
+        f"C_4^n learned ({steps} steps)",
+        "sparsegpt 2:4",
+        "sparsegpt unstructured",
+    )
     if r["method"] is None:
-        return 0
-    if mamba and r.get("seed"):
-        return 4
-    if mamba and s == 0.5 and head:
+        return 0 if mamba else 8
+    if not mamba:
+        return 9 if rec else 8
+    if r.get("seed"):
         return 1
-    if mamba and s == 0.7 and (head or label == "sparsegpt unstructured"):
+    if head and not rec and s in (0.5, 0.7):
+        return 1
+    if r.get("packed"):
         return 2
-    if mamba and "reconstruction" in label:
+    if r["method"] in ("magnitude", "wanda") and not rec:
         return 3
-    return 5 if mamba else 6
+    if not rec and not r.get("steps"):
+        return 4
+    if rec and head and s in (0.5, 0.7):
+        return 6 if r.get("steps") else 5
+    if not rec:
+        return 7
+    return 10
+
+
+def time_demo(f: Path) -> None:
+    """`sparsamba demo` in a child process: its wall and CPU seconds and the load average around it
+    (the target is for an idle machine; the CPU seconds are what an idle 2-core machine would need at
+    least). Appended to ``f``."""
+    import sys
+
+    load0, t = os.getloadavg()[0], time.time()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(
+        [sys.executable, "-c", "from sparsamba.cli import main; raise SystemExit(main(['demo']))"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    runs = json.loads(f.read_text()) if f.exists() else []
+    runs.append(
+        dict(
+            commit=COMMIT,
+            machine=MACHINE,
+            wall_seconds=round(time.time() - t, 1),
+            cpu_seconds=round(cpu, 1),
+            load_before=load0,
+            load_after=os.getloadavg()[0],
+        )
+    )
+    f.write_text(json.dumps(runs, indent=1) + "\n")
+    print(runs[-1])
 
 
 def _commit() -> str:
@@ -287,10 +381,19 @@ def _stored(grid, a) -> tuple[list[dict], list[tuple]]:
     return rows, missing
 
 
+def _cell(vals: list[float], want: int) -> str:
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}" + (f" (1 of {want})" if want > 1 else "")
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} ({len(vals)})"
+
+
 def write(out: Path, grid, a) -> None:
     rows, missing = _stored(grid, a)
     commits = sorted({r["commit"] for r in rows})
     machines = sorted({f"{r.get('machine')} (torch {r.get('torch')})" for r in rows})
+    train_s = ROOT / "build" / "kjv-llama-tiny" / "train_seconds.txt"
     meta = dict(
         machines=machines,
         threads=1,
@@ -299,6 +402,7 @@ def write(out: Path, grid, a) -> None:
         evaluation=f"held-out split, non-overlapping windows of {a.seqlen}",
         learn_steps=a.steps,
         reconstruct_steps=RECONSTRUCT,
+        llama_train_seconds=int(train_s.read_text()) if train_s.exists() else None,
         not_run=[
             f"{m}: {r['label']} at {r.get('sparsity', 0.5):.0%}, seed {r.get('seed', 0)}" for m, r in missing
         ],
@@ -311,51 +415,79 @@ def write(out: Path, grid, a) -> None:
     md = [
         "# Pruning results",
         "",
-        f"Generated by `{cmd}` (commit {', '.join(commits) or '-'}, 1 thread per row; machines: "
-        f"{'; '.join(machines) or '-'}). "
+        f"Generated by `{cmd}` (commits {', '.join(commits) or '-'}, 1 thread per row; machines: "
+        f"{'; '.join(machines) or '-'}). The run resumes from the rows it has stored; each row records "
+        "its commit in results.json. "
         f"Perplexity on the held-out split (non-overlapping windows of {a.seqlen} tokens); calibration: "
         f"{meta['calibration']}. Sparsity counts the prunable projections only. Every method aims at the "
         "dense model's layer outputs (`dense_target`, the default) unless its row says otherwise; "
-        f"'+ reconstruction' rows add {RECONSTRUCT} Adam steps per block (lr 1e-3) toward the dense block's "
-        "outputs. Cells give the mean ± standard deviation over calibration seeds where there are several "
-        "(their count in brackets); '—' marks a row of the grid that was not run. Time and memory: the 50% "
-        "row's prune seconds (1 thread) and its process's peak RSS (model, prune and evaluation).",
+        f"'+ reconstruction' adds {RECONSTRUCT} Adam steps per block (lr 1e-3) toward the dense block's "
+        "outputs, the same for every method. Cells give the mean ± standard deviation over calibration "
+        "seeds where there are several (their count in brackets); '—' marks a row of the grid that was "
+        "not run. 2:4, 4:8 and c4n2 fix the sparsity at 50%: they have no 30% or 70% row. Prune time: "
+        "the prune's own seconds on 1 thread (seed 0), on a shared 2-core machine whose load varied "
+        "(1-9) during the run, so times are upper bounds; peak memory: the high-water RSS of the row's own "
+        "process (a fresh one per row) at the end of the prune (model, calibration and prune).",
         "",
     ]
     for mname in dict.fromkeys(m for m, _, _ in grid):
         mgrid = [r for m, _, r in grid if m == mname]
         mr = [r for r in rows if r["model"] == mname]
         dense = next((r["perplexity"] for r in mr if r["method"] is None), float("nan"))
-        sps = sorted({r["sparsity"] for r in mgrid if r.get("sparsity")})
         md += [
             f"## {mname}",
             "",
             f"Dense perplexity: **{dense:.2f}**." if dense == dense else "Dense perplexity: not run.",
-            "",
-            "| method | " + " | ".join(f"{s:.0%}" for s in sps) + " | 50%: prune time | 50%: peak memory |",
-            "| --- |" + " --- |" * (len(sps) + 2),
         ]
-        for label in dict.fromkeys(r["label"] for r in mgrid if r["method"]):
-            cells = []
-            for s in sps:
-                want = [r for r in mgrid if r["label"] == label and r.get("sparsity", 0.5) == s]
-                hit = [r["perplexity"] for r in mr if r["label"] == label and r.get("sparsity", 0.5) == s]
-                if not want:
-                    cells.append("")
-                elif not hit:
-                    cells.append("—")
-                elif len(hit) == 1:
-                    cells.append(f"{hit[0]:.2f}" + (" (1)" if len(want) > 1 else ""))
-                else:
-                    cells.append(f"{statistics.mean(hit):.2f} ± {statistics.stdev(hit):.2f} ({len(hit)})")
-            r50 = [
-                r
-                for r in mr
-                if r["label"] == label and r.get("sparsity", 0.5) == 0.5 and r.get("seed", 0) == 0
+        if mname == "kjv-llama-tiny" and meta["llama_train_seconds"]:
+            md[-1] += f" Trained here in {meta['llama_train_seconds']} s (1 thread, 800 steps)."
+        md += [
+            "",
+            "| method | sparsity | perplexity | + reconstruction | prune time | peak memory "
+            "| prune time, + rec. | peak memory, + rec. | commit |",
+            "| --- |" + " --- |" * 8,
+        ]
+
+        def get(label: str, sp: float, mgrid=mgrid, mr=mr) -> tuple[list[dict], int]:
+            want = [r for r in mgrid if r["label"] == label and r.get("sparsity", 0.5) == sp]
+            hit = [
+                r for r in mr if r["label"] == label and r.get("sparsity", 0.5) == sp and not r.get("packed")
             ]
-            t = f"{r50[0]['prune_seconds']:.0f} s" if r50 else ""
-            mem = f"{r50[0]['peak_rss_mb']} MB" if r50 else ""
-            md.append(f"| {label} | " + " | ".join(cells) + f" | {t} | {mem} |")
+            return hit, len(want)
+
+        labels = [lb for lb in dict.fromkeys(r["label"] for r in mgrid if r["method"]) if lb != PACKED]
+        for label in [lb for lb in labels if not lb.endswith(REC)]:
+            for sp in sorted({r.get("sparsity", 0.5) for r in mgrid if r["label"] == label}):
+                hit, want = get(label, sp)
+                rhit, rwant = get(label + REC, sp)
+                h0 = [r for r in hit if r.get("seed", 0) == 0]
+                r0 = [r for r in rhit if r.get("seed", 0) == 0]
+                rc = _cell([r["perplexity"] for r in rhit], rwant) if rwant else ""
+                md.append(
+                    f"| {label} | {sp:.0%} | {_cell([r['perplexity'] for r in hit], want)} | {rc} | "
+                    + (f"{h0[0]['prune_seconds']:.0f} s | {h0[0]['peak_rss_mb']} MB | " if h0 else " |  | ")
+                    + (f"{r0[0]['prune_seconds']:.0f} s | {r0[0]['peak_rss_mb']} MB |" if r0 else " |  |")
+                    + f" {', '.join(sorted({r['commit'] for r in hit + rhit}))} |"
+                )
+        packed = sorted((r for r in mr if r.get("packed") and r.get("engine")), key=lambda r: r["sparsity"])
+        if any(r.get("packed") for r in mgrid):
+            md += [
+                "",
+                f"The '{ALLOC}' model compiled to a packed GGUF and scored by the native engine (1 thread, the "
+                "same windows), beside its torch fp32 twin:",
+                "",
+                "| sparsity | torch fp32 | engine f32 | engine int8 | int8 − fp32 | f32 file | int8 file | commit |",
+                "| --- |" + " --- |" * 7,
+            ]
+            for r in packed:
+                e = r["engine"]
+                md.append(
+                    f"| {r['sparsity']:.0%} | {r['perplexity']:.2f} | {e['f32']['perplexity']:.2f} | "
+                    f"{e['int8']['perplexity']:.2f} | {e['int8']['perplexity'] - r['perplexity']:+.2f} | "
+                    f"{e['f32']['bytes'] / 1e6:.2f} MB | {e['int8']['bytes'] / 1e6:.2f} MB | {r['commit']} |"
+                )
+            if not packed:
+                md.append("| — | not run | | | | | | |")
         learned = [r for r in mr if r.get("steps") and r.get("learning") and r.get("seed", 0) == 0]
         if learned:
             md += [
@@ -364,17 +496,101 @@ def write(out: Path, grid, a) -> None:
                 "moved by the fix-up, rows whose n differs from the allocation.",
                 "",
             ]
-            for r in learned:
+            for r in sorted(learned, key=lambda r: (r["sparsity"], r.get("reconstruct", 0))):
                 d = r["learning"]
                 md.append(
-                    f"- {r['sparsity']:.0%}: {d['expected_at_start']:.3f} → {d['expected_before_fixup']:.3f}, "
-                    f"{d['rows_moved_by_fixup']:.1%} moved, {d['rows_changed_from_start']:.1%} changed"
+                    f"- {r['label']}, {r['sparsity']:.0%}: {d['expected_at_start']:.3f} → "
+                    f"{d['expected_before_fixup']:.3f}, {d['rows_moved_by_fixup']:.1%} moved, "
+                    f"{d['rows_changed_from_start']:.1%} changed"
                 )
+        if mname == "kjv-mamba-tiny":
+            md += _targets(mr, dense, a.steps)
         md += _layer_map(out, mname, mr)
         md.append("")
     if missing:
-        md += [f"Not run ({len(missing)} rows of the grid): see `meta.not_run` in results.json.", ""]
+        md += [f"Not run ({len(missing)} rows of the grid):", ""]
+        md += [f"- {x}" for x in meta["not_run"]]
+        md.append("")
     out.with_suffix(".md").write_text("\n".join(md))
+
+
+def _targets(mr: list[dict], dense: float, steps: int) -> list[str]:
+    """Issue 12's perplexity targets against the stored rows: met / missed with the figures."""
+
+    def ppl(label: str, sp: float) -> list[float]:
+        return [r["perplexity"] for r in mr if r["label"] == label and r.get("sparsity", 0.5) == sp]
+
+    learned = f"C_4^n learned ({steps} steps)"
+    got = {
+        k: ppl(lb, sp)
+        for k, lb, sp in (
+            ("l50", learned, 0.5),
+            ("l70", learned, 0.7),
+            ("a50", ALLOC, 0.5),
+            ("a70", ALLOC, 0.7),
+            ("s24", "sparsegpt 2:4", 0.5),
+            ("su50", "sparsegpt unstructured", 0.5),
+            ("su70", "sparsegpt unstructured", 0.7),
+            ("c4n2", C4N2, 0.5),
+        )
+    }
+    if any(not v for v in got.values()):
+        return ["", "Targets: not all of their rows have run."]
+    m = {k: statistics.mean(v) for k, v in got.items()}
+    sd = {k: statistics.stdev(v) if len(v) > 1 else float("nan") for k, v in got.items()}
+
+    def res(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    out = [
+        "",
+        "### Targets (issue 12)",
+        "",
+        "| target | figure | result |",
+        "| --- | --- | --- |",
+    ]
+    for key, name in (("l50", "learned"), ("a50", "allocated (the default)")):
+        inc, half = m[key] - dense, (m["s24"] - dense) / 2
+        out.append(
+            f"| 50%: {name} C_4^n's increase over dense ≤ half of SparseGPT 2:4's | "
+            f"+{inc:.2f} vs {half:.2f} (half of +{m['s24'] - dense:.2f}) | {res(inc <= half)} |"
+        )
+        out.append(
+            f"| 50%: {name} C_4^n below unstructured SparseGPT | {m[key]:.2f} vs {m['su50']:.2f} | "
+            f"{res(m[key] < m['su50'])} |"
+        )
+    for key, name in (("l70", "learned"), ("a70", "allocated (the default)")):
+        out.append(
+            f"| 70%: {name} C_4^n below unstructured SparseGPT | {m[key]:.2f} vs {m['su70']:.2f} | "
+            f"{res(m[key] < m['su70'])} |"
+        )
+    gap, noise = m["c4n2"] - m["l50"], 3 * max(sd["l50"], sd["c4n2"])
+    out.append(
+        f"| 50%: learned beats c4n2 by a clear margin (> 3 × the larger seed std) | "
+        f"{m['l50']:.2f} ± {sd['l50']:.2f} vs {m['c4n2']:.2f} ± {sd['c4n2']:.2f} ({len(got['l50'])} and "
+        f"{len(got['c4n2'])} seeds): {gap:.2f} better, 3 × std = {noise:.2f} | {res(gap > noise)} |"
+    )
+    default = [r for r in mr if r["label"] == ALLOC and r.get("sparsity") == 0.5 and not r.get("packed")]
+    t = max(r["prune_seconds"] for r in default)
+    out.append(
+        f"| prune of the embedded model, default settings (= '{ALLOC}', 50%), ≤ 10 min on one thread | "
+        f"{t:.0f} s, the slowest of its {len(default)} seeds on the loaded machine | {res(t <= 600)} |"
+    )
+    demo = Path(CACHE_DIR[0]) / "demo.json"
+    for d in json.loads(demo.read_text()) if demo.exists() else []:
+        out.append(
+            f"| `sparsamba demo` ≤ 90 s on an idle machine | {d['wall_seconds']:.0f} s wall, {d['cpu_seconds']:.0f} s "
+            f"CPU, load average {d['load_before']:.1f} → {d['load_after']:.1f} (commit {d['commit']}) | "
+            + (
+                res(d["wall_seconds"] <= 90)
+                if d["load_before"] < 1.5
+                else f"not measurable: the machine was not idle ({d['cpu_seconds']:.0f} s of CPU)"
+            )
+            + " |"
+        )
+    if not demo.exists():
+        out.append("| `sparsamba demo` ≤ 90 s on an idle machine | not timed (`--demo`) | |")
+    return out
 
 
 def _layer_map(out: Path, mname: str, mr: list[dict]) -> list[str]:

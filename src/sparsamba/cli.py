@@ -287,10 +287,15 @@ def cmd_prune(a) -> None:
 def cmd_lm_eval(a) -> None:
     from . import assets
     from .eval.lmeval import run_tasks
+    from .runtime.engine import check_threads
 
     model = a.model or str(assets.DEFAULT_MODEL)
-    _torch_threads(a)
-    res = run_tasks(model, a.tasks.split(","), a.include_path, a.batch_size, a.limit)
+    if model.endswith(".gguf"):  # the native engine picks its own threads unless --threads says
+        if a.threads is not None:
+            check_threads(a.threads)
+    else:
+        _torch_threads(a)
+    res = run_tasks(model, a.tasks.split(","), a.include_path, a.batch_size, a.limit, threads=a.threads)
     print(f"model  {model}")
     for task, metrics in res.items():
         print(f"{task:24s} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
@@ -624,12 +629,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prune)
 
     s = command("lm-eval", "zero-shot tasks through lm-evaluation-harness (offline, local task files)")
-    s.add_argument("model", nargs="?", help="model directory (default: the embedded model)")
+    s.add_argument(
+        "model",
+        nargs="?",
+        help="model directory (default: the embedded model), or a packed MODEL.gguf (sparsamba compile): "
+        "its loglikelihoods then come from the native engine's logits",
+    )
     s.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     s.add_argument("--include-path", help="folder of task YAML files with local data")
-    s.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size")
+    s.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size (torch)")
     s.add_argument("--limit", type=int, help="at most this many documents per task (default: all)")
-    _threads(s)
+    _threads(s, "torch, or the engine for a packed .gguf")
     s.set_defaults(func=cmd_lm_eval)
 
     s = command("train-tiny", "train the embedded model again from its text splits")
