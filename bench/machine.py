@@ -239,7 +239,8 @@ def gguf_bytes_per_token(path: Path) -> int:
     if "token_embd.weight" in sizes:
         vocab = next(int(t.shape.max()) for t in r.tensors if t.name == "token_embd.weight")
     else:  # packed v2: the embedding is a 1-D byte blob; the vocabulary is in the metadata
-        f = r.fields["sparsamba.mamba.vocab_size"]
+        a = r.fields["general.architecture"]  # sparsamba.mamba or sparsamba.mamba2
+        f = r.fields[f"{bytes(a.parts[a.data[0]]).decode()}.vocab_size"]
         vocab = int(f.parts[f.data[0]][0])
     return _bytes_per_token(sizes, emb, vocab, tied="output.weight" not in sizes)
 
