@@ -138,12 +138,18 @@ def test_no_out_of_bounds_access_or_race_under_oclgrind(compiled, device):
     """Oclgrind's runtime opened in place of libOpenCL (SPARSAMBA_OPENCL_LIB): every kernel of a prefill
     and of decode steps, f32 and int8 (its simulator has no half arithmetic, and f16 storage loads the
     same way), with its bounds and data-race checks; any report fails the test."""
+    _oclgrind_parity([compiled["d24", "f32"], compiled["d18", "int8"]])
+
+
+def _oclgrind_parity(models: list) -> None:
+    """Run the given compiled models under Oclgrind's runtime (bounds and data-race checks), CPU vs
+    OpenCL logits of a prefill and three decode steps; any report, or an error past PARITY, fails."""
+    paths = [str(m) for m in models]
     rt = _oclgrind_runtime()
     if rt is None:
         if REQUIRED:
             pytest.fail("oclgrind not found (SPARSAMBA_REQUIRE_OPENCL=1; apt-get install oclgrind)")
         pytest.skip("oclgrind not found; apt-get install oclgrind to run this test")
-    paths = [str(compiled["d24", "f32"]), str(compiled["d18", "int8"])]
     code = f"""
 import numpy as np
 from sparsamba.runtime.engine import Engine
@@ -243,27 +249,4 @@ def test_mamba2_matches_the_cpu_engine(compiled_mamba2, device, name, dtype):
 
 
 def test_mamba2_no_out_of_bounds_access_or_race_under_oclgrind(compiled_mamba2, device):
-    rt = _oclgrind_runtime()
-    if rt is None:
-        if REQUIRED:
-            pytest.fail("oclgrind not found (SPARSAMBA_REQUIRE_OPENCL=1; apt-get install oclgrind)")
-        pytest.skip("oclgrind not found; apt-get install oclgrind to run this test")
-    paths = [str(compiled_mamba2["g3-p5-N7-bias", "f32"]), str(compiled_mamba2["g2-p9-N20-dtmax", "int8"])]
-    code = f"""
-import numpy as np
-from sparsamba.runtime.engine import Engine
-for path in {paths!r}:
-    cpu, ocl = Engine(path, threads=1), Engine(path, device="opencl")
-    assert "Oclgrind" in ocl.kernels, ocl.kernels
-    ids = [1, 5, 9, 2, 7, 3, 11, 4, 8]
-    want = cpu.logits(ids)
-    got = ocl.logits(ids)
-    ocl.reset()
-    got = np.concatenate([got, np.stack([ocl.decode(t) for t in ids[:3]])])
-    want = np.concatenate([want, want[:3]])
-    print("ERR", float(np.abs(got - want).max() / np.abs(want).max()))
-"""
-    p = _in_subprocess(code, SPARSAMBA_OPENCL_LIB=str(rt), OCLGRIND_DATA_RACES="1")
-    assert p.returncode == 0 and not p.stderr.strip(), p.stderr[-3000:]
-    errs = [float(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("ERR")]
-    assert len(errs) == 2 and max(errs) <= PARITY, p.stdout
+    _oclgrind_parity([compiled_mamba2["g3-p5-N7-bias", "f32"], compiled_mamba2["g2-p9-N20-dtmax", "int8"]])
