@@ -148,34 +148,27 @@ def read_packed(path: str | Path) -> Plan:
     # stored as float32: 1e-5 comes back as 9.99999975e-06; 7 digits give the decimal it was written from
     K_ = arch + "."
     eps = float(f"{kv(K_ + 'attention.layer_norm_rms_epsilon'):.7g}")
+    # the keys both architectures store; each adds its own below
+    common = dict(
+        vocab_size=kv(K_ + "vocab_size"),
+        d_model=kv(K_ + "embedding_length"),
+        n_layer=kv(K_ + "block_count"),
+        d_inner=kv(K_ + "ssm.inner_size"),
+        d_state=kv(K_ + "ssm.state_size"),
+        d_conv=kv(K_ + "ssm.conv_kernel"),
+        eps=eps,
+        tied="output.v2" not in t,
+        use_bias="blk.0.ssm_in.bias" in t,
+    )
     if arch == ARCH2:
         dims = Dims2(
-            vocab_size=kv(K_ + "vocab_size"),
-            d_model=kv(K_ + "embedding_length"),
-            n_layer=kv(K_ + "block_count"),
-            d_inner=kv(K_ + "ssm.inner_size"),
-            d_state=kv(K_ + "ssm.state_size"),
-            d_conv=kv(K_ + "ssm.conv_kernel"),
+            **common,
             n_heads=kv(K_ + "ssm.head_count"),
             n_groups=kv(K_ + "ssm.group_count"),
-            eps=eps,
-            tied="output.v2" not in t,
-            use_bias="blk.0.ssm_in.bias" in t,
             dt_limit=(float(f"{kv(K_ + 'ssm.dt_min'):.7g}"), float(f"{kv(K_ + 'ssm.dt_max'):.7g}")),
         )
     else:
-        dims = Dims(
-            vocab_size=kv(K_ + "vocab_size"),
-            d_model=kv(K_ + "embedding_length"),
-            n_layer=kv(K_ + "block_count"),
-            d_inner=kv(K_ + "ssm.inner_size"),
-            d_state=kv(K_ + "ssm.state_size"),
-            dt_rank=kv(K_ + "ssm.time_step_rank"),
-            d_conv=kv(K_ + "ssm.conv_kernel"),
-            eps=eps,
-            tied="output.v2" not in t,
-            use_bias="blk.0.ssm_in.bias" in t,
-        )
+        dims = Dims(**common, dt_rank=kv(K_ + "ssm.time_step_rank"))
 
     def take(name: str) -> torch.Tensor:
         if name not in t:
