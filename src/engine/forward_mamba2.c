@@ -29,13 +29,14 @@ struct sb_m2_state {
     sb_v2_act *ad, *adi;
     int cap;                           /* prefill: columns (ldx) of the buffers below */
     float *H, *HN, *ZXD, *XBC, *DT, *Y, *BT, *CT, *rs, *grs; /* grs (g, ldx): the group norm's scales */
-    sb_v2_act *Ad, *Adi;
+    float *XQ;                                               /* int8: a product's input quantised (max(d, di), ldx) */
+    sb_v2_act *Ad, *Adi;                                     /* one each: the products read act[0].cm */
 };
 
 static size_t conv_len(const sb_m2 *M) { return (size_t)M->cd * (M->K > 1 ? M->K - 1 : 1); }
 
 static void free_prefill(sb_m2_state *s) {
-    float **bufs[] = {&s->H, &s->HN, &s->ZXD, &s->XBC, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs, &s->grs};
+    float **bufs[] = {&s->H, &s->HN, &s->ZXD, &s->XBC, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs, &s->grs, &s->XQ};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
         free(*bufs[i]);
         *bufs[i] = NULL;
@@ -91,25 +92,35 @@ oom:
     return SB_ERR_NOMEM;
 }
 
+/* zeroed floats, 64-byte aligned (calloc's large blocks start 16 bytes into a page: every vector load of
+ * a channel row would straddle two cache lines) */
+static float *zalloc(size_t n) {
+    size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+    float *p = aligned_alloc(64, bytes ? bytes : 64);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
 static int grow_prefill(sb_m2_state *s, int T) {
     if (T <= s->cap) return SB_OK;
     free_prefill(s);
     const sb_m2 *M = s->m->m2;
-    size_t ldx = (size_t)(T + 7) / 8 * 8;
-    if (ldx % 64 == 0) ldx += 8; /* not a power-of-two stride (forward.c) */
-    s->H = calloc((size_t)pad16(M->d) * ldx, sizeof(float));
-    s->HN = calloc((size_t)pad16(M->d) * ldx, sizeof(float));
-    s->ZXD = calloc((size_t)pad16(M->n_in) * ldx, sizeof(float));
-    s->XBC = calloc((size_t)pad16(M->cd) * ldx, sizeof(float));
-    s->DT = calloc((size_t)pad16(M->h) * ldx, sizeof(float));
-    s->Y = calloc((size_t)pad16(M->di) * ldx, sizeof(float));
-    s->BT = calloc(ldx * (size_t)M->g * M->N, sizeof(float));
-    s->CT = calloc(ldx * (size_t)M->g * M->N, sizeof(float));
-    s->rs = calloc(ldx, sizeof(float));
-    s->grs = calloc(ldx * (size_t)M->g, sizeof(float));
-    s->Ad = sb_v2_acts_new(M->d, (int)ldx), s->Adi = sb_v2_acts_new(M->di, (int)ldx);
+    size_t ldx = (size_t)(T + 15) / 16 * 16; /* every channel row 64-byte aligned: the products load whole lines */
+    if (ldx % 64 == 0) ldx += 16; /* not a power-of-two stride (forward.c) */
+    s->H = zalloc((size_t)pad16(M->d) * ldx);
+    s->HN = zalloc((size_t)pad16(M->d) * ldx);
+    s->ZXD = zalloc((size_t)pad16(M->n_in) * ldx);
+    s->XBC = zalloc((size_t)pad16(M->cd) * ldx);
+    s->DT = zalloc((size_t)pad16(M->h) * ldx);
+    s->Y = zalloc((size_t)pad16(M->di) * ldx);
+    s->BT = zalloc(ldx * (size_t)M->g * M->N);
+    s->CT = zalloc(ldx * (size_t)M->g * M->N);
+    s->rs = zalloc(ldx);
+    s->grs = zalloc(ldx * (size_t)M->g);
+    s->XQ = s->quantise ? zalloc((size_t)pad16(M->d > M->di ? M->d : M->di) * ldx) : NULL;
+    s->Ad = sb_v2_acts_new(M->d, 1), s->Adi = sb_v2_acts_new(M->di, 1);
     if (!s->H || !s->HN || !s->ZXD || !s->XBC || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs || !s->grs || !s->Ad ||
-        !s->Adi) {
+        !s->Adi || (s->quantise && !s->XQ)) {
         free_prefill(s);
         return SB_ERR_NOMEM;
     }
@@ -222,16 +233,22 @@ static void decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *
 
 /* ---------------------------------------------------------------- prefill: T tokens at once */
 
-static void acts_set(sb_v2_act *A, const float *X, int ldx, int T, int q) {
+/* the products read channel-major X in place (A->cm), an int8 model's quantised into XQ first (forward.c) */
+static void acts_cm(sb_v2_act *A, const float *X, int ldx, int K, int T, float *XQ) {
+    if (XQ) {
+        int nch = (K + SB_V2_CHUNK - 1) / SB_V2_CHUNK;
 #pragma omp for schedule(static)
-    for (int t = 0; t < T; t++) sb_v2_act_set(&A[t], X + t, ldx, q);
+        for (int ch = 0; ch < nch; ch++) sb_v2_cm_quantise(X, ldx, K, T, XQ, ldx, ch, ch + 1);
+    }
+#pragma omp single
+    A->cm = XQ ? XQ : X, A->ldc = ldx;
 }
 
 static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const sb_kernels *k, sb_ssd_head_fn ssd) {
     const sb_m2 *M = m->m2;
     const sb_m2_layer *ly = &M->layers[i];
     int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, g = M->g, gN = g * N, ldx = s->cap;
-    int q = s->quantise, r = M->h / g;
+    int r = M->h / g;
 #pragma omp single
     {
         for (int t = 0; t < T; t++) s->rs[t] = 0.0f;
@@ -249,7 +266,7 @@ static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const
         float b = ly->in.bias ? ly->in.bias[c] : 0.0f;
         for (int t = 0; t < ldx; t++) s->ZXD[(size_t)c * ldx + t] = b;
     }
-    acts_set(s->Ad, s->HN, ldx, T, q);
+    acts_cm(s->Ad, s->HN, ldx, d, T, s->XQ);
     sb_linear_mat(k, &ly->in, s->Ad, T, s->ZXD, ldx);
     float *cst = s->conv + (size_t)i * conv_len(M);
 #pragma omp for schedule(static)
@@ -320,7 +337,7 @@ static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const
         for (int c = 0; c < d; c++)
             for (int t = 0; t < T; t++) s->H[(size_t)c * ldx + t] += ly->out.bias[c];
     }
-    acts_set(s->Adi, s->Y, ldx, T, q);
+    acts_cm(s->Adi, s->Y, ldx, di, T, s->XQ);
     sb_linear_mat(k, &ly->out, s->Adi, T, s->H, ldx);
 }
 

@@ -102,7 +102,28 @@ static void test_case(const char *path) {
         sb_v2_act_bind(&act[t], amem + ab * (size_t)t, c.K);
         sb_v2_act_set(&act[t], c.x + (size_t)t * c.K, 1, c.dt == SB_V2_I8);
     }
-    float *yv = calloc(ny, 4), *yr = calloc(ny, 4), *ym = calloc(ny, 4);
+    float *yv = calloc(ny, 4), *yr = calloc(ny, 4), *ym = calloc(ny, 4), *yc = calloc(ny, 4);
+    /* channel-major x (int8: quantised per token and chunk, as q * s), and the quantiser's bits against act[] */
+    int ldc = T + 3;
+    float *xraw = calloc((size_t)c.K * ldc, 4), *xcm = calloc((size_t)c.K * ldc, 4), *xref = calloc((size_t)c.K * ldc, 4);
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < c.K; j++) xraw[(size_t)j * ldc + t] = c.x[(size_t)t * c.K + j];
+    int nch = (c.K + SB_V2_CHUNK - 1) / SB_V2_CHUNK;
+    if (c.dt == SB_V2_I8) {
+        sb_v2_cm_quantise(xraw, ldc, c.K, T, xcm, ldc, 0, 1);
+        sb_v2_cm_quantise(xraw, ldc, c.K, T, xcm, ldc, 1, nch); /* in two ranges, as two threads would */
+        sb_v2_cm_quantise_ref(xraw, ldc, c.K, T, xref, ldc, 0, nch);
+        int same = 1;
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < c.K; j++) {
+                float want = (float)act[t].xq[j] * act[t].xs[j / SB_V2_CHUNK];
+                same &= memcmp(&xcm[(size_t)j * ldc + t], &want, 4) == 0 && memcmp(&xref[(size_t)j * ldc + t], &want, 4) == 0;
+            }
+        snprintf(what, sizeof what, "%s: channel-major quantiser bits equal the per-token q * s", path);
+        check(what, !same, 0, 0, 0);
+    } else {
+        memcpy(xcm, xraw, sizeof(float) * (size_t)c.K * ldc);
+    }
     for (int ci = 0; ci < m.nclass; ci++) {
         const sb_v2_class *cl = &m.cls[ci];
         for (int t = 0; t < T; t++) {
@@ -112,6 +133,10 @@ static void test_case(const char *path) {
         }
         K->gemm(cl, act, T, ym, T, 0, cl->nblocks / 2); /* channel-major Y[o * T + t] */
         K->gemm(cl, act, T, ym, T, cl->nblocks / 2, cl->nblocks);
+        act[0].cm = xcm, act[0].ldc = T + 3; /* prefill's channel-major activations, a row stride not T */
+        K->gemm(cl, act, T, yc, T, 0, cl->nblocks / 2);
+        K->gemm(cl, act, T, yc, T, cl->nblocks / 2, cl->nblocks);
+        act[0].cm = NULL;
     }
     double tol = 1e-6 * (1 + c.K / 1000.0), worst[3] = {0};
     for (int t = 0; t < T; t++)
@@ -124,10 +149,12 @@ static void test_case(const char *path) {
             check(what, yv[a], yr[a], tol, mg);
             snprintf(what, sizeof what, "%s: token %d output %d, gemm vs gemv", path, t, o);
             check(what, ym[(size_t)o * T + t], yv[a], tol, mg);
+            snprintf(what, sizeof what, "%s: token %d output %d, channel-major gemm vs gemv", path, t, o);
+            check(what, yc[(size_t)o * T + t], yv[a], tol, mg);
             worst[c.dt] = fmax(worst[c.dt], fabs((double)yv[a] - c.y[a]) / mg);
         }
     for (int d = 0; d < 3; d++) g_worst_dt[d] = fmax(g_worst_dt[d], worst[d]);
-    free(yv), free(yr), free(ym), free(act), free(amem);
+    free(yv), free(yr), free(ym), free(yc), free(xraw), free(xcm), free(xref), free(act), free(amem);
     free_case(&c);
 }
 
