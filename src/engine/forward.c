@@ -321,7 +321,7 @@ static void prefill_layer(const sb_model *m, sb_state *s, int i, int T, const sb
     for (int c = 0; c < di; c++) { /* conv1d + SiLU over the chunk, carried window first */
         const float *w = ly->conv_w + (size_t)c * K, *x = s->XZ + (size_t)c * ldx;
         float *st = cst + (size_t)c * (K - 1), *xc = s->XC + (size_t)c * ldx;
-        for (int t = 0; t < T; t++) {
+        for (int t = 0; t < T && t < K - 1; t++) { /* the first K-1 outputs reach into the carried window */
             float acc = ly->conv_b[c];
             for (int j = 0; j < K; j++) {
                 int src = t - (K - 1) + j; /* < 0: from the carried window */
@@ -329,6 +329,9 @@ static void prefill_layer(const sb_model *m, sb_state *s, int i, int T, const sb
             }
             xc[t] = acc;
         }
+        for (int t = K - 1; t < T; t++) xc[t] = ly->conv_b[c];
+        for (int j = 0; j < K; j++) /* the rest tap by tap: loops over t that vectorise */
+            for (int t = K - 1; t < T; t++) xc[t] += w[j] * x[t - (K - 1) + j];
         k->silu(xc, T);
         for (int j = 0; j < K - 1; j++) { /* the new window: the last K-1 inputs */
             int src = T - (K - 1) + j;
@@ -352,16 +355,19 @@ static void prefill_layer(const sb_model *m, sb_state *s, int i, int T, const sb
         }
     float *ssm = s->ssm + (size_t)i * di * N;
 #pragma omp for schedule(static)
-    for (int c = 0; c < di; c++) {
-        const float *A = ly->A + (size_t)c * N, *xc = s->XC + (size_t)c * ldx, *z = s->XZ + (size_t)(di + c) * ldx;
-        float *dtr = s->DT + (size_t)c * ldx, *y = s->Y + (size_t)c * ldx, *h = ssm + (size_t)c * N;
-        k->softplus(dtr, T);
-        for (int t = 0; t < T; t++) {
-            float dt = dtr[t], yc;
-            k->scan_step(N, A, dt, dt * xc[t], s->BT + (size_t)t * N, s->CT + (size_t)t * N, h, &yc);
-            y[t] = yc + ly->D[c] * xc[t];
-        }
-        k->mul_silu(y, z, T);
+    for (int c0 = 0; c0 < di; c0 += 16) { /* softplus, the scan + D skip (16 channels at once), the SiLU(z) gate */
+        int c1 = c0 + 16 < di ? c0 + 16 : di;
+        for (int c = c0; c < c1; c++) k->softplus(s->DT + (size_t)c * ldx, T);
+        if (k->scan_chunk) k->scan_chunk(N, T, ly->A, ly->D, s->DT, s->XC, ldx, s->BT, s->CT, ssm, s->Y, c0, c1);
+        else
+            for (int c = c0; c < c1; c++)
+                for (int t = 0; t < T; t++) {
+                    float dt = s->DT[(size_t)c * ldx + t], xc = s->XC[(size_t)c * ldx + t], yc;
+                    k->scan_step(N, ly->A + (size_t)c * N, dt, dt * xc, s->BT + (size_t)t * N, s->CT + (size_t)t * N,
+                                 ssm + (size_t)c * N, &yc);
+                    s->Y[(size_t)c * ldx + t] = yc + ly->D[c] * xc;
+                }
+        for (int c = c0; c < c1; c++) k->mul_silu(s->Y + (size_t)c * ldx, s->XZ + (size_t)(di + c) * ldx, T);
     }
     if (ly->out.bias) {
 #pragma omp for schedule(static) nowait

@@ -273,14 +273,17 @@ static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const
     for (int c = 0; c < cd; c++) { /* conv1d + SiLU over the chunk, the carried window first */
         const float *w = ly->conv_w + (size_t)c * K, *x = s->ZXD + (size_t)(di + c) * ldx;
         float *st = cst + (size_t)c * (K - 1), *xc = s->XBC + (size_t)c * ldx;
-        for (int t = 0; t < T; t++) {
+        for (int t = 0; t < T && t < K - 1; t++) { /* the first K-1 outputs reach into the carried window */
             float acc = ly->conv_b[c];
             for (int j = 0; j < K; j++) {
-                int src = t - (K - 1) + j;
+                int src = t - (K - 1) + j; /* < 0: from the carried window */
                 acc += w[j] * (src >= 0 ? x[src] : st[K - 1 + src]);
             }
             xc[t] = acc;
         }
+        for (int t = K - 1; t < T; t++) xc[t] = ly->conv_b[c];
+        for (int j = 0; j < K; j++) /* the rest tap by tap: loops over t that vectorise */
+            for (int t = K - 1; t < T; t++) xc[t] += w[j] * x[t - (K - 1) + j];
         k->silu(xc, T);
         for (int j = 0; j < K - 1; j++) {
             int src = T - (K - 1) + j;

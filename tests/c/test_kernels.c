@@ -226,6 +226,41 @@ static void test_scan_step(int N) {
     free(A), free(B), free(C), free(s0), free(sr), free(sk);
 }
 
+/* the prefill scan of channels [c0, c1) over T tokens against the reference's scan_step, token by token:
+ * channel counts below and at a SIMD width, N below, at and past the register-held 16 */
+static void test_scan_chunk(int N, int T, int c0, int c1) {
+    if (!K->scan_chunk) return;
+    int di = c1 + 2, ld = T + 5;
+    float *A = malloc(sizeof(float) * (size_t)di * N), *D = malloc(sizeof(float) * (size_t)di),
+          *dt = malloc(sizeof(float) * (size_t)di * ld), *x = malloc(sizeof(float) * (size_t)di * ld),
+          *B = malloc(sizeof(float) * (size_t)T * N), *C = malloc(sizeof(float) * (size_t)T * N),
+          *sr = malloc(sizeof(float) * (size_t)di * N), *sk = malloc(sizeof(float) * (size_t)di * N),
+          *yk = calloc((size_t)di * ld, sizeof(float));
+    for (int i = 0; i < di * N; i++) A[i] = -expf(uniform(-2.0f, 2.5f)), sr[i] = sk[i] = uniform(-2.0f, 2.0f);
+    for (int i = 0; i < di; i++) D[i] = uniform(-1.0f, 1.0f);
+    for (int i = 0; i < di * ld; i++) dt[i] = uniform(0.001f, 0.5f), x[i] = uniform(-2.0f, 2.0f);
+    for (int i = 0; i < T * N; i++) B[i] = uniform(-1.0f, 1.0f), C[i] = uniform(-1.0f, 1.0f);
+    K->scan_chunk(N, T, A, D, dt, x, ld, B, C, sk, yk, c0, c1);
+    char what[96];
+    for (int c = 0; c < di; c++)
+        for (int t = 0; t < T; t++) {
+            float yr = 0.0f, mag = 1e-6f;
+            if (c >= c0 && c < c1) {
+                float d = dt[(size_t)c * ld + t], xc = x[(size_t)c * ld + t];
+                sb_kernels_ref.scan_step(N, A + (size_t)c * N, d, d * xc, B + (size_t)t * N, C + (size_t)t * N, sr + (size_t)c * N, &yr);
+                for (int n = 0; n < N; n++) mag += fabsf(sr[(size_t)c * N + n] * C[(size_t)t * N + n]);
+                yr += D[c] * xc, mag += fabsf(D[c] * xc);
+            }
+            snprintf(what, sizeof what, "scan_chunk N=%d T=%d channels [%d, %d): channel %d token %d", N, T, c0, c1, c, t);
+            check(what, yk[(size_t)c * ld + t], yr, 1e-5, mag);
+        }
+    for (int i = 0; i < di * N; i++) {
+        snprintf(what, sizeof what, "scan_chunk N=%d channels [%d, %d): final state %d", N, c0, c1, i);
+        check(what, sk[i], sr[i], 1e-5, fabsf(sr[i]) + 0.1f); /* states are O(1): absolute near 0 */
+    }
+    free(A), free(D), free(dt), free(x), free(B), free(C), free(sr), free(sk), free(yk);
+}
+
 static void test_read_sum(size_t n) {
     float *x = aligned_alloc(64, sizeof(float) * n);
     double want = 0.0, mag = 0.0;
@@ -303,6 +338,8 @@ int main(int argc, char **argv) {
     }
     static const int NS[] = {1, 4, 7, 16, 17, 33, 64};
     for (size_t i = 0; i < sizeof NS / sizeof *NS; i++) test_scan_step(NS[i]);
+    test_scan_chunk(16, 21, 0, 16), test_scan_chunk(16, 3, 5, 8), test_scan_chunk(5, 21, 3, 17);
+    test_scan_chunk(33, 9, 0, 11), test_scan_chunk(70, 4, 1, 3);
     test_read_sum(64), test_read_sum(640), test_read_sum(64 * 1001);
     static const int QK[] = {1, 5, 64, 200, 1536};
     for (size_t i = 0; i < sizeof QK / sizeof *QK; i++) test_quantise(QK[i]);

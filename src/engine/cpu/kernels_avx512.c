@@ -45,3 +45,67 @@ void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float
     }
     *yc = _mm512_reduce_add_ps(acc);
 }
+
+/* The prefill scan with 16 channels in lanes (engine.h, scan_chunk): per token and state n one exp of the
+ * 16 channels' Δ A, the state update and the output's FMA with B and C broadcast, no horizontal sum.
+ * N = 16 (every Mamba-1) keeps the 16 states in registers; other N keep them in a small array. */
+static inline void scan16(int N, int T, const float *at, float *h, const __m512 vD, const float *dt, const float *x,
+                          __m512i rows, __mmask16 m, const float *B, const float *C, float *y) {
+    __m512 hr[16];
+    if (N == 16)
+        for (int n = 0; n < 16; n++) hr[n] = _mm512_load_ps(h + 16 * n);
+    for (int t = 0; t < T; t++) {
+        __m512 d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, dt + t, 4);
+        __m512 xc = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, x + t, 4);
+        __m512 dx = _mm512_mul_ps(d, xc), acc = _mm512_mul_ps(vD, xc);
+        const float *Bt = B + (size_t)t * N, *Ct = C + (size_t)t * N;
+        if (N == 16) {
+#pragma GCC unroll 16
+            for (int n = 0; n < 16; n++) {
+                hr[n] = _mm512_fmadd_ps(exp_neg16(_mm512_mul_ps(d, _mm512_load_ps(at + 16 * n))), hr[n],
+                                        _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n])));
+                acc = _mm512_fmadd_ps(hr[n], _mm512_set1_ps(Ct[n]), acc);
+            }
+        } else {
+            for (int n = 0; n < N; n++) {
+                __m512 hn = _mm512_fmadd_ps(exp_neg16(_mm512_mul_ps(d, _mm512_load_ps(at + 16 * n))), _mm512_load_ps(h + 16 * n),
+                                            _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n])));
+                _mm512_store_ps(h + 16 * n, hn);
+                acc = _mm512_fmadd_ps(hn, _mm512_set1_ps(Ct[n]), acc);
+            }
+        }
+        _mm512_mask_i32scatter_ps(y + t, m, rows, acc, 4);
+    }
+    if (N == 16)
+        for (int n = 0; n < 16; n++) _mm512_store_ps(h + 16 * n, hr[n]);
+}
+
+void sb_scan_chunk_avx512(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
+                          const float *B, const float *C, float *s, float *y, int c0, int c1) {
+    for (int g0 = c0; g0 < c1; g0 += 16) {
+        int mc = c1 - g0 < 16 ? c1 - g0 : 16;
+        if (N > 64) { /* states past 64: the step kernel */
+            for (int c = g0; c < g0 + mc; c++)
+                for (int t = 0; t < T; t++) {
+                    float d = dt[(size_t)c * ld + t], xc = x[(size_t)c * ld + t], yc;
+                    sb_scan_step_avx512(N, A + (size_t)c * N, d, d * xc, B + (size_t)t * N, C + (size_t)t * N, s + (size_t)c * N, &yc);
+                    y[(size_t)c * ld + t] = yc + D[c] * xc;
+                }
+            continue;
+        }
+        _Alignas(64) float at[16 * 64], h[16 * 64]; /* (N, 16 channels): A and the states transposed */
+        for (int n = 0; n < N; n++)
+            for (int l = 0; l < 16; l++) {
+                at[16 * n + l] = l < mc ? A[(size_t)(g0 + l) * N + n] : 0.0f;
+                h[16 * n + l] = l < mc ? s[(size_t)(g0 + l) * N + n] : 0.0f;
+            }
+        __mmask16 m = (__mmask16)((1u << mc) - 1);
+        __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(ld));
+        __m512 vD = _mm512_maskz_loadu_ps(m, D + g0);
+        size_t o = (size_t)g0 * ld;
+        if (N == 16) scan16(16, T, at, h, vD, dt + o, x + o, rows, m, B, C, y + o);
+        else scan16(N, T, at, h, vD, dt + o, x + o, rows, m, B, C, y + o);
+        for (int n = 0; n < N; n++)
+            for (int l = 0; l < mc; l++) s[(size_t)(g0 + l) * N + n] = h[16 * n + l];
+    }
+}
