@@ -149,9 +149,31 @@ static void delta(const sb_kernels *k, const sb_m2 *M, const sb_m2_layer *ly, in
 
 /* ---------------------------------------------------------------- decode: one token */
 
+/* Stage timing for sb_profile_decode, as forward.c's (engine.h: SB_ST_*): while sb_decode_stages is set
+ * the team syncs at the end of each stage and one thread adds the seconds since the previous mark.
+ * Mamba-2's stages: norm, in_proj, conv (+ SiLU), prep (Δ: dt bias, softplus, clamp; then the gated norm
+ * and out_proj's activations), scan (state step, D skip, SiLU(z) gate), out_proj, and the head's. */
+static double g_stage_t;
+
+static void stage_mark(double *st, int stage) {
+    double t = sb_now();
+    if (stage < SB_NSTAGE) st[stage] += t - g_stage_t;
+    g_stage_t = t;
+}
+
+#define STAGE(st, stage)                                                                                     \
+    do {                                                                                                    \
+        if (st) {                                                                                           \
+            _Pragma("omp barrier");                                                                         \
+            _Pragma("omp master") stage_mark(st, stage);                                                    \
+            _Pragma("omp barrier");                                                                         \
+        }                                                                                                   \
+    } while (0)
+
 static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kernels *k, sb_ssd_head_fn ssd) {
     const sb_m2 *M = m->m2;
     const sb_m2_layer *ly = &M->layers[i];
+    double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
     int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, q = s->quantise;
     int r = M->h / M->g;
 #pragma omp single
@@ -160,7 +182,9 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         fill_bias(s->zxd, ly->in.bias, M->n_in);
         sb_v2_act_set(s->ad, s->un, 1, q);
     }
+    STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &ly->in, s->ad, s->zxd);
+    STAGE(st, SB_ST_IN);
     float *cst = s->conv + (size_t)i * conv_len(M);
 #pragma omp for schedule(static)
     for (int c0 = 0; c0 < cd; c0 += 64) { /* conv1d over x, B, C + SiLU, window shifted in place */
@@ -175,11 +199,13 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         }
         k->silu(s->xbc + c0, c1 - c0);
     }
+    STAGE(st, SB_ST_CONV);
 #pragma omp single
     {
         memcpy(s->dt, s->zxd + di + cd, sizeof(float) * (size_t)M->h);
         for (int hh = 0; hh < M->h; hh++) delta(k, M, ly, hh, s->dt + hh, 1);
     }
+    STAGE(st, SB_ST_PREP);
     const float *x = s->xbc, *B = s->xbc + di, *C = s->xbc + di + M->g * N, *z = s->zxd;
     float *ssm = s->ssm + (size_t)i * di * N;
 #pragma omp for schedule(static)
@@ -192,6 +218,7 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         for (int c = 0; c < p; c++) y[c] += ly->D[hh] * xh[c];
         k->mul_silu(y, z + (size_t)hh * p, p);
     }
+    STAGE(st, SB_ST_SCAN);
 #pragma omp single
     { /* the gated RMSNorm over each group's di / g channels (its weight folded into ssm_out) */
         int gs = di / M->g;
@@ -206,28 +233,35 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
             for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
         sb_v2_act_set(s->adi, s->y, 1, q);
     }
+    STAGE(st, SB_ST_PREP);
     sb_linear_vec(k, &ly->out, s->adi, s->h);
+    STAGE(st, SB_ST_OUT);
 }
 
-static void head_vec(const sb_model *m, sb_m2_state *s, const sb_kernels *k, float *logits) {
+static void head_vec(const sb_model *m, sb_m2_state *s, const sb_kernels *k, float *logits, double *st) {
 #pragma omp single
     {
         rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, s->un);
         memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
         sb_v2_act_set(s->ad, s->un, 1, s->quantise);
     }
+    STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &m->head, s->ad, logits);
+    STAGE(st, SB_ST_HEAD);
 }
 
 static void decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *logits, int mode) {
     const sb_kernels *k = sb_active_kernels();
     sb_ssd_head_fn ssd = sb_ssd_head_for(k);
+    double *st = sb_decode_stages ? sb_decode_stages + (size_t)m->info.n_layer * SB_NSTAGE : NULL;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
+        STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
+        STAGE(st, SB_ST_EMBED);
         for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k, ssd);
-        if (mode) head_vec(m, s, k, logits);
+        if (mode) head_vec(m, s, k, logits, st);
     }
 }
 
@@ -360,7 +394,7 @@ static void prefill_chunk(const sb_model *m, sb_m2_state *s, const int32_t *tok,
         for (int t = mode == 2 ? 0 : T - 1; mode && t < T; t++) {
 #pragma omp single
             for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + t];
-            head_vec(m, s, k, logits + (mode == 2 ? (size_t)t * I->vocab_size : 0));
+            head_vec(m, s, k, logits + (mode == 2 ? (size_t)t * I->vocab_size : 0), NULL);
         }
 #pragma omp single
         for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + T - 1];
