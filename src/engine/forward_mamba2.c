@@ -30,13 +30,14 @@ struct sb_m2_state {
     int cap;                           /* prefill: columns (ldx) of the buffers below */
     float *H, *HN, *ZXD, *XBC, *DT, *Y, *BT, *CT, *rs, *grs; /* grs (g, ldx): the group norm's scales */
     float *XQ;                                               /* int8: a product's input quantised (max(d, di), ldx) */
+    float *DTX, *DEC;                                        /* per head Δx token-major (h, ldx, p), exp(Δ A) (h, ldx) */
     sb_v2_act *Ad, *Adi;                                     /* one each: the products read act[0].cm */
 };
 
 static size_t conv_len(const sb_m2 *M) { return (size_t)M->cd * (M->K > 1 ? M->K - 1 : 1); }
 
 static void free_prefill(sb_m2_state *s) {
-    float **bufs[] = {&s->H, &s->HN, &s->ZXD, &s->XBC, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs, &s->grs, &s->XQ};
+    float **bufs[] = {&s->H, &s->HN, &s->ZXD, &s->XBC, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs, &s->grs, &s->XQ, &s->DTX, &s->DEC};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
         free(*bufs[i]);
         *bufs[i] = NULL;
@@ -118,8 +119,9 @@ static int grow_prefill(sb_m2_state *s, int T) {
     s->rs = zalloc(ldx);
     s->grs = zalloc(ldx * (size_t)M->g);
     s->XQ = s->quantise ? zalloc((size_t)pad16(M->d > M->di ? M->d : M->di) * ldx) : NULL;
+    s->DTX = zalloc((size_t)M->di * ldx), s->DEC = zalloc((size_t)M->h * ldx);
     s->Ad = sb_v2_acts_new(M->d, 1), s->Adi = sb_v2_acts_new(M->di, 1);
-    if (!s->H || !s->HN || !s->ZXD || !s->XBC || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs || !s->grs || !s->Ad ||
+    if (!s->DTX || !s->DEC ||!s->H || !s->HN || !s->ZXD || !s->XBC || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs || !s->grs || !s->Ad ||
         !s->Adi || (s->quantise && !s->XQ)) {
         free_prefill(s);
         return SB_ERR_NOMEM;
@@ -278,7 +280,8 @@ static void acts_cm(sb_v2_act *A, const float *X, int ldx, int K, int T, float *
     A->cm = XQ ? XQ : X, A->ldc = ldx;
 }
 
-static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const sb_kernels *k, sb_ssd_head_fn ssd) {
+static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const sb_kernels *k, sb_ssd_head_fn ssd,
+                          sb_ssd_chunk_fn ssd_chunk) {
     const sb_m2 *M = m->m2;
     const sb_m2_layer *ly = &M->layers[i];
     int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, g = M->g, gN = g * N, ldx = s->cap;
@@ -341,7 +344,18 @@ static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const
     for (int hh = 0; hh < M->h; hh++) {
         float dtx[64], yt[64]; /* p channels at a time, in pieces of 64 */
         int grp = hh / r;
-        for (int t = 0; t < T; t++) {
+        if (ssd_chunk) { /* the head over the whole chunk at once: Δx token-major, the decays, then D skip */
+            float *dx = s->DTX + (size_t)hh * p * ldx, *dec = s->DEC + (size_t)hh * ldx;
+            const float *dtr = s->DT + (size_t)hh * ldx;
+            for (int t = 0; t < T; t++) dec[t] = expf(dtr[t] * ly->A[hh]);
+            for (int c = 0; c < p; c++)
+                for (int t = 0; t < T; t++) dx[(size_t)t * p + c] = dtr[t] * s->XBC[(size_t)(hh * p + c) * ldx + t];
+            ssd_chunk(p, N, T, dec, dx, s->BT + (size_t)grp * N, s->CT + (size_t)grp * N, gN, ssm + (size_t)hh * p * N,
+                      s->Y + (size_t)hh * p * ldx, ldx);
+            for (int c = hh * p; c < (hh + 1) * p; c++)
+                for (int t = 0; t < T; t++) s->Y[(size_t)c * ldx + t] += ly->D[hh] * s->XBC[(size_t)c * ldx + t];
+        }
+        for (int t = 0; t < T && !ssd_chunk; t++) {
             float dt = s->DT[(size_t)hh * ldx + t], decay = expf(dt * ly->A[hh]);
             for (int c0 = 0; c0 < p; c0 += 64) {
                 int pc = p - c0 < 64 ? p - c0 : 64;
@@ -382,6 +396,7 @@ static void prefill_chunk(const sb_model *m, sb_m2_state *s, const int32_t *tok,
     const sb_info *I = &m->info;
     const sb_kernels *k = sb_active_kernels();
     sb_ssd_head_fn ssd = sb_ssd_head_for(k);
+    sb_ssd_chunk_fn ssd_chunk = sb_ssd_chunk_for(k, m->m2->p, m->m2->N);
     int d = I->d_model, ldx = s->cap;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
@@ -390,7 +405,7 @@ static void prefill_chunk(const sb_model *m, sb_m2_state *s, const int32_t *tok,
             sb_v2_row(&m->embd.w.cls[0], tok[t], s->h);
             for (int c = 0; c < d; c++) s->H[(size_t)c * ldx + t] = s->h[c];
         }
-        for (int i = 0; i < I->n_layer; i++) prefill_layer(m, s, i, T, k, ssd);
+        for (int i = 0; i < I->n_layer; i++) prefill_layer(m, s, i, T, k, ssd, ssd_chunk);
         for (int t = mode == 2 ? 0 : T - 1; mode && t < T; t++) {
 #pragma omp single
             for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + t];

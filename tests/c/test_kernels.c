@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "mamba2.h"
 
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 static uint64_t next_u64(void) { /* splitmix64 */
@@ -261,6 +262,35 @@ static void test_scan_chunk(int N, int T, int c0, int c1) {
     free(A), free(D), free(dt), free(x), free(B), free(C), free(sr), free(sk), free(yk);
 }
 
+/* Mamba-2 prefill: the family's whole-chunk SSD of one head (where it has one) against the reference's,
+ * token after token; T past the kernel's 256-token buffer */
+static void test_ssd_chunk(int p, int N, int T) {
+    sb_ssd_chunk_fn f = sb_ssd_chunk_for(K, p, N);
+    if (!f) return;
+    int ldbc = N + 3, ldy = T + 1;
+    float *dec = malloc(sizeof(float) * (size_t)T), *dtx = malloc(sizeof(float) * (size_t)T * p),
+          *B = malloc(sizeof(float) * (size_t)T * ldbc), *C = malloc(sizeof(float) * (size_t)T * ldbc),
+          *sr = malloc(sizeof(float) * (size_t)p * N), *sk = malloc(sizeof(float) * (size_t)p * N),
+          *yr = calloc((size_t)p * ldy, sizeof(float)), *yk = calloc((size_t)p * ldy, sizeof(float));
+    for (int t = 0; t < T; t++) dec[t] = uniform(0.5f, 1.0f);
+    for (int i = 0; i < T * p; i++) dtx[i] = uniform(-0.5f, 0.5f);
+    for (int i = 0; i < T * ldbc; i++) B[i] = uniform(-1.0f, 1.0f), C[i] = uniform(-1.0f, 1.0f);
+    for (int i = 0; i < p * N; i++) sr[i] = sk[i] = uniform(-1.0f, 1.0f);
+    sb_ssd_chunk_ref(p, N, T, dec, dtx, B, C, ldbc, sr, yr, ldy);
+    f(p, N, T, dec, dtx, B, C, ldbc, sk, yk, ldy);
+    char what[96];
+    for (int c = 0; c < p; c++)
+        for (int t = 0; t < T; t++) {
+            snprintf(what, sizeof what, "ssd_chunk p=%d N=%d T=%d: channel %d token %d", p, N, T, c, t);
+            check(what, yk[(size_t)c * ldy + t], yr[(size_t)c * ldy + t], 1e-5, 0.5 * N);
+        }
+    for (int i = 0; i < p * N; i++) {
+        snprintf(what, sizeof what, "ssd_chunk p=%d N=%d T=%d: final state %d", p, N, T, i);
+        check(what, sk[i], sr[i], 1e-5, fabsf(sr[i]) + 0.1f);
+    }
+    free(dec), free(dtx), free(B), free(C), free(sr), free(sk), free(yr), free(yk);
+}
+
 static void test_read_sum(size_t n) {
     float *x = aligned_alloc(64, sizeof(float) * n);
     double want = 0.0, mag = 0.0;
@@ -340,6 +370,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof NS / sizeof *NS; i++) test_scan_step(NS[i]);
     test_scan_chunk(16, 21, 0, 16), test_scan_chunk(16, 3, 5, 8), test_scan_chunk(5, 21, 3, 17);
     test_scan_chunk(33, 9, 0, 11), test_scan_chunk(70, 4, 1, 3);
+    test_ssd_chunk(16, 16, 5), test_ssd_chunk(32, 48, 21), test_ssd_chunk(16, 32, 300);
     test_read_sum(64), test_read_sum(640), test_read_sum(64 * 1001);
     static const int QK[] = {1, 5, 64, 200, 1536};
     for (size_t i = 0; i < sizeof QK / sizeof *QK; i++) test_quantise(QK[i]);

@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "engine.h"
+#include "mamba2.h"
 
 /* expf for x <= 0: simd.h's v_exp_neg in 16 lanes (same reduction and polynomial, relative error
  * about 2e-7; below -87 the result flushes to 0) */
@@ -107,5 +108,42 @@ void sb_scan_chunk_avx512(int N, int T, const float *A, const float *D, const fl
         else scan16(N, T, at, h, vD, dt + o, x + o, rows, m, B, C, y + o);
         for (int n = 0; n < N; n++)
             for (int l = 0; l < mc; l++) s[(size_t)(g0 + l) * N + n] = h[16 * n + l];
+    }
+}
+
+/* Mamba-2 prefill (mamba2.h, sb_ssd_chunk_fn): per block of 16 channels and 16 states, the block's state
+ * transposed into 16 registers (register n: state n of the 16 channels) and run over all T tokens:
+ * per token and state one multiply of the channels' dtx by B_t[n] broadcast, one FMA with the decay and
+ * one FMA of C_t[n] into the output, so the state stays in registers and no sum is horizontal. The
+ * outputs of a token add up over the N / 16 state blocks in a small token-major buffer. */
+void sb_ssd_chunk_avx512(int p, int N, int T, const float *decay, const float *dtx, const float *B, const float *C,
+                         int ldbc, float *S, float *y, int ldy) {
+    _Alignas(64) float ybuf[256 * 16], blk[16 * 16];
+    for (int t0 = 0; t0 < T; t0 += 256) {
+        int nt = T - t0 < 256 ? T - t0 : 256;
+        for (int c0 = 0; c0 < p; c0 += 16) {
+            for (int n0 = 0; n0 < N; n0 += 16) {
+                __m512 h[16];
+                for (int l = 0; l < 16; l++) /* S[c0 + l][n0 .. n0 + 15] -> column l of blk */
+                    for (int n = 0; n < 16; n++) blk[16 * n + l] = S[(size_t)(c0 + l) * N + n0 + n];
+                for (int n = 0; n < 16; n++) h[n] = _mm512_load_ps(blk + 16 * n);
+                for (int t = 0; t < nt; t++) {
+                    const float *Bt = B + (size_t)(t0 + t) * ldbc + n0, *Ct = C + (size_t)(t0 + t) * ldbc + n0;
+                    __m512 d = _mm512_set1_ps(decay[t0 + t]), x = _mm512_loadu_ps(dtx + (size_t)(t0 + t) * p + c0);
+                    __m512 acc = n0 ? _mm512_load_ps(ybuf + 16 * t) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+                    for (int n = 0; n < 16; n++) {
+                        h[n] = _mm512_fmadd_ps(d, h[n], _mm512_mul_ps(x, _mm512_set1_ps(Bt[n])));
+                        acc = _mm512_fmadd_ps(h[n], _mm512_set1_ps(Ct[n]), acc);
+                    }
+                    _mm512_store_ps(ybuf + 16 * t, acc);
+                }
+                for (int n = 0; n < 16; n++) _mm512_store_ps(blk + 16 * n, h[n]);
+                for (int l = 0; l < 16; l++)
+                    for (int n = 0; n < 16; n++) S[(size_t)(c0 + l) * N + n0 + n] = blk[16 * n + l];
+            }
+            for (int l = 0; l < 16; l++) /* the token-major outputs into y's channel rows */
+                for (int t = 0; t < nt; t++) y[(size_t)(c0 + l) * ldy + t0 + t] = ybuf[16 * t + l];
+        }
     }
 }
