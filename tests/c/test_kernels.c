@@ -370,7 +370,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < sizeof NS / sizeof *NS; i++) test_scan_step(NS[i]);
     test_scan_chunk(16, 21, 0, 16), test_scan_chunk(16, 3, 5, 8), test_scan_chunk(5, 21, 3, 17);
     test_scan_chunk(33, 9, 0, 11), test_scan_chunk(70, 4, 1, 3);
-    test_ssd_chunk(16, 16, 5), test_ssd_chunk(32, 48, 21), test_ssd_chunk(16, 32, 300);
+    test_ssd_chunk(16, 16, 5), test_ssd_chunk(32, 48, 21), test_ssd_chunk(16, 32, 300), test_ssd_chunk(8, 24, 9);
     test_read_sum(64), test_read_sum(640), test_read_sum(64 * 1001);
     static const int QK[] = {1, 5, 64, 200, 1536};
     for (size_t i = 0; i < sizeof QK / sizeof *QK; i++) test_quantise(QK[i]);

@@ -39,6 +39,7 @@ void sb_ssd_chunk_ref(int p, int N, int T, const float *decay, const float *dtx,
 sb_ssd_chunk_fn sb_ssd_chunk_for(const sb_kernels *k, int p, int N) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (k == &sb_kernels_avx512 && p % 16 == 0 && N % 16 == 0) return sb_ssd_chunk_avx512;
+    if ((k == &sb_kernels_avx2 || k == &sb_kernels_avx512) && p % 8 == 0 && N % 8 == 0) return sb_ssd_chunk_avx2;
 #endif
     (void)k, (void)p, (void)N;
     return NULL;
