@@ -231,3 +231,20 @@ def test_simd_families_match_the_scalar_reference(compiled, isa):
         out[f + "-decode"] = np.stack([eng.decode(t) for t in ids])
     assert rel_err(out[isa], out["scalar"])[0] <= 2e-6
     assert rel_err(out[isa + "-decode"], out["scalar-decode"])[0] <= 2e-6
+
+
+def test_decode_stages_of_a_mamba2(compiled):
+    from sparsamba.runtime.profile import decode_stages, stages_table
+
+    path = compiled["g3-p5-N7-bias", True, "f16"][0]
+    with Engine(path, threads=1) as eng:
+        r = decode_stages(eng, 6)
+    blocks = r["blocks"]
+    # Mamba-2 has no x_proj / dt_proj: those stay empty, the others hold the step's time
+    assert all(b["x_proj"] == 0 and b["dt_proj"] == 0 for b in blocks)
+    assert all(b[k] > 0 for b in blocks for k in ("norm", "in_proj", "conv", "prep", "scan", "out_proj"))
+    stages = [v for b in blocks for v in b.values()] + list(r["top"].values())
+    assert 0.9 * r["total"] <= sum(stages) <= 1.001 * r["total"]
+    assert all(b["in_proj"] > 0 and b["out_proj"] > 0 for b in r["bytes"]["blocks"])
+    table = stages_table(r)
+    assert "| scan |" in table and "x_proj" not in table

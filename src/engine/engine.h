@@ -49,6 +49,12 @@ typedef struct {
     void (*softplus)(float *x, int n);               /* x = log(1 + e^x) (x above 20 stays x) */
     void (*mul_silu)(float *y, const float *z, int n); /* y = y * silu(z): the gate */
     float (*read_sum)(const float *x, size_t n);     /* sum of n (a multiple of 64) floats: the bandwidth probe */
+    /* Prefill scan (Mamba-1) of channels [c0, c1) (at most 16) over T tokens, the state carried in s:
+     *     s_c = exp(Δ A_c) * s_c + Δ x B_t,   y = s_c . C_t + D_c x     (Δ = dt[c][t], x = x[c][t])
+     * dt, x, y channel-major rows of stride ld; B, C token-major (T, N); A, s (d_inner, N). NULL in a
+     * family without one: the forward runs scan_step token by token. */
+    void (*scan_chunk)(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
+                       const float *B, const float *C, float *s, float *y, int c0, int c1);
 } sb_kernels;
 
 extern const sb_kernels sb_kernels_ref;
@@ -57,6 +63,8 @@ extern const sb_kernels sb_kernels_avx2;
 extern const sb_kernels sb_kernels_avx512; /* AVX-512 products (VNNI at run time) and scan step, AVX2's other ops */
 void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float *B, const float *C, float *s,
                          float *yc); /* kernels_avx512.c */
+void sb_scan_chunk_avx512(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
+                          const float *B, const float *C, float *s, float *y, int c0, int c1);
 #endif
 #if defined(__aarch64__)
 extern const sb_kernels sb_kernels_neon;

@@ -30,7 +30,8 @@ struct sb_state {
     /* prefill scratch for up to cap columns */
     int cap;
     float *H, *HN, *XZ, *XC, *XDBL, *DT, *Y, *BT, *CT, *rs;
-    sb_v2_act *Ad, *Adi, *Ar; /* (cap,) per token */
+    float *XQ;                /* int8: a product's input quantised, channel-major (max(d, di), cap) */
+    sb_v2_act *Ad, *Adi, *Ar; /* one each: the products read the channel-major activations (act[0].cm) */
     sb_m2_state *m2;          /* a Mamba-2 model's state (forward_mamba2.c); the fields above stay NULL */
 };
 
@@ -45,7 +46,7 @@ static void fill_bias(float *y, const float *bias, int n) {
 /* ---------------------------------------------------------------- state */
 
 static void free_prefill(sb_state *s) {
-    float **bufs[] = {&s->H, &s->HN, &s->XZ, &s->XC, &s->XDBL, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs};
+    float **bufs[] = {&s->H, &s->HN, &s->XZ, &s->XC, &s->XDBL, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs, &s->XQ};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
         free(*bufs[i]);
         *bufs[i] = NULL;
@@ -114,6 +115,15 @@ oom:
     return SB_ERR_NOMEM;
 }
 
+/* zeroed floats, 64-byte aligned (calloc's large blocks start 16 bytes into a page: every vector load of
+ * a channel row would straddle two cache lines) */
+static float *zalloc(size_t n) {
+    size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+    float *p = aligned_alloc(64, bytes ? bytes : 64);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
 static int grow_prefill(sb_state *s, int T) {
     if (T <= s->cap) return SB_OK;
     free_prefill(s);
@@ -121,22 +131,23 @@ static int grow_prefill(sb_state *s, int T) {
     int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank;
     /* rows a multiple of 8 floats apart, but not of 64: a power-of-two stride would put every
      * channel row of a GEMM slab in the same few L1 sets */
-    size_t ldx = (size_t)(T + 7) / 8 * 8;
-    if (ldx % 64 == 0) ldx += 8;
+    size_t ldx = (size_t)(T + 15) / 16 * 16; /* every channel row 64-byte aligned: the products load whole lines */
+    if (ldx % 64 == 0) ldx += 16;
     /* calloc: padding rows must read as zeros, and padding columns must hold numbers */
-    s->H = calloc((size_t)pad16(d) * ldx, sizeof(float));
-    s->HN = calloc((size_t)pad16(d) * ldx, sizeof(float));
-    s->XZ = calloc((size_t)pad16(2 * di) * ldx, sizeof(float));
-    s->XC = calloc((size_t)pad16(di) * ldx, sizeof(float));
-    s->XDBL = calloc((size_t)pad16(R + 2 * N) * ldx, sizeof(float));
-    s->DT = calloc((size_t)pad16(di) * ldx, sizeof(float));
-    s->Y = calloc((size_t)pad16(di) * ldx, sizeof(float));
-    s->BT = calloc(ldx * (size_t)N, sizeof(float));
-    s->CT = calloc(ldx * (size_t)N, sizeof(float));
-    s->rs = calloc(ldx, sizeof(float));
-    s->Ad = sb_v2_acts_new(d, (int)ldx), s->Adi = sb_v2_acts_new(di, (int)ldx), s->Ar = sb_v2_acts_new(R, (int)ldx);
+    s->H = zalloc((size_t)pad16(d) * ldx);
+    s->HN = zalloc((size_t)pad16(d) * ldx);
+    s->XZ = zalloc((size_t)pad16(2 * di) * ldx);
+    s->XC = zalloc((size_t)pad16(di) * ldx);
+    s->XDBL = zalloc((size_t)pad16(R + 2 * N) * ldx);
+    s->DT = zalloc((size_t)pad16(di) * ldx);
+    s->Y = zalloc((size_t)pad16(di) * ldx);
+    s->BT = zalloc(ldx * (size_t)N);
+    s->CT = zalloc(ldx * (size_t)N);
+    s->rs = zalloc(ldx);
+    s->XQ = s->quantise ? zalloc((size_t)pad16(d > di ? d : di) * ldx) : NULL;
+    s->Ad = sb_v2_acts_new(d, 1), s->Adi = sb_v2_acts_new(di, 1), s->Ar = sb_v2_acts_new(R, 1);
     if (!s->H || !s->HN || !s->XZ || !s->XC || !s->XDBL || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs ||
-        !s->Ad || !s->Adi || !s->Ar) {
+        (s->quantise && !s->XQ) || !s->Ad || !s->Adi || !s->Ar) {
         free_prefill(s);
         return SB_ERR_NOMEM;
     }
@@ -269,17 +280,23 @@ static void decode_token(const sb_model *m, sb_state *s, int32_t tok, float *log
 
 /* ---------------------------------------------------------------- prefill: T tokens at once */
 
-/* activations of column t of channel-major X (rows [0, K)) for every t < T, one token per thread */
-static void acts_set(sb_v2_act *A, const float *X, int ldx, int T, int q) {
+/* The products of a chunk read channel-major X (rows [0, K), T columns) in place (A->cm); an int8 model's
+ * quantised first into XQ, chunks of 64 rows over the threads. Ends in a barrier. */
+static void acts_cm(sb_v2_act *A, const float *X, int ldx, int K, int T, float *XQ) {
+    if (XQ) {
+        int nch = (K + SB_V2_CHUNK - 1) / SB_V2_CHUNK;
 #pragma omp for schedule(static)
-    for (int t = 0; t < T; t++) sb_v2_act_set(&A[t], X + t, ldx, q);
+        for (int ch = 0; ch < nch; ch++) sb_v2_cm_quantise(X, ldx, K, T, XQ, ldx, ch, ch + 1);
+    }
+#pragma omp single
+    A->cm = XQ ? XQ : X, A->ldc = ldx;
 }
 
 /* every thread of the team runs this */
 static void prefill_layer(const sb_model *m, sb_state *s, int i, int T, const sb_kernels *k) {
     const sb_info *I = &m->info;
     const sb_layer *ly = &m->layers[i];
-    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, ldx = s->cap, q = s->quantise;
+    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, ldx = s->cap;
 #pragma omp single
     { /* RMSNorm: the per-token scale */
         for (int t = 0; t < T; t++) s->rs[t] = 0.0f;
@@ -297,14 +314,14 @@ static void prefill_layer(const sb_model *m, sb_state *s, int i, int T, const sb
         float b = ly->in.bias ? ly->in.bias[c] : 0.0f;
         for (int t = 0; t < ldx; t++) s->XZ[(size_t)c * ldx + t] = b;
     }
-    acts_set(s->Ad, s->HN, ldx, T, q);
+    acts_cm(s->Ad, s->HN, ldx, d, T, s->XQ);
     sb_linear_mat(k, &ly->in, s->Ad, T, s->XZ, ldx);
     float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
 #pragma omp for schedule(static)
     for (int c = 0; c < di; c++) { /* conv1d + SiLU over the chunk, carried window first */
         const float *w = ly->conv_w + (size_t)c * K, *x = s->XZ + (size_t)c * ldx;
         float *st = cst + (size_t)c * (K - 1), *xc = s->XC + (size_t)c * ldx;
-        for (int t = 0; t < T; t++) {
+        for (int t = 0; t < T && t < K - 1; t++) { /* the first K-1 outputs reach into the carried window */
             float acc = ly->conv_b[c];
             for (int j = 0; j < K; j++) {
                 int src = t - (K - 1) + j; /* < 0: from the carried window */
@@ -312,6 +329,9 @@ static void prefill_layer(const sb_model *m, sb_state *s, int i, int T, const sb
             }
             xc[t] = acc;
         }
+        for (int t = K - 1; t < T; t++) xc[t] = ly->conv_b[c];
+        for (int j = 0; j < K; j++) /* the rest tap by tap: loops over t that vectorise */
+            for (int t = K - 1; t < T; t++) xc[t] += w[j] * x[t - (K - 1) + j];
         k->silu(xc, T);
         for (int j = 0; j < K - 1; j++) { /* the new window: the last K-1 inputs */
             int src = T - (K - 1) + j;
@@ -320,12 +340,12 @@ static void prefill_layer(const sb_model *m, sb_state *s, int i, int T, const sb
     }
 #pragma omp single nowait
     memset(s->XDBL, 0, sizeof(float) * (size_t)(R + 2 * N) * ldx);
-    acts_set(s->Adi, s->XC, ldx, T, q); /* ends in a barrier: XDBL is zero after it */
+    acts_cm(s->Adi, s->XC, ldx, di, T, s->XQ); /* ends in a barrier: XDBL is zero after it */
     sb_linear_mat(k, &ly->x, s->Adi, T, s->XDBL, ldx);
 #pragma omp for schedule(static) nowait
     for (int c = 0; c < di; c++)
         for (int t = 0; t < ldx; t++) s->DT[(size_t)c * ldx + t] = ly->dt_bias[c];
-    acts_set(s->Ar, s->XDBL, ldx, T, q); /* Δr: rows [0, R) of XDBL */
+    acts_cm(s->Ar, s->XDBL, ldx, R, T, s->XQ); /* Δr: rows [0, R) of XDBL */
     sb_linear_mat(k, &ly->dt, s->Ar, T, s->DT, ldx);
 #pragma omp for schedule(static)
     for (int t = 0; t < T; t++) /* B, C token-major: the scan reads all N of one token at once */
@@ -335,23 +355,26 @@ static void prefill_layer(const sb_model *m, sb_state *s, int i, int T, const sb
         }
     float *ssm = s->ssm + (size_t)i * di * N;
 #pragma omp for schedule(static)
-    for (int c = 0; c < di; c++) {
-        const float *A = ly->A + (size_t)c * N, *xc = s->XC + (size_t)c * ldx, *z = s->XZ + (size_t)(di + c) * ldx;
-        float *dtr = s->DT + (size_t)c * ldx, *y = s->Y + (size_t)c * ldx, *h = ssm + (size_t)c * N;
-        k->softplus(dtr, T);
-        for (int t = 0; t < T; t++) {
-            float dt = dtr[t], yc;
-            k->scan_step(N, A, dt, dt * xc[t], s->BT + (size_t)t * N, s->CT + (size_t)t * N, h, &yc);
-            y[t] = yc + ly->D[c] * xc[t];
-        }
-        k->mul_silu(y, z, T);
+    for (int c0 = 0; c0 < di; c0 += 16) { /* softplus, the scan + D skip (16 channels at once), the SiLU(z) gate */
+        int c1 = c0 + 16 < di ? c0 + 16 : di;
+        for (int c = c0; c < c1; c++) k->softplus(s->DT + (size_t)c * ldx, T);
+        if (k->scan_chunk) k->scan_chunk(N, T, ly->A, ly->D, s->DT, s->XC, ldx, s->BT, s->CT, ssm, s->Y, c0, c1);
+        else
+            for (int c = c0; c < c1; c++)
+                for (int t = 0; t < T; t++) {
+                    float dt = s->DT[(size_t)c * ldx + t], xc = s->XC[(size_t)c * ldx + t], yc;
+                    k->scan_step(N, ly->A + (size_t)c * N, dt, dt * xc, s->BT + (size_t)t * N, s->CT + (size_t)t * N,
+                                 ssm + (size_t)c * N, &yc);
+                    s->Y[(size_t)c * ldx + t] = yc + ly->D[c] * xc;
+                }
+        for (int c = c0; c < c1; c++) k->mul_silu(s->Y + (size_t)c * ldx, s->XZ + (size_t)(di + c) * ldx, T);
     }
     if (ly->out.bias) {
 #pragma omp for schedule(static) nowait
         for (int c = 0; c < d; c++)
             for (int t = 0; t < T; t++) s->H[(size_t)c * ldx + t] += ly->out.bias[c];
     }
-    acts_set(s->Adi, s->Y, ldx, T, q);
+    acts_cm(s->Adi, s->Y, ldx, di, T, s->XQ);
     sb_linear_mat(k, &ly->out, s->Adi, T, s->H, ldx);
 }
 

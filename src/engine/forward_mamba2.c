@@ -29,13 +29,15 @@ struct sb_m2_state {
     sb_v2_act *ad, *adi;
     int cap;                           /* prefill: columns (ldx) of the buffers below */
     float *H, *HN, *ZXD, *XBC, *DT, *Y, *BT, *CT, *rs, *grs; /* grs (g, ldx): the group norm's scales */
-    sb_v2_act *Ad, *Adi;
+    float *XQ;                                               /* int8: a product's input quantised (max(d, di), ldx) */
+    float *DTX, *DEC;                                        /* per head Δx token-major (h, ldx, p), exp(Δ A) (h, ldx) */
+    sb_v2_act *Ad, *Adi;                                     /* one each: the products read act[0].cm */
 };
 
 static size_t conv_len(const sb_m2 *M) { return (size_t)M->cd * (M->K > 1 ? M->K - 1 : 1); }
 
 static void free_prefill(sb_m2_state *s) {
-    float **bufs[] = {&s->H, &s->HN, &s->ZXD, &s->XBC, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs, &s->grs};
+    float **bufs[] = {&s->H, &s->HN, &s->ZXD, &s->XBC, &s->DT, &s->Y, &s->BT, &s->CT, &s->rs, &s->grs, &s->XQ, &s->DTX, &s->DEC};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
         free(*bufs[i]);
         *bufs[i] = NULL;
@@ -91,25 +93,36 @@ oom:
     return SB_ERR_NOMEM;
 }
 
+/* zeroed floats, 64-byte aligned (calloc's large blocks start 16 bytes into a page: every vector load of
+ * a channel row would straddle two cache lines) */
+static float *zalloc(size_t n) {
+    size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+    float *p = aligned_alloc(64, bytes ? bytes : 64);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
 static int grow_prefill(sb_m2_state *s, int T) {
     if (T <= s->cap) return SB_OK;
     free_prefill(s);
     const sb_m2 *M = s->m->m2;
-    size_t ldx = (size_t)(T + 7) / 8 * 8;
-    if (ldx % 64 == 0) ldx += 8; /* not a power-of-two stride (forward.c) */
-    s->H = calloc((size_t)pad16(M->d) * ldx, sizeof(float));
-    s->HN = calloc((size_t)pad16(M->d) * ldx, sizeof(float));
-    s->ZXD = calloc((size_t)pad16(M->n_in) * ldx, sizeof(float));
-    s->XBC = calloc((size_t)pad16(M->cd) * ldx, sizeof(float));
-    s->DT = calloc((size_t)pad16(M->h) * ldx, sizeof(float));
-    s->Y = calloc((size_t)pad16(M->di) * ldx, sizeof(float));
-    s->BT = calloc(ldx * (size_t)M->g * M->N, sizeof(float));
-    s->CT = calloc(ldx * (size_t)M->g * M->N, sizeof(float));
-    s->rs = calloc(ldx, sizeof(float));
-    s->grs = calloc(ldx * (size_t)M->g, sizeof(float));
-    s->Ad = sb_v2_acts_new(M->d, (int)ldx), s->Adi = sb_v2_acts_new(M->di, (int)ldx);
-    if (!s->H || !s->HN || !s->ZXD || !s->XBC || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs || !s->grs || !s->Ad ||
-        !s->Adi) {
+    size_t ldx = (size_t)(T + 15) / 16 * 16; /* every channel row 64-byte aligned: the products load whole lines */
+    if (ldx % 64 == 0) ldx += 16; /* not a power-of-two stride (forward.c) */
+    s->H = zalloc((size_t)pad16(M->d) * ldx);
+    s->HN = zalloc((size_t)pad16(M->d) * ldx);
+    s->ZXD = zalloc((size_t)pad16(M->n_in) * ldx);
+    s->XBC = zalloc((size_t)pad16(M->cd) * ldx);
+    s->DT = zalloc((size_t)pad16(M->h) * ldx);
+    s->Y = zalloc((size_t)pad16(M->di) * ldx);
+    s->BT = zalloc(ldx * (size_t)M->g * M->N);
+    s->CT = zalloc(ldx * (size_t)M->g * M->N);
+    s->rs = zalloc(ldx);
+    s->grs = zalloc(ldx * (size_t)M->g);
+    s->XQ = s->quantise ? zalloc((size_t)pad16(M->d > M->di ? M->d : M->di) * ldx) : NULL;
+    s->DTX = zalloc((size_t)M->di * ldx), s->DEC = zalloc((size_t)M->h * ldx);
+    s->Ad = sb_v2_acts_new(M->d, 1), s->Adi = sb_v2_acts_new(M->di, 1);
+    if (!s->DTX || !s->DEC ||!s->H || !s->HN || !s->ZXD || !s->XBC || !s->DT || !s->Y || !s->BT || !s->CT || !s->rs || !s->grs || !s->Ad ||
+        !s->Adi || (s->quantise && !s->XQ)) {
         free_prefill(s);
         return SB_ERR_NOMEM;
     }
@@ -138,9 +151,31 @@ static void delta(const sb_kernels *k, const sb_m2 *M, const sb_m2_layer *ly, in
 
 /* ---------------------------------------------------------------- decode: one token */
 
+/* Stage timing for sb_profile_decode, as forward.c's (engine.h: SB_ST_*): while sb_decode_stages is set
+ * the team syncs at the end of each stage and one thread adds the seconds since the previous mark.
+ * Mamba-2's stages: norm, in_proj, conv (+ SiLU), prep (Δ: dt bias, softplus, clamp; then the gated norm
+ * and out_proj's activations), scan (state step, D skip, SiLU(z) gate), out_proj, and the head's. */
+static double g_stage_t;
+
+static void stage_mark(double *st, int stage) {
+    double t = sb_now();
+    if (stage < SB_NSTAGE) st[stage] += t - g_stage_t;
+    g_stage_t = t;
+}
+
+#define STAGE(st, stage)                                                                                     \
+    do {                                                                                                    \
+        if (st) {                                                                                           \
+            _Pragma("omp barrier");                                                                         \
+            _Pragma("omp master") stage_mark(st, stage);                                                    \
+            _Pragma("omp barrier");                                                                         \
+        }                                                                                                   \
+    } while (0)
+
 static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kernels *k, sb_ssd_head_fn ssd) {
     const sb_m2 *M = m->m2;
     const sb_m2_layer *ly = &M->layers[i];
+    double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
     int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, q = s->quantise;
     int r = M->h / M->g;
 #pragma omp single
@@ -149,7 +184,9 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         fill_bias(s->zxd, ly->in.bias, M->n_in);
         sb_v2_act_set(s->ad, s->un, 1, q);
     }
+    STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &ly->in, s->ad, s->zxd);
+    STAGE(st, SB_ST_IN);
     float *cst = s->conv + (size_t)i * conv_len(M);
 #pragma omp for schedule(static)
     for (int c0 = 0; c0 < cd; c0 += 64) { /* conv1d over x, B, C + SiLU, window shifted in place */
@@ -164,11 +201,13 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         }
         k->silu(s->xbc + c0, c1 - c0);
     }
+    STAGE(st, SB_ST_CONV);
 #pragma omp single
     {
         memcpy(s->dt, s->zxd + di + cd, sizeof(float) * (size_t)M->h);
         for (int hh = 0; hh < M->h; hh++) delta(k, M, ly, hh, s->dt + hh, 1);
     }
+    STAGE(st, SB_ST_PREP);
     const float *x = s->xbc, *B = s->xbc + di, *C = s->xbc + di + M->g * N, *z = s->zxd;
     float *ssm = s->ssm + (size_t)i * di * N;
 #pragma omp for schedule(static)
@@ -181,6 +220,7 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         for (int c = 0; c < p; c++) y[c] += ly->D[hh] * xh[c];
         k->mul_silu(y, z + (size_t)hh * p, p);
     }
+    STAGE(st, SB_ST_SCAN);
 #pragma omp single
     { /* the gated RMSNorm over each group's di / g channels (its weight folded into ssm_out) */
         int gs = di / M->g;
@@ -195,43 +235,57 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
             for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
         sb_v2_act_set(s->adi, s->y, 1, q);
     }
+    STAGE(st, SB_ST_PREP);
     sb_linear_vec(k, &ly->out, s->adi, s->h);
+    STAGE(st, SB_ST_OUT);
 }
 
-static void head_vec(const sb_model *m, sb_m2_state *s, const sb_kernels *k, float *logits) {
+static void head_vec(const sb_model *m, sb_m2_state *s, const sb_kernels *k, float *logits, double *st) {
 #pragma omp single
     {
         rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, s->un);
         memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
         sb_v2_act_set(s->ad, s->un, 1, s->quantise);
     }
+    STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &m->head, s->ad, logits);
+    STAGE(st, SB_ST_HEAD);
 }
 
 static void decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *logits, int mode) {
     const sb_kernels *k = sb_active_kernels();
     sb_ssd_head_fn ssd = sb_ssd_head_for(k);
+    double *st = sb_decode_stages ? sb_decode_stages + (size_t)m->info.n_layer * SB_NSTAGE : NULL;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
+        STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
+        STAGE(st, SB_ST_EMBED);
         for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k, ssd);
-        if (mode) head_vec(m, s, k, logits);
+        if (mode) head_vec(m, s, k, logits, st);
     }
 }
 
 /* ---------------------------------------------------------------- prefill: T tokens at once */
 
-static void acts_set(sb_v2_act *A, const float *X, int ldx, int T, int q) {
+/* the products read channel-major X in place (A->cm), an int8 model's quantised into XQ first (forward.c) */
+static void acts_cm(sb_v2_act *A, const float *X, int ldx, int K, int T, float *XQ) {
+    if (XQ) {
+        int nch = (K + SB_V2_CHUNK - 1) / SB_V2_CHUNK;
 #pragma omp for schedule(static)
-    for (int t = 0; t < T; t++) sb_v2_act_set(&A[t], X + t, ldx, q);
+        for (int ch = 0; ch < nch; ch++) sb_v2_cm_quantise(X, ldx, K, T, XQ, ldx, ch, ch + 1);
+    }
+#pragma omp single
+    A->cm = XQ ? XQ : X, A->ldc = ldx;
 }
 
-static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const sb_kernels *k, sb_ssd_head_fn ssd) {
+static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const sb_kernels *k, sb_ssd_head_fn ssd,
+                          sb_ssd_chunk_fn ssd_chunk) {
     const sb_m2 *M = m->m2;
     const sb_m2_layer *ly = &M->layers[i];
     int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, g = M->g, gN = g * N, ldx = s->cap;
-    int q = s->quantise, r = M->h / g;
+    int r = M->h / g;
 #pragma omp single
     {
         for (int t = 0; t < T; t++) s->rs[t] = 0.0f;
@@ -249,21 +303,24 @@ static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const
         float b = ly->in.bias ? ly->in.bias[c] : 0.0f;
         for (int t = 0; t < ldx; t++) s->ZXD[(size_t)c * ldx + t] = b;
     }
-    acts_set(s->Ad, s->HN, ldx, T, q);
+    acts_cm(s->Ad, s->HN, ldx, d, T, s->XQ);
     sb_linear_mat(k, &ly->in, s->Ad, T, s->ZXD, ldx);
     float *cst = s->conv + (size_t)i * conv_len(M);
 #pragma omp for schedule(static)
     for (int c = 0; c < cd; c++) { /* conv1d + SiLU over the chunk, the carried window first */
         const float *w = ly->conv_w + (size_t)c * K, *x = s->ZXD + (size_t)(di + c) * ldx;
         float *st = cst + (size_t)c * (K - 1), *xc = s->XBC + (size_t)c * ldx;
-        for (int t = 0; t < T; t++) {
+        for (int t = 0; t < T && t < K - 1; t++) { /* the first K-1 outputs reach into the carried window */
             float acc = ly->conv_b[c];
             for (int j = 0; j < K; j++) {
-                int src = t - (K - 1) + j;
+                int src = t - (K - 1) + j; /* < 0: from the carried window */
                 acc += w[j] * (src >= 0 ? x[src] : st[K - 1 + src]);
             }
             xc[t] = acc;
         }
+        for (int t = K - 1; t < T; t++) xc[t] = ly->conv_b[c];
+        for (int j = 0; j < K; j++) /* the rest tap by tap: loops over t that vectorise */
+            for (int t = K - 1; t < T; t++) xc[t] += w[j] * x[t - (K - 1) + j];
         k->silu(xc, T);
         for (int j = 0; j < K - 1; j++) {
             int src = T - (K - 1) + j;
@@ -287,7 +344,18 @@ static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const
     for (int hh = 0; hh < M->h; hh++) {
         float dtx[64], yt[64]; /* p channels at a time, in pieces of 64 */
         int grp = hh / r;
-        for (int t = 0; t < T; t++) {
+        if (ssd_chunk) { /* the head over the whole chunk at once: Δx token-major, the decays, then D skip */
+            float *dx = s->DTX + (size_t)hh * p * ldx, *dec = s->DEC + (size_t)hh * ldx;
+            const float *dtr = s->DT + (size_t)hh * ldx;
+            for (int t = 0; t < T; t++) dec[t] = expf(dtr[t] * ly->A[hh]);
+            for (int c = 0; c < p; c++)
+                for (int t = 0; t < T; t++) dx[(size_t)t * p + c] = dtr[t] * s->XBC[(size_t)(hh * p + c) * ldx + t];
+            ssd_chunk(p, N, T, dec, dx, s->BT + (size_t)grp * N, s->CT + (size_t)grp * N, gN, ssm + (size_t)hh * p * N,
+                      s->Y + (size_t)hh * p * ldx, ldx);
+            for (int c = hh * p; c < (hh + 1) * p; c++)
+                for (int t = 0; t < T; t++) s->Y[(size_t)c * ldx + t] += ly->D[hh] * s->XBC[(size_t)c * ldx + t];
+        }
+        for (int t = 0; t < T && !ssd_chunk; t++) {
             float dt = s->DT[(size_t)hh * ldx + t], decay = expf(dt * ly->A[hh]);
             for (int c0 = 0; c0 < p; c0 += 64) {
                 int pc = p - c0 < 64 ? p - c0 : 64;
@@ -320,7 +388,7 @@ static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const
         for (int c = 0; c < d; c++)
             for (int t = 0; t < T; t++) s->H[(size_t)c * ldx + t] += ly->out.bias[c];
     }
-    acts_set(s->Adi, s->Y, ldx, T, q);
+    acts_cm(s->Adi, s->Y, ldx, di, T, s->XQ);
     sb_linear_mat(k, &ly->out, s->Adi, T, s->H, ldx);
 }
 
@@ -328,6 +396,7 @@ static void prefill_chunk(const sb_model *m, sb_m2_state *s, const int32_t *tok,
     const sb_info *I = &m->info;
     const sb_kernels *k = sb_active_kernels();
     sb_ssd_head_fn ssd = sb_ssd_head_for(k);
+    sb_ssd_chunk_fn ssd_chunk = sb_ssd_chunk_for(k, m->m2->p, m->m2->N);
     int d = I->d_model, ldx = s->cap;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
@@ -336,11 +405,11 @@ static void prefill_chunk(const sb_model *m, sb_m2_state *s, const int32_t *tok,
             sb_v2_row(&m->embd.w.cls[0], tok[t], s->h);
             for (int c = 0; c < d; c++) s->H[(size_t)c * ldx + t] = s->h[c];
         }
-        for (int i = 0; i < I->n_layer; i++) prefill_layer(m, s, i, T, k, ssd);
+        for (int i = 0; i < I->n_layer; i++) prefill_layer(m, s, i, T, k, ssd, ssd_chunk);
         for (int t = mode == 2 ? 0 : T - 1; mode && t < T; t++) {
 #pragma omp single
             for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + t];
-            head_vec(m, s, k, logits + (mode == 2 ? (size_t)t * I->vocab_size : 0));
+            head_vec(m, s, k, logits + (mode == 2 ? (size_t)t * I->vocab_size : 0), NULL);
         }
 #pragma omp single
         for (int c = 0; c < d; c++) s->h[c] = s->H[(size_t)c * ldx + T - 1];

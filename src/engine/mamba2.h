@@ -59,4 +59,21 @@ void sb_ssd_head_neon(int p, int N, float decay, const float *dtx, const float *
 /* the SSD step of a kernel family: its SIMD twin, or the scalar reference */
 sb_ssd_head_fn sb_ssd_head_for(const sb_kernels *k);
 
+/* Prefill: one head's state over T tokens (the step above, token after token):
+ *     S[c] = decay[t] * S[c] + dtx[t * p + c] * B_t,   y[c * ldy + t] = S[c] . C_t     (B_t = B + t * ldbc)
+ * The AVX-512 (AVX2) version holds 16 x 16 (8 x 8) channels x states in registers over all T tokens
+ * (channels in lanes, no horizontal sum); it takes p and N multiples of 16 (8); sb_ssd_chunk_for gives
+ * NULL elsewhere, where the forward runs the step per token. sb_ssd_chunk_ref is the definition. */
+typedef void (*sb_ssd_chunk_fn)(int p, int N, int T, const float *decay, const float *dtx, const float *B, const float *C,
+                                int ldbc, float *S, float *y, int ldy);
+void sb_ssd_chunk_ref(int p, int N, int T, const float *decay, const float *dtx, const float *B, const float *C, int ldbc,
+                      float *S, float *y, int ldy);
+#if defined(__x86_64__) || defined(_M_X64)
+void sb_ssd_chunk_avx2(int p, int N, int T, const float *decay, const float *dtx, const float *B, const float *C, int ldbc,
+                       float *S, float *y, int ldy);
+void sb_ssd_chunk_avx512(int p, int N, int T, const float *decay, const float *dtx, const float *B, const float *C,
+                         int ldbc, float *S, float *y, int ldy);
+#endif
+sb_ssd_chunk_fn sb_ssd_chunk_for(const sb_kernels *k, int p, int N);
+
 #endif

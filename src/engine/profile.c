@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "mamba2.h"
 
 #define MIN_WORKING_SET ((size_t)64 << 20)
 #define MAX_WORKING_SET ((size_t)512 << 20)
@@ -326,8 +327,12 @@ int sb_profile_decode(const sb_model *m, int32_t n_tokens, double *seconds, doub
     for (size_t i = 0; i < ns; i++) seconds[i] /= n_tokens;
     memset(bytes, 0, sizeof(double) * ns);
     for (int i = 0; i < I->n_layer; i++) {
-        const sb_layer *ly = &m->layers[i];
         double *b = bytes + (size_t)i * SB_NSTAGE;
+        if (m->m2) { /* Mamba-2: two products (no x_proj, dt_proj) */
+            b[SB_ST_IN] = (double)m->m2->layers[i].in.bytes, b[SB_ST_OUT] = (double)m->m2->layers[i].out.bytes;
+            continue;
+        }
+        const sb_layer *ly = &m->layers[i];
         b[SB_ST_IN] = (double)ly->in.bytes, b[SB_ST_X] = (double)ly->x.bytes;
         b[SB_ST_DT] = (double)ly->dt.bytes, b[SB_ST_OUT] = (double)ly->out.bytes;
     }

@@ -122,6 +122,7 @@ SB_API int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, ch
  * bytes the stage's product reads into bytes[...] (0 for a stage without one), (n_layer + 1) * 10
  * doubles each: block i's stages s = norm, in_proj, conv, x_proj, activation prep, dt_proj, scan,
  * out_proj, (unused), (unused); row n_layer: final norm, -, -, -, -, -, -, -, embedding row, head.
+ * A Mamba-2 leaves x_proj and dt_proj at 0; its prep is Δ (bias, softplus, clamp) and the gated norm.
  * *total: wall seconds per step, marks included. */
 SB_API int sb_profile_decode(const sb_model *m, int32_t n_tokens, double *seconds, double *bytes, double *total,
                              char *err, size_t errlen);

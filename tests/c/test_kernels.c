@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "mamba2.h"
 
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 static uint64_t next_u64(void) { /* splitmix64 */
@@ -102,7 +103,28 @@ static void test_case(const char *path) {
         sb_v2_act_bind(&act[t], amem + ab * (size_t)t, c.K);
         sb_v2_act_set(&act[t], c.x + (size_t)t * c.K, 1, c.dt == SB_V2_I8);
     }
-    float *yv = calloc(ny, 4), *yr = calloc(ny, 4), *ym = calloc(ny, 4);
+    float *yv = calloc(ny, 4), *yr = calloc(ny, 4), *ym = calloc(ny, 4), *yc = calloc(ny, 4);
+    /* channel-major x (int8: quantised per token and chunk, as q * s), and the quantiser's bits against act[] */
+    int ldc = T + 3;
+    float *xraw = calloc((size_t)c.K * ldc, 4), *xcm = calloc((size_t)c.K * ldc, 4), *xref = calloc((size_t)c.K * ldc, 4);
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < c.K; j++) xraw[(size_t)j * ldc + t] = c.x[(size_t)t * c.K + j];
+    int nch = (c.K + SB_V2_CHUNK - 1) / SB_V2_CHUNK;
+    if (c.dt == SB_V2_I8) {
+        sb_v2_cm_quantise(xraw, ldc, c.K, T, xcm, ldc, 0, 1);
+        sb_v2_cm_quantise(xraw, ldc, c.K, T, xcm, ldc, 1, nch); /* in two ranges, as two threads would */
+        sb_v2_cm_quantise_ref(xraw, ldc, c.K, T, xref, ldc, 0, nch);
+        int same = 1;
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < c.K; j++) {
+                float want = (float)act[t].xq[j] * act[t].xs[j / SB_V2_CHUNK];
+                same &= memcmp(&xcm[(size_t)j * ldc + t], &want, 4) == 0 && memcmp(&xref[(size_t)j * ldc + t], &want, 4) == 0;
+            }
+        snprintf(what, sizeof what, "%s: channel-major quantiser bits equal the per-token q * s", path);
+        check(what, !same, 0, 0, 0);
+    } else {
+        memcpy(xcm, xraw, sizeof(float) * (size_t)c.K * ldc);
+    }
     for (int ci = 0; ci < m.nclass; ci++) {
         const sb_v2_class *cl = &m.cls[ci];
         for (int t = 0; t < T; t++) {
@@ -112,6 +134,10 @@ static void test_case(const char *path) {
         }
         K->gemm(cl, act, T, ym, T, 0, cl->nblocks / 2); /* channel-major Y[o * T + t] */
         K->gemm(cl, act, T, ym, T, cl->nblocks / 2, cl->nblocks);
+        act[0].cm = xcm, act[0].ldc = T + 3; /* prefill's channel-major activations, a row stride not T */
+        K->gemm(cl, act, T, yc, T, 0, cl->nblocks / 2);
+        K->gemm(cl, act, T, yc, T, cl->nblocks / 2, cl->nblocks);
+        act[0].cm = NULL;
     }
     double tol = 1e-6 * (1 + c.K / 1000.0), worst[3] = {0};
     for (int t = 0; t < T; t++)
@@ -124,10 +150,12 @@ static void test_case(const char *path) {
             check(what, yv[a], yr[a], tol, mg);
             snprintf(what, sizeof what, "%s: token %d output %d, gemm vs gemv", path, t, o);
             check(what, ym[(size_t)o * T + t], yv[a], tol, mg);
+            snprintf(what, sizeof what, "%s: token %d output %d, channel-major gemm vs gemv", path, t, o);
+            check(what, yc[(size_t)o * T + t], yv[a], tol, mg);
             worst[c.dt] = fmax(worst[c.dt], fabs((double)yv[a] - c.y[a]) / mg);
         }
     for (int d = 0; d < 3; d++) g_worst_dt[d] = fmax(g_worst_dt[d], worst[d]);
-    free(yv), free(yr), free(ym), free(act), free(amem);
+    free(yv), free(yr), free(ym), free(yc), free(xraw), free(xcm), free(xref), free(act), free(amem);
     free_case(&c);
 }
 
@@ -197,6 +225,70 @@ static void test_scan_step(int N) {
     check(what, yk, yr, 1e-5, mag);
     check(what, yr, want, 1e-5, mag);
     free(A), free(B), free(C), free(s0), free(sr), free(sk);
+}
+
+/* the prefill scan of channels [c0, c1) over T tokens against the reference's scan_step, token by token:
+ * channel counts below and at a SIMD width, N below, at and past the register-held 16 */
+static void test_scan_chunk(int N, int T, int c0, int c1) {
+    if (!K->scan_chunk) return;
+    int di = c1 + 2, ld = T + 5;
+    float *A = malloc(sizeof(float) * (size_t)di * N), *D = malloc(sizeof(float) * (size_t)di),
+          *dt = malloc(sizeof(float) * (size_t)di * ld), *x = malloc(sizeof(float) * (size_t)di * ld),
+          *B = malloc(sizeof(float) * (size_t)T * N), *C = malloc(sizeof(float) * (size_t)T * N),
+          *sr = malloc(sizeof(float) * (size_t)di * N), *sk = malloc(sizeof(float) * (size_t)di * N),
+          *yk = calloc((size_t)di * ld, sizeof(float));
+    for (int i = 0; i < di * N; i++) A[i] = -expf(uniform(-2.0f, 2.5f)), sr[i] = sk[i] = uniform(-2.0f, 2.0f);
+    for (int i = 0; i < di; i++) D[i] = uniform(-1.0f, 1.0f);
+    for (int i = 0; i < di * ld; i++) dt[i] = uniform(0.001f, 0.5f), x[i] = uniform(-2.0f, 2.0f);
+    for (int i = 0; i < T * N; i++) B[i] = uniform(-1.0f, 1.0f), C[i] = uniform(-1.0f, 1.0f);
+    K->scan_chunk(N, T, A, D, dt, x, ld, B, C, sk, yk, c0, c1);
+    char what[96];
+    for (int c = 0; c < di; c++)
+        for (int t = 0; t < T; t++) {
+            float yr = 0.0f, mag = 1e-6f;
+            if (c >= c0 && c < c1) {
+                float d = dt[(size_t)c * ld + t], xc = x[(size_t)c * ld + t];
+                sb_kernels_ref.scan_step(N, A + (size_t)c * N, d, d * xc, B + (size_t)t * N, C + (size_t)t * N, sr + (size_t)c * N, &yr);
+                for (int n = 0; n < N; n++) mag += fabsf(sr[(size_t)c * N + n] * C[(size_t)t * N + n]);
+                yr += D[c] * xc, mag += fabsf(D[c] * xc);
+            }
+            snprintf(what, sizeof what, "scan_chunk N=%d T=%d channels [%d, %d): channel %d token %d", N, T, c0, c1, c, t);
+            check(what, yk[(size_t)c * ld + t], yr, 1e-5, mag);
+        }
+    for (int i = 0; i < di * N; i++) {
+        snprintf(what, sizeof what, "scan_chunk N=%d channels [%d, %d): final state %d", N, c0, c1, i);
+        check(what, sk[i], sr[i], 1e-5, fabsf(sr[i]) + 0.1f); /* states are O(1): absolute near 0 */
+    }
+    free(A), free(D), free(dt), free(x), free(B), free(C), free(sr), free(sk), free(yk);
+}
+
+/* Mamba-2 prefill: the family's whole-chunk SSD of one head (where it has one) against the reference's,
+ * token after token; T past the kernel's 256-token buffer */
+static void test_ssd_chunk(int p, int N, int T) {
+    sb_ssd_chunk_fn f = sb_ssd_chunk_for(K, p, N);
+    if (!f) return;
+    int ldbc = N + 3, ldy = T + 1;
+    float *dec = malloc(sizeof(float) * (size_t)T), *dtx = malloc(sizeof(float) * (size_t)T * p),
+          *B = malloc(sizeof(float) * (size_t)T * ldbc), *C = malloc(sizeof(float) * (size_t)T * ldbc),
+          *sr = malloc(sizeof(float) * (size_t)p * N), *sk = malloc(sizeof(float) * (size_t)p * N),
+          *yr = calloc((size_t)p * ldy, sizeof(float)), *yk = calloc((size_t)p * ldy, sizeof(float));
+    for (int t = 0; t < T; t++) dec[t] = uniform(0.5f, 1.0f);
+    for (int i = 0; i < T * p; i++) dtx[i] = uniform(-0.5f, 0.5f);
+    for (int i = 0; i < T * ldbc; i++) B[i] = uniform(-1.0f, 1.0f), C[i] = uniform(-1.0f, 1.0f);
+    for (int i = 0; i < p * N; i++) sr[i] = sk[i] = uniform(-1.0f, 1.0f);
+    sb_ssd_chunk_ref(p, N, T, dec, dtx, B, C, ldbc, sr, yr, ldy);
+    f(p, N, T, dec, dtx, B, C, ldbc, sk, yk, ldy);
+    char what[96];
+    for (int c = 0; c < p; c++)
+        for (int t = 0; t < T; t++) {
+            snprintf(what, sizeof what, "ssd_chunk p=%d N=%d T=%d: channel %d token %d", p, N, T, c, t);
+            check(what, yk[(size_t)c * ldy + t], yr[(size_t)c * ldy + t], 1e-5, 0.5 * N);
+        }
+    for (int i = 0; i < p * N; i++) {
+        snprintf(what, sizeof what, "ssd_chunk p=%d N=%d T=%d: final state %d", p, N, T, i);
+        check(what, sk[i], sr[i], 1e-5, fabsf(sr[i]) + 0.1f);
+    }
+    free(dec), free(dtx), free(B), free(C), free(sr), free(sk), free(yr), free(yk);
 }
 
 static void test_read_sum(size_t n) {
@@ -276,6 +368,9 @@ int main(int argc, char **argv) {
     }
     static const int NS[] = {1, 4, 7, 16, 17, 33, 64};
     for (size_t i = 0; i < sizeof NS / sizeof *NS; i++) test_scan_step(NS[i]);
+    test_scan_chunk(16, 21, 0, 16), test_scan_chunk(16, 3, 5, 8), test_scan_chunk(5, 21, 3, 17);
+    test_scan_chunk(33, 9, 0, 11), test_scan_chunk(70, 4, 1, 3);
+    test_ssd_chunk(16, 16, 5), test_ssd_chunk(32, 48, 21), test_ssd_chunk(16, 32, 300), test_ssd_chunk(8, 24, 9);
     test_read_sum(64), test_read_sum(640), test_read_sum(64 * 1001);
     static const int QK[] = {1, 5, 64, 200, 1536};
     for (size_t i = 0; i < sizeof QK / sizeof *QK; i++) test_quantise(QK[i]);

@@ -69,7 +69,50 @@ static float read_sum_avx2(const float *x, size_t n) {
     return v_hsum(a[0]);
 }
 
-const sb_kernels sb_kernels_avx2 = {"avx2",    sb_v2_gemv_avx2, sb_v2_gemm_avx2, scan_step_avx2,
-                                    silu_avx2, softplus_avx2,   mul_silu_avx2,   read_sum_avx2};
-const sb_kernels sb_kernels_avx512 = {"avx512",  sb_v2_gemv_avx512, sb_v2_gemm_avx512, sb_scan_step_avx512,
-                                      silu_avx2, softplus_avx2,     mul_silu_avx2,     read_sum_avx2};
+/* the prefill scan with 8 channels in lanes: per token and state n one exp of 8 channels' Δ A, the state
+ * update and the output's FMA, B and C broadcast; no horizontal sum. The states live in a small
+ * array (16 ymm registers would not hold N = 16 of them and the temporaries). */
+static void scan_chunk_avx2(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
+                            const float *B, const float *C, float *s, float *y, int c0, int c1) {
+    for (int g0 = c0; g0 < c1; g0 += 8) {
+        int m = c1 - g0 < 8 ? c1 - g0 : 8;
+        __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        float at[8 * 64], h[8 * 64], tmp[8];
+        if (N > 64) { /* states past 64: the step kernel */
+            for (int c = g0; c < g0 + m; c++)
+                for (int t = 0; t < T; t++) {
+                    float d = dt[(size_t)c * ld + t], xc = x[(size_t)c * ld + t], yc;
+                    scan_step_avx2(N, A + (size_t)c * N, d, d * xc, B + (size_t)t * N, C + (size_t)t * N, s + (size_t)c * N, &yc);
+                    y[(size_t)c * ld + t] = yc + D[c] * xc;
+                }
+            continue;
+        }
+        for (int n = 0; n < N; n++)
+            for (int l = 0; l < 8; l++) {
+                at[8 * n + l] = l < m ? A[(size_t)(g0 + l) * N + n] : 0.0f;
+                h[8 * n + l] = l < m ? s[(size_t)(g0 + l) * N + n] : 0.0f;
+            }
+        __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(ld));
+        __m256 vD = _mm256_maskload_ps(D + g0, lanes);
+        for (int t = 0; t < T; t++) {
+            __m256 d = _mm256_mask_i32gather_ps(v_zero(), dt + (size_t)g0 * ld + t, rows, _mm256_castsi256_ps(lanes), 4);
+            __m256 xc = _mm256_mask_i32gather_ps(v_zero(), x + (size_t)g0 * ld + t, rows, _mm256_castsi256_ps(lanes), 4);
+            __m256 dx = v_mul(d, xc), acc = v_zero();
+            const float *Bt = B + (size_t)t * N, *Ct = C + (size_t)t * N;
+            for (int n = 0; n < N; n++) {
+                __m256 hn = v_fma(v_exp_neg(v_mul(d, v_load(at + 8 * n))), v_load(h + 8 * n), v_mul(dx, v_set1(Bt[n])));
+                v_store(h + 8 * n, hn);
+                acc = v_fma(hn, v_set1(Ct[n]), acc);
+            }
+            v_store(tmp, v_fma(vD, xc, acc));
+            for (int l = 0; l < m; l++) y[(size_t)(g0 + l) * ld + t] = tmp[l];
+        }
+        for (int n = 0; n < N; n++)
+            for (int l = 0; l < m; l++) s[(size_t)(g0 + l) * N + n] = h[8 * n + l];
+    }
+}
+
+const sb_kernels sb_kernels_avx2 = {"avx2",        sb_v2_gemv_avx2, sb_v2_gemm_avx2, scan_step_avx2, silu_avx2,
+                                    softplus_avx2, mul_silu_avx2,   read_sum_avx2,   scan_chunk_avx2};
+const sb_kernels sb_kernels_avx512 = {"avx512",      sb_v2_gemv_avx512, sb_v2_gemm_avx512, sb_scan_step_avx512, silu_avx2,
+                                      softplus_avx2, mul_silu_avx2,     read_sum_avx2,     sb_scan_chunk_avx512};

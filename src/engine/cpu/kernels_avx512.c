@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "engine.h"
+#include "mamba2.h"
 
 /* expf for x <= 0: simd.h's v_exp_neg in 16 lanes (same reduction and polynomial, relative error
  * about 2e-7; below -87 the result flushes to 0) */
@@ -44,4 +45,105 @@ void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float
         acc = _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, C + n), acc);
     }
     *yc = _mm512_reduce_add_ps(acc);
+}
+
+/* The prefill scan with 16 channels in lanes (engine.h, scan_chunk): per token and state n one exp of the
+ * 16 channels' Δ A, the state update and the output's FMA with B and C broadcast, no horizontal sum.
+ * N = 16 (every Mamba-1) keeps the 16 states in registers; other N keep them in a small array. */
+static inline void scan16(int N, int T, const float *at, float *h, const __m512 vD, const float *dt, const float *x,
+                          __m512i rows, __mmask16 m, const float *B, const float *C, float *y) {
+    __m512 hr[16];
+    if (N == 16)
+        for (int n = 0; n < 16; n++) hr[n] = _mm512_load_ps(h + 16 * n);
+    for (int t = 0; t < T; t++) {
+        __m512 d = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, dt + t, 4);
+        __m512 xc = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, x + t, 4);
+        __m512 dx = _mm512_mul_ps(d, xc), acc = _mm512_mul_ps(vD, xc);
+        const float *Bt = B + (size_t)t * N, *Ct = C + (size_t)t * N;
+        if (N == 16) {
+#pragma GCC unroll 16
+            for (int n = 0; n < 16; n++) {
+                hr[n] = _mm512_fmadd_ps(exp_neg16(_mm512_mul_ps(d, _mm512_load_ps(at + 16 * n))), hr[n],
+                                        _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n])));
+                acc = _mm512_fmadd_ps(hr[n], _mm512_set1_ps(Ct[n]), acc);
+            }
+        } else {
+            for (int n = 0; n < N; n++) {
+                __m512 hn = _mm512_fmadd_ps(exp_neg16(_mm512_mul_ps(d, _mm512_load_ps(at + 16 * n))), _mm512_load_ps(h + 16 * n),
+                                            _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n])));
+                _mm512_store_ps(h + 16 * n, hn);
+                acc = _mm512_fmadd_ps(hn, _mm512_set1_ps(Ct[n]), acc);
+            }
+        }
+        _mm512_mask_i32scatter_ps(y + t, m, rows, acc, 4);
+    }
+    if (N == 16)
+        for (int n = 0; n < 16; n++) _mm512_store_ps(h + 16 * n, hr[n]);
+}
+
+void sb_scan_chunk_avx512(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
+                          const float *B, const float *C, float *s, float *y, int c0, int c1) {
+    for (int g0 = c0; g0 < c1; g0 += 16) {
+        int mc = c1 - g0 < 16 ? c1 - g0 : 16;
+        if (N > 64) { /* states past 64: the step kernel */
+            for (int c = g0; c < g0 + mc; c++)
+                for (int t = 0; t < T; t++) {
+                    float d = dt[(size_t)c * ld + t], xc = x[(size_t)c * ld + t], yc;
+                    sb_scan_step_avx512(N, A + (size_t)c * N, d, d * xc, B + (size_t)t * N, C + (size_t)t * N, s + (size_t)c * N, &yc);
+                    y[(size_t)c * ld + t] = yc + D[c] * xc;
+                }
+            continue;
+        }
+        _Alignas(64) float at[16 * 64], h[16 * 64]; /* (N, 16 channels): A and the states transposed */
+        for (int n = 0; n < N; n++)
+            for (int l = 0; l < 16; l++) {
+                at[16 * n + l] = l < mc ? A[(size_t)(g0 + l) * N + n] : 0.0f;
+                h[16 * n + l] = l < mc ? s[(size_t)(g0 + l) * N + n] : 0.0f;
+            }
+        __mmask16 m = (__mmask16)((1u << mc) - 1);
+        __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(ld));
+        __m512 vD = _mm512_maskz_loadu_ps(m, D + g0);
+        size_t o = (size_t)g0 * ld;
+        if (N == 16) scan16(16, T, at, h, vD, dt + o, x + o, rows, m, B, C, y + o);
+        else scan16(N, T, at, h, vD, dt + o, x + o, rows, m, B, C, y + o);
+        for (int n = 0; n < N; n++)
+            for (int l = 0; l < mc; l++) s[(size_t)(g0 + l) * N + n] = h[16 * n + l];
+    }
+}
+
+/* Mamba-2 prefill (mamba2.h, sb_ssd_chunk_fn): per block of 16 channels and 16 states, the block's state
+ * transposed into 16 registers (register n: state n of the 16 channels) and run over all T tokens:
+ * per token and state one multiply of the channels' dtx by B_t[n] broadcast, one FMA with the decay and
+ * one FMA of C_t[n] into the output, so the state stays in registers and no sum is horizontal. The
+ * outputs of a token add up over the N / 16 state blocks in a small token-major buffer. */
+void sb_ssd_chunk_avx512(int p, int N, int T, const float *decay, const float *dtx, const float *B, const float *C,
+                         int ldbc, float *S, float *y, int ldy) {
+    _Alignas(64) float ybuf[256 * 16], blk[16 * 16];
+    for (int t0 = 0; t0 < T; t0 += 256) {
+        int nt = T - t0 < 256 ? T - t0 : 256;
+        for (int c0 = 0; c0 < p; c0 += 16) {
+            for (int n0 = 0; n0 < N; n0 += 16) {
+                __m512 h[16];
+                for (int l = 0; l < 16; l++) /* S[c0 + l][n0 .. n0 + 15] -> column l of blk */
+                    for (int n = 0; n < 16; n++) blk[16 * n + l] = S[(size_t)(c0 + l) * N + n0 + n];
+                for (int n = 0; n < 16; n++) h[n] = _mm512_load_ps(blk + 16 * n);
+                for (int t = 0; t < nt; t++) {
+                    const float *Bt = B + (size_t)(t0 + t) * ldbc + n0, *Ct = C + (size_t)(t0 + t) * ldbc + n0;
+                    __m512 d = _mm512_set1_ps(decay[t0 + t]), x = _mm512_loadu_ps(dtx + (size_t)(t0 + t) * p + c0);
+                    __m512 acc = n0 ? _mm512_load_ps(ybuf + 16 * t) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+                    for (int n = 0; n < 16; n++) {
+                        h[n] = _mm512_fmadd_ps(d, h[n], _mm512_mul_ps(x, _mm512_set1_ps(Bt[n])));
+                        acc = _mm512_fmadd_ps(h[n], _mm512_set1_ps(Ct[n]), acc);
+                    }
+                    _mm512_store_ps(ybuf + 16 * t, acc);
+                }
+                for (int n = 0; n < 16; n++) _mm512_store_ps(blk + 16 * n, h[n]);
+                for (int l = 0; l < 16; l++)
+                    for (int n = 0; n < 16; n++) S[(size_t)(c0 + l) * N + n0 + n] = blk[16 * n + l];
+            }
+            for (int l = 0; l < 16; l++) /* the token-major outputs into y's channel rows */
+                for (int t = 0; t < nt; t++) y[(size_t)(c0 + l) * ldy + t0 + t] = ybuf[16 * t + l];
+        }
+    }
 }

@@ -26,6 +26,7 @@ void sb_v2_act_bind(sb_v2_act *a, void *mem, int K) {
     a->xq = (int16_t *)p, p += up64(m * 2);
     a->xs = (float *)p, p += up64(nch * 4);
     a->xt = (uint32_t *)p;
+    a->cm = NULL, a->ldc = 0;
     memset(mem, 0, sb_v2_act_bytes(K)); /* the padding past K stays zero from here on */
 }
 
@@ -73,6 +74,32 @@ static void (*quantiser(void))(sb_v2_act *) {
     if (__builtin_cpu_supports("avx2")) return sb_v2_quantise_avx2;
 #endif
     return sb_v2_quantise_ref;
+}
+
+void sb_v2_cm_quantise_ref(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1) {
+    for (int ch = ch0; ch < ch1; ch++) {
+        int j0 = SB_V2_CHUNK * ch, j1 = j0 + SB_V2_CHUNK < K ? j0 + SB_V2_CHUNK : K;
+        for (int t = 0; t < T; t++) {
+            float m = 0.0f;
+            for (int j = j0; j < j1; j++) m = fmaxf(m, fabsf(X[(size_t)j * ldx + t]));
+            float s = m > 0.0f ? m / 32767.0f : 1.0f, inv = 1.0f / s;
+            for (int j = j0; j < j1; j++) {
+                long v = lrintf(X[(size_t)j * ldx + t] * inv);
+                Q[(size_t)j * ldq + t] = (float)(v > 32767 ? 32767 : v < -32767 ? -32767 : v) * s;
+            }
+        }
+    }
+}
+
+void sb_v2_cm_quantise(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1) {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) {
+        sb_v2_cm_quantise_avx2(X, ldx, K, T, Q, ldq, ch0, ch1);
+        return;
+    }
+#endif
+    sb_v2_cm_quantise_ref(X, ldx, K, T, Q, ldq, ch0, ch1);
 }
 
 void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise) {

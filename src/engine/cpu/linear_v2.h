@@ -157,6 +157,12 @@ typedef struct {
     int16_t *xq;  /* (nchunk*64,) */
     float *xs;    /* (nchunk,) */
     uint32_t *xt; /* (nchunk*16, 2, 4): per group q[4g+i] in the low / the high half of a dword */
+    /* Prefill, in act[0] of a gemm only (NULL otherwise, as sb_v2_act_bind leaves it): the T tokens'
+     * activations channel-major, cm[j * ldc + t] for j < K, t < T; for an int8 matrix quantised as the
+     * per-token fields would be, each value q * s (sb_v2_cm_quantise). When set, the gemm kernels read
+     * this alone (tokens in SIMD lanes) and the per-token fields of act[] need not be prepared. */
+    const float *cm;
+    int ldc;
 } sb_v2_act;
 
 size_t sb_v2_act_bytes(int K);              /* a multiple of 64 */
@@ -167,12 +173,18 @@ sb_v2_act *sb_v2_acts_new(int K, int n);
 void sb_v2_acts_free(sb_v2_act *a);
 /* x[j * stride] for j < K (stride 1: a vector; ldx: a column of channel-major activations) */
 void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise);
+/* Channel-major activations quantised as sb_v2_act_set quantises each token (per chunk of 64 inputs:
+ * s = max|x| / 32767, q = round(x / s)) and written back as q * s: Q[j * ldq + t] for the chunks
+ * [ch0, ch1) of K inputs and t < T. The same bits on every CPU (an AVX2 version where it has one). */
+void sb_v2_cm_quantise(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1);
 /* a->x quantised into xq, xs and xt: the scalar definition, and the SIMD version sb_v2_act_set runs where
  * the CPU has it, which gives the same bits (vcvtps2dq rounds to nearest even, as lrintf does) */
 void sb_v2_quantise_ref(sb_v2_act *a);
 #if defined(__x86_64__) || defined(_M_X64)
 void sb_v2_quantise_avx2(sb_v2_act *a);
+void sb_v2_cm_quantise_avx2(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1);
 #endif
+void sb_v2_cm_quantise_ref(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1);
 
 /* Check a whole blob against the matrix it must be, (out, in) in dtype, before any kernel reads it:
  * header, every class's counts, offsets and sizes, row indices (in range, distinct across classes,
@@ -181,7 +193,9 @@ void sb_v2_quantise_avx2(sb_v2_act *a);
 int sb_v2_check(const void *blob, size_t size, int out, int in, int dtype, sb_v2_matrix *m, char *err, size_t errlen);
 
 /* gemv: y[index[r]] += W_r . x for the rows of blocks [b0, b1) of class c.
- * gemm: the same for T tokens, act[t] prepared per token; Y channel-major, Y[o * ldy + t]. */
+ * gemm: the same for T tokens, act[t] prepared per token or act[0].cm set; Y channel-major, Y[o * ldy + t].
+ * On act[0].cm every family computes, per row and chunk, the sum over its kept weights w (int8: q times
+ * the row scale) of w * x in fp32, then adds it to Y (sb_v2_gemm_ref is the definition). */
 typedef void (*sb_v2_gemv_fn)(const sb_v2_class *c, const sb_v2_act *a, float *y, int b0, int b1);
 typedef void (*sb_v2_gemm_fn)(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1);
 

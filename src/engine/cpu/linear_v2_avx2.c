@@ -162,9 +162,110 @@ INLINE void scatter(const sb_v2_class *c, int b, __m256 lo, __m256 hi, float *y,
         if (idx[r] >= 0) y[(size_t)idx[r] * ldy] += out[r];
 }
 
-/* panels outer (x of a panel stays in L1), blocks inner; prefill runs every token over a block's
- * panel stream while it is in cache, so the weights come from memory once per T tokens (no prefetch) */
+/* ---- prefill: tokens in lanes, on channel-major activations (act[0].cm) ----
+ * As linear_v2_avx512.c: each chunk record of a block decoded once into (input row offset, fp32 weight)
+ * per row and kept slot, then per row and kept weight one broadcast and, per 8 tokens, one FMA with x's
+ * row read from memory: the cost follows the kept weights. */
+#define TV_MAX 8 /* token vectors per pass: 64 tokens, 8 independent FMA chains */
+
+INLINE void decode_chunk(int n, int dt, const uint8_t *rec, int G, int j0, int K, int ldc, const float *scale, int32_t *off, float *w) {
+    const uint8_t *v = rec + sb_v2_code_bytes(n);
+    __m256i three = _mm256_set1_epi32(3), kmax = _mm256_set1_epi32(K - 1), vldc = _mm256_set1_epi32(ldc);
+    int S = G * (4 - n);
+    for (int h = 0; h < 2; h++) { /* rows 0..7, then 8..15 */
+        __m256i c0 = n ? _mm256_load_si256((const __m256i *)(rec + 32 * h)) : _mm256_setzero_si256();
+        __m256i c1 = n == 2 ? _mm256_load_si256((const __m256i *)(rec + 64 + 32 * h)) : c0;
+        __m256 sc = scale ? _mm256_loadu_ps(scale + 8 * h) : _mm256_set1_ps(1.0f);
+        for (int t = 0; t < S; t++) {
+            int g = n == 0 ? t / 4 : n == 1 ? t / 3 : n == 2 ? t / 2 : t;
+            __m256i pos;
+            if (n == 0) pos = _mm256_set1_epi32(t & 3);
+            else if (n == 1) pos = _mm256_add_epi32(_mm256_srl_epi32(c0, _mm_cvtsi32_si128(2 * g)), _mm256_set1_epi32(t % 3 + 1));
+            else if (n == 2) pos = _mm256_srl_epi32(t < 16 ? c0 : c1, _mm_cvtsi32_si128(2 * (t % 16)));
+            else pos = _mm256_srl_epi32(c0, _mm_cvtsi32_si128(2 * t));
+            __m256i j = _mm256_add_epi32(_mm256_and_si256(pos, three), _mm256_set1_epi32(j0 + 4 * g));
+            j = _mm256_min_epi32(j, kmax); /* an input past K has a zero weight: read a real row instead */
+            _mm256_store_si256((__m256i *)(off + SB_V2_B * t + 8 * h), _mm256_mullo_epi32(j, vldc));
+            __m256 wv;
+            if (dt == SB_V2_F32) wv = _mm256_loadu_ps((const float *)(v + 64 * (size_t)t + 32 * h));
+            else if (dt == SB_V2_F16) wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + 32 * (size_t)t + 16 * h)));
+            else {
+                __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(v + 32 * (size_t)(t / 2) + 16 * h)));
+                q = t & 1 ? _mm256_srai_epi32(q, 16) : _mm256_srai_epi32(_mm256_slli_epi32(q, 16), 16);
+                wv = _mm256_mul_ps(_mm256_cvtepi32_ps(q), sc);
+            }
+            _mm256_store_ps(w + SB_V2_B * t + 8 * h, wv);
+        }
+    }
+}
+
+/* y[0..8 TV) += sum over the S kept weights of one row of w * x[off]; the last vector masked */
+INLINE void row_tok(const int32_t *off, const float *w, int S, const float *X, float *y, int TV, __m256i last) {
+    __m256 a[TV_MAX];
+    for (int v = 0; v < TV; v++) a[v] = _mm256_setzero_ps();
+    for (int s = 0; s < S; s++) {
+        __m256 wb = _mm256_broadcast_ss(w + SB_V2_B * s);
+        const float *xp = X + off[SB_V2_B * s];
+        for (int v = 0; v < TV; v++)
+            a[v] = _mm256_fmadd_ps(wb, v == TV - 1 ? _mm256_maskload_ps(xp + 8 * v, last) : _mm256_loadu_ps(xp + 8 * v), a[v]);
+    }
+    for (int v = 0; v < TV - 1; v++) _mm256_storeu_ps(y + 8 * v, _mm256_add_ps(_mm256_loadu_ps(y + 8 * v), a[v]));
+    float *yl = y + 8 * (TV - 1);
+    _mm256_maskstore_ps(yl, last, _mm256_add_ps(_mm256_maskload_ps(yl, last), a[TV - 1]));
+}
+
+static void rows_tok(const sb_v2_class *c, int b, const int32_t *off, const float *w, int S, const float *X, float *Y, int ldy, int nt) {
+    int TV = (nt + 7) / 8, rem = nt % 8 ? nt % 8 : 8;
+    __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const int32_t *idx = c->index + SB_V2_B * b;
+    for (int r = 0; r < SB_V2_B; r++) {
+        if (idx[r] < 0) continue;
+        float *y = Y + (size_t)idx[r] * ldy;
+        switch (TV) { /* a constant count of accumulators per case */
+        case 1: row_tok(off + r, w + r, S, X, y, 1, last); break;
+        case 2: row_tok(off + r, w + r, S, X, y, 2, last); break;
+        case 3: row_tok(off + r, w + r, S, X, y, 3, last); break;
+        case 4: row_tok(off + r, w + r, S, X, y, 4, last); break;
+        case 5: row_tok(off + r, w + r, S, X, y, 5, last); break;
+        case 6: row_tok(off + r, w + r, S, X, y, 6, last); break;
+        case 7: row_tok(off + r, w + r, S, X, y, 7, last); break;
+        default: row_tok(off + r, w + r, S, X, y, 8, last); break;
+        }
+    }
+}
+
+INLINE void run_cm(const sb_v2_class *c, const sb_v2_act *a0, int T, float *Y, int ldy, int b0, int b1, int n, int dt) {
+    _Alignas(64) int32_t off[SB_V2_CHUNK * SB_V2_B];
+    _Alignas(64) float w[SB_V2_CHUNK * SB_V2_B];
+    const uint8_t *panel = c->stream;
+    for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
+        int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel;
+        size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
+        for (int b = b0; b < b1; b++) {
+            const uint8_t *rec = panel + (size_t)b * bpb;
+            const float *scale = c->scale ? c->scale + SB_V2_B * b : NULL;
+            for (int jc = 0; jc < len; jc += SB_V2_CHUNK) {
+                int G = len - jc >= SB_V2_CHUNK ? 16 : (len - jc + 3) / 4;
+                if (G == 16) decode_chunk(n, dt, rec, 16, j0 + jc, c->K, a0->ldc, scale, off, w);
+                else decode_chunk(n, dt, rec, G, j0 + jc, c->K, a0->ldc, scale, off, w);
+                for (int t0 = 0; t0 < T; t0 += 8 * TV_MAX) {
+                    int nt = T - t0 < 8 * TV_MAX ? T - t0 : 8 * TV_MAX;
+                    rows_tok(c, b, off, w, G * (4 - n), a0->cm + t0, Y + t0, ldy, nt);
+                }
+                rec += sb_v2_record_bytes(n, dt, G);
+            }
+        }
+        panel += bpb * (size_t)c->nblocks;
+    }
+}
+
+/* panels outer (x of a panel stays in L1), blocks inner; without act[0].cm (decode, tests) each token is
+ * a GEMV pass over a block's panel stream while it is in cache (weights from memory once: no prefetch) */
 INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1, int n, int dt) {
+    if (act[0].cm) {
+        run_cm(c, &act[0], T, Y, ldy, b0, b1, n, dt);
+        return;
+    }
     const uint8_t *panel = c->stream;
     size_t pf = T == 1 ? sb_v2_prefetch_bytes() : 0;
     for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
@@ -217,4 +318,27 @@ void sb_v2_quantise_avx2(sb_v2_act *a) {
             _mm256_storeu_si256((__m256i *)(xt + 2 * i + 8), _mm256_permute2x128_si256(l, hgh, 0x31));
         }
     }
+}
+
+/* sb_v2_cm_quantise_ref with 8 tokens in lanes: the same max, scale, rounding and clamp, so the same bits */
+void sb_v2_cm_quantise_avx2(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1) {
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i lim = _mm256_set1_epi32(32767), nlim = _mm256_set1_epi32(-32767);
+    int T8 = T & ~7;
+    for (int ch = ch0; ch < ch1; ch++) {
+        int j0 = SB_V2_CHUNK * ch, j1 = j0 + SB_V2_CHUNK < K ? j0 + SB_V2_CHUNK : K;
+        for (int t = 0; t < T8; t += 8) {
+            __m256 m = _mm256_setzero_ps();
+            for (int j = j0; j < j1; j++) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(X + (size_t)j * ldx + t), abs));
+            __m256 s = _mm256_div_ps(m, _mm256_set1_ps(32767.0f));
+            s = _mm256_blendv_ps(_mm256_set1_ps(1.0f), s, _mm256_cmp_ps(m, _mm256_setzero_ps(), _CMP_GT_OQ));
+            __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), s);
+            for (int j = j0; j < j1; j++) {
+                __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(X + (size_t)j * ldx + t), inv));
+                q = _mm256_min_epi32(_mm256_max_epi32(q, nlim), lim);
+                _mm256_storeu_ps(Q + (size_t)j * ldq + t, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+            }
+        }
+    }
+    if (T8 < T) sb_v2_cm_quantise_ref(X + T8, ldx, K, T - T8, Q + T8, ldq, ch0, ch1);
 }

@@ -176,96 +176,101 @@ INLINE __m512 block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int le
     return _mm512_add_ps(_mm512_add_ps(ac[0], ac[1]), _mm512_add_ps(ac[2], ac[3]));
 }
 
-/* Prefill, fp32 / f16: the block's 16 rows against TB = 4 tokens at once. Each slot's values are
- * loaded and widened once and its code shifted once for the 4 tokens; only the broadcast, the
- * permute and the FMA are per token (the per-token GEMV pass did everything 4 times). */
-#define TB 4
-INLINE void chunk_fp_tok(int n, int dt, const uint8_t *rec, const float *const x[TB], int G, __m512 acc[TB]) {
+/* ---- prefill: tokens in lanes, on channel-major activations (act[0].cm) ----
+ * Each chunk record of a block is decoded once into (input row offset, fp32 weight) per row and kept
+ * slot (int8: q times the row scale), then every row runs over the tokens: per kept weight one
+ * broadcast and, per 16 tokens, one load of x's row and one FMA, so a class costs in proportion to
+ * its kept weights (the rows-in-lanes pass paid a permute per token and slot). */
+#define TV_MAX 8 /* token vectors per pass: 128 tokens, 8 independent FMA chains */
+
+INLINE void decode_chunk(int n, int dt, const uint8_t *rec, int G, int j0, int K, int ldc, __m512 sc, int32_t *off, float *w) {
     const uint8_t *v = rec + sb_v2_code_bytes(n);
-    if (n == 0) {
-#pragma GCC unroll 16
-        for (int t = 0; t < 4 * G; t++) {
-            __m512 w = load_w(dt, v, t);
-            for (int i = 0; i < TB; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[i][t]), acc[i]);
+    __m512i c0 = n ? _mm512_load_si512(rec) : _mm512_setzero_si512();
+    __m512i c1 = n == 2 ? _mm512_load_si512(rec + 64) : c0, three = _mm512_set1_epi32(3);
+    __m512i kmax = _mm512_set1_epi32(K - 1), vldc = _mm512_set1_epi32(ldc);
+    int S = G * (4 - n);
+    for (int t = 0; t < S; t++) {
+        int g = n == 0 ? t / 4 : n == 1 ? t / 3 : n == 2 ? t / 2 : t;
+        __m512i pos;
+        if (n == 0) pos = _mm512_set1_epi32(t & 3);
+        else if (n == 1) /* the removed position, then the kept ones in rotated order */
+            pos = _mm512_add_epi32(_mm512_srl_epi32(c0, _mm_cvtsi32_si128(2 * g)), _mm512_set1_epi32(t % 3 + 1));
+        else if (n == 2) pos = _mm512_srl_epi32(t < 16 ? c0 : c1, _mm_cvtsi32_si128(2 * (t % 16)));
+        else pos = _mm512_srl_epi32(c0, _mm_cvtsi32_si128(2 * t));
+        __m512i j = _mm512_add_epi32(_mm512_and_si512(pos, three), _mm512_set1_epi32(j0 + 4 * g));
+        j = _mm512_min_epi32(j, kmax); /* an input past K has a zero weight: read a real row instead */
+        _mm512_store_si512(off + SB_V2_B * t, _mm512_mullo_epi32(j, vldc));
+        __m512 wv;
+        if (dt == SB_V2_F32) wv = _mm512_loadu_ps(v + 64 * (size_t)t);
+        else if (dt == SB_V2_F16) wv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 32 * (size_t)t)));
+        else { /* row-interleaved pairs: slot 2u in the low int16 of the row's dword, 2u + 1 in the high */
+            __m512i q = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v + 32 * (size_t)(t / 2))));
+            q = t & 1 ? _mm512_srai_epi32(q, 16) : _mm512_srai_epi32(_mm512_slli_epi32(q, 16), 16);
+            wv = _mm512_mul_ps(_mm512_cvtepi32_ps(q), sc);
         }
-        return;
-    }
-    __m512i c = _mm512_load_si512(rec);
-#pragma GCC unroll 16
-    for (int g = 0; g < G; g++) {
-        __m512 xb[TB];
-        for (int i = 0; i < TB; i++) xb[i] = _mm512_broadcast_f32x4(_mm_loadu_ps(x[i] + 4 * g));
-        if (n == 2 && g == 8) c = _mm512_load_si512(rec + 64);
-#pragma GCC unroll 4
-        for (int k = 0; k < 4 - n; k++) {
-            int t = (4 - n) * g + k;
-            __m512i idx = n == 1 ? _mm512_add_epi32(c, _mm512_set1_epi32(k + 1)) : c;
-            __m512 w = load_w(dt, v, t);
-            for (int i = 0; i < TB; i++) acc[i] = _mm512_fmadd_ps(w, _mm512_permutevar_ps(xb[i], idx), acc[i]);
-            if (n != 1) c = _mm512_srli_epi32(c, 2);
-        }
-        if (n == 1) c = _mm512_srli_epi32(c, 2);
+        _mm512_store_ps(w + SB_V2_B * t, wv);
     }
 }
 
-INLINE void block_panel_tok(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int dt, __m512 out[TB]) {
-    int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK;
-    size_t rb = sb_v2_record_bytes(n, dt, 16);
-    const float *x[TB];
-    for (int i = 0; i < TB; i++) x[i] = a[i].x + j0, out[i] = _mm512_setzero_ps();
-    for (int ch = 0; ch < full; ch++, rec += rb) {
-        chunk_fp_tok(n, dt, rec, x, 16, out);
-        for (int i = 0; i < TB; i++) x[i] += SB_V2_CHUNK;
+/* y[0..16 TV) += sum over the S kept weights of one row of w * x[off]; the last vector masked */
+INLINE void row_tok(const int32_t *off, const float *w, int S, const float *X, float *y, int TV, __mmask16 last) {
+    __m512 a[TV_MAX];
+    for (int v = 0; v < TV; v++) a[v] = _mm512_setzero_ps();
+    for (int s = 0; s < S; s++) {
+        __m512 wb = _mm512_set1_ps(w[SB_V2_B * s]);
+        const float *xp = X + off[SB_V2_B * s];
+        for (int v = 0; v < TV; v++)
+            a[v] = _mm512_fmadd_ps(wb, v == TV - 1 ? _mm512_maskz_loadu_ps(last, xp + 16 * v) : _mm512_loadu_ps(xp + 16 * v), a[v]);
     }
-    if (rest) chunk_fp_tok(n, dt, rec, x, (rest + 3) / 4, out);
+    for (int v = 0; v < TV - 1; v++) _mm512_storeu_ps(y + 16 * v, _mm512_add_ps(_mm512_loadu_ps(y + 16 * v), a[v]));
+    float *yl = y + 16 * (TV - 1);
+    _mm512_mask_storeu_ps(yl, last, _mm512_add_ps(_mm512_maskz_loadu_ps(last, yl), a[TV - 1]));
 }
 
-/* Prefill, int8: the same for 4 tokens; the word indices and the widened weights of a pair are made
- * once, the permute of each token's inputs and the dot product are per token. Int32 sums per token
- * and chunk, flushed with that token's chunk scale. */
-INLINE void chunk_i8_tok(int n, const uint8_t *rec, const sb_v2_act *a, int ch, int npairs, int vnni, __m512 out[TB]) {
-    const uint8_t *v = rec + sb_v2_code_bytes(n);
-    __m512i s[TB];
-    for (int i = 0; i < TB; i++) s[i] = _mm512_setzero_si512();
-    if (n == 0) {
-        const int32_t *x32[TB];
-        for (int i = 0; i < TB; i++) x32[i] = (const int32_t *)(a[i].xq + SB_V2_CHUNK * ch);
-#pragma GCC unroll 8
-        for (int u = 0; u < npairs; u++) {
-            __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v + 32 * u)));
-            for (int i = 0; i < TB; i++) s[i] = dot_pairs(s[i], w, _mm512_set1_epi32(x32[i][u]), vnni);
-        }
-    } else {
-        __m512i xlo[TB], xhi[TB];
-        for (int i = 0; i < TB; i++) {
-            xlo[i] = _mm512_loadu_si512(a[i].xq + SB_V2_CHUNK * ch);
-            xhi[i] = _mm512_loadu_si512(a[i].xq + SB_V2_CHUNK * ch + 32);
-        }
-        __m512i H[4], lo16 = _mm512_set1_epi32(0xffff), mask = _mm512_set1_epi32(0x00030003);
-        for (int w = 0; w < (n == 2 ? 2 : 1); w++) {
-            __m512i c = _mm512_load_si512(rec + 64 * w);
-            H[2 * w] = _mm512_or_si512(_mm512_and_si512(c, lo16), _mm512_slli_epi32(c, 16));
-            H[2 * w + 1] = _mm512_or_si512(_mm512_srli_epi32(c, 16), _mm512_andnot_si512(lo16, c));
-        }
-#pragma GCC unroll 24
-        for (int u = 0; u < npairs; u++) {
-            pair_op op = pair_of(n, u);
-            __m512i sh = _mm512_srlv_epi16(H[op.sel], _mm512_set1_epi32(op.shift));
-            if (n == 1) sh = _mm512_add_epi16(sh, _mm512_set1_epi32(op.add));
-            __m512i idx = _mm512_ternarylogic_epi32(sh, mask, _mm512_set1_epi32(op.group), 0xea);
-            __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v + 32 * u)));
-            for (int i = 0; i < TB; i++) s[i] = dot_pairs(s[i], w, _mm512_permutex2var_epi16(xlo[i], idx, xhi[i]), vnni);
+/* the block's rows over one decoded chunk, tokens [t0, t0 + nt), nt <= 16 TV_MAX */
+static void rows_tok(const sb_v2_class *c, int b, const int32_t *off, const float *w, int S, const float *X, float *Y, int ldy, int nt) {
+    int TV = (nt + 15) / 16;
+    __mmask16 last = (__mmask16)(nt % 16 ? (1u << nt % 16) - 1 : 0xffff);
+    const int32_t *idx = c->index + SB_V2_B * b;
+    for (int r = 0; r < SB_V2_B; r++) {
+        if (idx[r] < 0) continue;
+        float *y = Y + (size_t)idx[r] * ldy;
+        switch (TV) { /* a constant count of accumulators per case */
+        case 1: row_tok(off + r, w + r, S, X, y, 1, last); break;
+        case 2: row_tok(off + r, w + r, S, X, y, 2, last); break;
+        case 3: row_tok(off + r, w + r, S, X, y, 3, last); break;
+        case 4: row_tok(off + r, w + r, S, X, y, 4, last); break;
+        case 5: row_tok(off + r, w + r, S, X, y, 5, last); break;
+        case 6: row_tok(off + r, w + r, S, X, y, 6, last); break;
+        case 7: row_tok(off + r, w + r, S, X, y, 7, last); break;
+        default: row_tok(off + r, w + r, S, X, y, 8, last); break;
         }
     }
-    for (int i = 0; i < TB; i++) out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[i]), _mm512_set1_ps(a[i].xs[ch]), out[i]);
 }
 
-INLINE void block_panel_i8_tok(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int vnni, __m512 out[TB]) {
-    int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK, ch0 = j0 / SB_V2_CHUNK;
-    size_t rb = sb_v2_record_bytes(n, SB_V2_I8, 16);
-    for (int i = 0; i < TB; i++) out[i] = _mm512_setzero_ps();
-    for (int ch = 0; ch < full; ch++, rec += rb) chunk_i8_tok(n, rec, a, ch0 + ch, 8 * (4 - n), vnni, out);
-    if (rest) chunk_i8_tok(n, rec, a, ch0 + full, (((rest + 3) / 4) * (4 - n) + 1) / 2, vnni, out);
+INLINE void run_cm(const sb_v2_class *c, const sb_v2_act *a0, int T, float *Y, int ldy, int b0, int b1, int n, int dt) {
+    _Alignas(64) int32_t off[SB_V2_CHUNK * SB_V2_B];
+    _Alignas(64) float w[SB_V2_CHUNK * SB_V2_B];
+    const uint8_t *panel = c->stream;
+    for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
+        int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel;
+        size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
+        for (int b = b0; b < b1; b++) {
+            const uint8_t *rec = panel + (size_t)b * bpb;
+            __m512 sc = c->scale ? _mm512_loadu_ps(c->scale + SB_V2_B * b) : _mm512_set1_ps(1.0f);
+            for (int jc = 0; jc < len; jc += SB_V2_CHUNK) {
+                int G = len - jc >= SB_V2_CHUNK ? 16 : (len - jc + 3) / 4;
+                if (G == 16) decode_chunk(n, dt, rec, 16, j0 + jc, c->K, a0->ldc, sc, off, w);
+                else decode_chunk(n, dt, rec, G, j0 + jc, c->K, a0->ldc, sc, off, w);
+                for (int t0 = 0; t0 < T; t0 += 16 * TV_MAX) {
+                    int nt = T - t0 < 16 * TV_MAX ? T - t0 : 16 * TV_MAX;
+                    rows_tok(c, b, off, w, G * (4 - n), a0->cm + t0, Y + t0, ldy, nt);
+                }
+                rec += sb_v2_record_bytes(n, dt, G);
+            }
+        }
+        panel += bpb * (size_t)c->nblocks;
+    }
 }
 
 INLINE void scatter(const sb_v2_class *c, int b, __m512 acc, float *y, size_t ldy) {
@@ -277,25 +282,22 @@ INLINE void scatter(const sb_v2_class *c, int b, __m512 acc, float *y, size_t ld
         if (idx[r] >= 0) y[(size_t)idx[r] * ldy] += out[r];
 }
 
-/* panels outer (x of a panel stays in L1), blocks inner; prefill runs every token over a block's
- * panel stream while it is in cache (its weights come from memory once per T tokens: no prefetch) */
+/* panels outer (x of a panel stays in L1), blocks inner; without act[0].cm (decode, tests) each token is
+ * a GEMV pass over a block's panel stream while it is in cache (weights from memory once: no prefetch) */
 INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1, int n, int dt,
                 int vnni) {
+    if (act[0].cm) {
+        run_cm(c, &act[0], T, Y, ldy, b0, b1, n, dt);
+        return;
+    }
     const uint8_t *panel = c->stream;
     size_t pf = T == 1 ? sb_v2_prefetch_bytes() : 0;
     for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
         int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel;
         size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
-        for (int b = b0; b < b1; b++) {
-            int t = 0;
-            for (; t + TB <= T; t += TB) {
-                __m512 r[TB];
-                if (dt == SB_V2_I8) block_panel_i8_tok(&act[t], panel + (size_t)b * bpb, j0, len, n, vnni, r);
-                else block_panel_tok(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, r);
-                for (int i = 0; i < TB; i++) scatter(c, b, r[i], Y + t + i, (size_t)ldy);
-            }
-            for (; t < T; t++) scatter(c, b, block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, vnni, pf), Y + t, (size_t)ldy);
-        }
+        for (int b = b0; b < b1; b++)
+            for (int t = 0; t < T; t++)
+                scatter(c, b, block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, vnni, pf), Y + t, (size_t)ldy);
         panel += bpb * (size_t)c->nblocks;
     }
 }

@@ -133,6 +133,10 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
 
 #define BODY(N, DT) run(c, act, T, Y, ldy, b0, b1, N, DT)
 void sb_v2_gemm_neon(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1) {
+    if (act[0].cm) { /* prefill on channel-major activations: the reference's token loops, vectorised by the compiler */
+        sb_v2_gemm_ref(c, act, T, Y, ldy, b0, b1);
+        return;
+    }
     SB_V2_SPECIALISE(c, BODY)
 }
 

@@ -305,6 +305,8 @@ def stages_table(r: dict) -> str:
     total = r["total"]
     lines = ["| stage | ms / token | share | GB/s |", "| --- | ---: | ---: | ---: |"]
     for k, (t, nb) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        if t == 0 and not nb:  # a stage this architecture has not (Mamba-2: x_proj, dt_proj)
+            continue
         gbs = f"{nb / t / 1e9:.1f}" if nb and t > 0 else ""
         lines.append(f"| {k} | {t * 1e3:.3f} | {t / total:.1%} | {gbs} |")
     gbs = sum(v[1] for v in rows.values()) / total / 1e9
