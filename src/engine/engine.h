@@ -68,7 +68,7 @@ const sb_kernels *sb_active_kernels(void);
 int sb_check_forward(const sb_model *m, const int32_t *tokens, int32_t n, const float *logits, int32_t mode, char *err,
                      size_t errlen);
 /* threads.c: the thread count of the next parallel region, and the products split over it in whole
- * blocks of 16 rows of each class. Called inside a parallel region (forward.c opens one per token /
+ * blocks of 16 rows (decode by bytes over all classes, prefill each class evenly). Called inside a parallel region (forward.c opens one per token /
  * per prefill chunk) every thread of the team must call them; called outside one they open their own
  * when the product is large enough. Tiny products run on one thread. Both end with the team synced.
  * sb_linear_vec: y[out] += W a (a prepared by sb_v2_act_set).
