@@ -79,12 +79,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"tokens/s, median of {meta['reps']} repetitions (all samples in speed.json / speed.csv). "
         "Random weights of the published shapes; every engine reads the same weights.",
         "",
-        "Memory read bandwidth (GB/s, fastest of numpy sum / numpy max / torch sum / the engine's SIMD sum over a "
-        f"{bw['mib']} MiB array): "
+        f"Memory read bandwidth (GB/s; the read probe of bench/README.md over {bw['mib']} MiB, taken once per "
+        "round of each group of rows, median of the run): "
         + ", ".join(f"{t} thread{'s' if t != '1' else ''} {v:.1f}" for t, v in bw["used"].items())
         + ". "
-        "Roofline decode t/s = bandwidth ÷ bytes of weights a token reads (every tensor once, the tied "
-        "embedding once more as the LM head, plus the looked-up row).",
+        "Roofline decode t/s = the group's median probe ÷ bytes of weights a token reads (every tensor once, "
+        "the tied embedding once more as the LM head, plus the looked-up row). The rows of one model and "
+        "thread count are measured in interleaved rounds (repetition k of every row, then k + 1), so "
+        "their ratios hold when the machine's speed drifts.",
         "",
         "Kernels: the SIMD family that ran the products: ours `Engine.kernels`, transformers torch's CPU "
         "capability, llama.cpp the features its CPU backend was built with (`llama_print_system_info()`"

@@ -44,6 +44,7 @@ LLAMA_QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0"}  # our name -> llama-quantize's 
 SPARSITIES = (0.3, 0.5, 0.7)  # f16
 INT8_SPARSITIES = (0.5, 0.7)
 N_PROMPT, N_GEN = 128, 64
+PROBE_PASSES = 3  # passes of the read probe per round (its best)
 BUSY = 0.15  # share of the CPUs used by other processes above which a measurement is repeated / flagged
 
 
@@ -217,57 +218,81 @@ def _worker(kind: str, path: Path, threads: int, reps: int) -> tuple[dict, machi
 
 
 def config_text(job: Job, path: Path, threads: int, reps: int) -> str:
+    rounds = f"; {reps} interleaved rounds, one process each"
     if job.engine == "llama.cpp":
         return (
-            f"llama-bench -m {path.name} -p {N_PROMPT} -n {N_GEN} -t {threads} -r {reps} --repack 0 -o json"
+            f"llama-bench -m {path.name} -p {N_PROMPT} -n {N_GEN} -t {threads} -r 1 --repack 0 -o json"
+            + rounds
         )
     if job.engine == "transformers":
         return (
-            f"MambaForCausalLM fp32, torch threads {threads}, {reps} reps after a warm-up; pp: one forward "
+            f"MambaForCausalLM fp32, torch threads {threads}, 1 rep after a warm-up; pp: one forward "
             f"over {N_PROMPT} tokens (logits_to_keep=1); tg: {N_GEN} greedy cached steps after 4 tokens"
+            + rounds
         )
-    return f"Engine({path.name}, threads={threads}).bench(n_prompt={N_PROMPT}, n_gen={N_GEN}, reps={reps})"
+    return (
+        f"Engine({path.name}, threads={threads}).bench(n_prompt={N_PROMPT}, n_gen={N_GEN}, reps=1)" + rounds
+    )
 
 
-def measure(job: Job, path: Path, threads: int, a: argparse.Namespace, exe: Path | None) -> dict:
+def measure_once(job: Job, path: Path, threads: int, a: argparse.Namespace, exe: Path | None) -> dict:
+    """One repetition of one configuration in a process of its own (its warm-up included)."""
     idle = machine.wait_idle(a.idle_wait) if a.idle_wait > 0 else None
     if job.engine == "llama.cpp":
-        r, c = _llama(exe, path, threads, a.reps)
+        r, c = _llama(exe, path, threads, 1)
     else:
-        r, c = _worker(job.engine, path, threads, a.reps)
+        r, c = _worker(job.engine, path, threads, 1)
+    return dict(
+        pp=r["pp"][0],
+        tg=r["tg"][0],
+        isa=r.get("isa"),
+        rss_base_kib=r.get("rss_base_kib"),
+        maxrss_kib=c.maxrss_kib,
+        others_busy=c.others_busy,
+        busy_before=idle,
+        seconds=c.seconds,
+    )
+
+
+def make_row(job: Job, path: Path, threads: int, a: argparse.Namespace, reps: list[dict]) -> dict:
+    """A result row from its repetitions (each one process, see :func:`measure_once`): medians of the
+    samples, the highest peak RSS, the busiest repetition's ``others_busy``."""
     if job.engine == "transformers":
         size, bpt = (path / "model.safetensors").stat().st_size, machine.hf_bytes_per_token(path)
     else:
         size, bpt = path.stat().st_size, machine.gguf_bytes_per_token(path)
+    base = [x["rss_base_kib"] for x in reps if x["rss_base_kib"] is not None]
+    before = [x["busy_before"] for x in reps if x["busy_before"] is not None]
     return dict(
         engine=job.engine,
         model=job.model.name,
         shape=job.model.shape,
         dtype=job.dtype,
         # the SIMD family of the products: llama.cpp's CPU backend build, our Engine.kernels, torch's
-        isa=a.llama_isa if job.engine == "llama.cpp" else r.get("isa"),
+        isa=a.llama_isa if job.engine == "llama.cpp" else reps[0]["isa"],
         sparsity=round(job.model.sparsity, 6),
         mix=models.mix_text(job.model.mix),
         threads=threads,
-        pp128_tps=median(r["pp"]),
-        tg64_tps=median(r["tg"]),
-        pp128_samples=[round(x, 3) for x in r["pp"]],
-        tg64_samples=[round(x, 3) for x in r["tg"]],
+        pp128_tps=median(x["pp"] for x in reps),
+        tg64_tps=median(x["tg"] for x in reps),
+        pp128_samples=[round(x["pp"], 3) for x in reps],
+        tg64_samples=[round(x["tg"], 3) for x in reps],
         size_bytes=size,
-        rss_peak_mib=round(c.maxrss_kib / 1024, 1),
-        rss_base_mib=None if r.get("rss_base_kib") is None else round(r["rss_base_kib"] / 1024, 1),
+        rss_peak_mib=round(max(x["maxrss_kib"] for x in reps) / 1024, 1),
+        rss_base_mib=round(max(base) / 1024, 1) if base else None,
         bytes_per_token=bpt,
-        others_busy=round(c.others_busy, 3),
-        busy_before=None if idle is None else round(idle, 3),
-        seconds=round(c.seconds, 1),
+        others_busy=round(max(x["others_busy"] for x in reps), 3),
+        others_busy_samples=[round(x["others_busy"], 3) for x in reps],
+        busy_before=round(max(before), 3) if before else None,
+        seconds=round(sum(x["seconds"] for x in reps), 1),
         config=config_text(job, path, threads, a.reps),
         file=str(path.relative_to(machine.ROOT) if path.is_relative_to(machine.ROOT) else path),
     )
 
 
-def roofline(row: dict, bw: dict) -> dict:
-    """Decode can go no faster than streaming its weights once per token: bandwidth ÷ bytes/token."""
-    b = bw["used"].get(str(row["threads"]))
+def roofline(row: dict, b: float | None) -> dict:
+    """Decode can go no faster than streaming its weights once per token: bandwidth ÷ bytes/token,
+    with ``b`` the read probe's median over the rounds that measured this row's group."""
     roof = b * 1e9 / row["bytes_per_token"] if b else None
     row.update(
         bandwidth_gbs=b,
@@ -277,7 +302,9 @@ def roofline(row: dict, bw: dict) -> dict:
     return row
 
 
-def measure_bandwidth(a: argparse.Namespace) -> dict:
+def cross_check_bandwidth(a: argparse.Namespace) -> dict:
+    """numpy sum / max, torch sum and the read probe side by side, once at the start: the probe must be
+    the fastest reader of the lot (it is the roofline's denominator); the log says when it is not."""
     if a.idle_wait > 0:
         machine.wait_idle(a.idle_wait)
     ts = ",".join(str(t) for t in a.threads)
@@ -285,15 +312,30 @@ def measure_bandwidth(a: argparse.Namespace) -> dict:
         machine.python_worker("bandwidth", "--mib", str(a.bw_mib), "--threads-list", ts, "--reps", "10"), 1
     )
     if c.rc != 0:
-        log(f"bandwidth measurement failed, no roofline: {c.why()}")
-        return dict(mib=a.bw_mib, kernels={}, used={})
+        log(f"bandwidth cross-check failed: {c.why()}")
+        return {}
     k = c.json_tail()
-    return dict(
-        mib=a.bw_mib,
-        kernels=k,
-        used={t: max(v.values()) for t, v in k.items()},
-        others_busy=round(c.others_busy, 3),
+    for t, v in k.items():
+        probe = v.get("engine_read_probe")
+        best = max(v, key=v.get)
+        if probe and v[best] > 1.03 * probe:
+            log(f"  NOTE {t}T: {best} read {v[best]:.1f} GB/s, faster than the read probe's {probe:.1f}")
+    return k
+
+
+def probe_bandwidth(a: argparse.Namespace, threads: int) -> float | None:
+    """The read probe (the engine's ``sb_read_bandwidth``, bench/README.md) at ``threads`` threads, in
+    GB/s: taken once per round of a group, among its rows' repetitions."""
+    c = machine.run_child(
+        machine.python_worker(
+            "probe", "--mib", str(a.bw_mib), "--threads", str(threads), "--reps", str(PROBE_PASSES)
+        ),
+        threads,
     )
+    if c.rc != 0:
+        log(f"read probe failed, no roofline: {c.why()}")
+        return None
+    return c.json_tail()["gbs"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,9 +486,10 @@ def main(argv: list[str] | None = None) -> None:
         skipped=skipped,
     )
     log(f"{meta['machine']['cpu']}, {meta['machine']['cores']} cores; commit {meta['git']['commit']}")
-    log("memory bandwidth ...")
-    meta["bandwidth"] = bw = measure_bandwidth(a)
-    log("  " + ", ".join(f"{t} threads {v:.1f} GB/s" for t, v in bw["used"].items()))
+    log("memory bandwidth: numpy / torch / read probe ...")
+    bw = meta["bandwidth"] = dict(mib=a.bw_mib, cross_check=cross_check_bandwidth(a), probes={}, used={})
+    for t, v in bw["cross_check"].items():
+        log(f"  {t}T: " + ", ".join(f"{k} {x:.1f}" for k, x in v.items()) + " GB/s")
     jobs = plan(a, skipped)
     meta["llama_cpp_system_info"] = a.llama_info  # llama_print_system_info(): its CPU backend's features
     for s in skipped:
@@ -463,45 +506,66 @@ def main(argv: list[str] | None = None) -> None:
             )
             log(f"SKIPPED {skipped[-1]}")
 
-    rows: list[dict] = []
-    out = Path(a.out)
-    n = len(ready) * len(a.threads)
-    i = 0
+    # The rows of one model shape at one thread count are a group, measured in rounds: round k runs
+    # repetition k of every row of the group (each in a process of its own) and one read probe. A
+    # drift of the machine's speed over minutes then moves every row of the group alike, and the
+    # ratios between them (and to the roofline) hold; the medians are per row.
+    groups: dict[tuple[str, int], list[tuple[Job, Path]]] = {}
     for job, path in ready:
         for t in a.threads:
-            i += 1
-            head = f"[{i:2d}/{n}] {job.engine:12s} {job.model.name:12s} {job.dtype:4s} {t}T"
-            try:
-                row = roofline(measure(job, path, t, a, a.exe), bw)
-                # someone else's work shared the CPUs: measure again, keep the quietest attempt
-                for _ in range(a.retries):
-                    if row["others_busy"] <= BUSY:
-                        break
-                    log(f"{head}: others used {row['others_busy']:.0%} of the CPUs, measuring again")
-                    again = roofline(measure(job, path, t, a, a.exe), bw)
-                    row = min(row, again, key=lambda r: r["others_busy"])
-            except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
-                skipped.append(
-                    f"{job.engine} {job.model.name} {job.dtype} {t}T: {type(e).__name__}: {str(e)[-800:]}"
+            groups.setdefault((job.model.shape, t), []).append((job, path))
+    rows: list[dict] = []
+    out = Path(a.out)
+    for gi, ((shape, t), members) in enumerate(groups.items(), 1):
+        reps: list[list[dict]] = [[] for _ in members]
+        failed: set[int] = set()
+        probes: list[float] = []  # this group's, one per round
+        for k in range(a.reps):
+            if (p := probe_bandwidth(a, t)) is not None:
+                probes.append(round(p, 3))
+                bw["probes"].setdefault(str(t), []).append(probes[-1])
+            for i, (job, path) in enumerate(members):
+                if i in failed:
+                    continue
+                head = f"[group {gi}/{len(groups)} {shape} {t}T, round {k + 1}/{a.reps}] {job.engine:12s} {job.model.name:12s} {job.dtype:4s}"
+                try:
+                    x = measure_once(job, path, t, a, a.exe)
+                    # someone else's work shared the CPUs: measure again, keep the quietest attempt
+                    for _ in range(a.retries):
+                        if x["others_busy"] <= BUSY:
+                            break
+                        log(f"{head}: others used {x['others_busy']:.0%} of the CPUs, measuring again")
+                        x = min(x, measure_once(job, path, t, a, a.exe), key=lambda r: r["others_busy"])
+                except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
+                    skipped.append(
+                        f"{job.engine} {job.model.name} {job.dtype} {t}T: {type(e).__name__}: {str(e)[-800:]}"
+                    )
+                    log(f"{head}: FAILED {skipped[-1]}")
+                    failed.add(i)
+                    continue
+                reps[i].append(x)
+                log(
+                    f"{head}: pp {x['pp']:7.1f}  tg {x['tg']:6.1f} t/s  ({x['seconds']:.0f} s, others {x['others_busy']:.0%})"
                 )
-                log(f"{head}: FAILED {skipped[-1]}")
+        b = median(probes) if probes else None
+        for i, (job, path) in enumerate(members):
+            if i in failed or not reps[i]:
                 continue
+            row = roofline(make_row(job, path, t, a, reps[i]), b)
             rows.append(row)
             roof = f", {row['roofline_pct']:.0f}% of roofline" if row["roofline_pct"] else ""
             log(
-                f"{head}: pp {row['pp128_tps']:7.1f}  tg {row['tg64_tps']:6.1f} t/s{roof}  "
-                f"RSS {row['rss_peak_mib']:.0f} MiB  ({row['seconds']:.0f} s, others {row['others_busy']:.0%})"
+                f"{job.engine:12s} {job.model.name:12s} {job.dtype:4s} {t}T: pp {row['pp128_tps']:7.1f}  "
+                f"tg {row['tg64_tps']:6.1f} t/s{roof}  RSS {row['rss_peak_mib']:.0f} MiB"
             )
-            meta["seconds"] = round(time.time() - t_start)
-            meta["load_average_end"] = os.getloadavg()
-            report.write_all(out, meta, rows)  # after every row: an interrupted run keeps what it measured
-    # bandwidth again at the end: the better of two chances of a quiet machine, rooflines redone with it
-    log("memory bandwidth again ...")
-    bw2 = measure_bandwidth(a)
-    bw["end"] = bw2
-    bw["used"] = {t: max(v, bw2["used"].get(t, 0)) for t, v in bw["used"].items()}
-    log("  " + ", ".join(f"{t} threads {v:.1f} GB/s" for t, v in bw["used"].items()))
-    rows = [roofline(r, bw) for r in rows]
+        bw["used"] = {tt: round(median(v), 3) for tt, v in bw["probes"].items() if v}
+        meta["seconds"] = round(time.time() - t_start)
+        meta["load_average_end"] = os.getloadavg()
+        report.write_all(out, meta, rows)  # after every group: an interrupted run keeps what it measured
+    log(
+        "  read probe (median of the rounds): "
+        + ", ".join(f"{t}T {v:.1f} GB/s" for t, v in bw["used"].items())
+    )
     meta["seconds"] = round(time.time() - t_start)
     report.write_all(out, meta, rows)
     log(f"done in {meta['seconds'] / 60:.1f} min: {out}/speed.md")

@@ -2,7 +2,8 @@
 
     python bench/worker.py transformers MODEL_DIR --threads T --reps R
     python bench/worker.py sparsamba PACKED.gguf --threads T --reps R
-    python bench/worker.py bandwidth --mib 512
+    python bench/worker.py bandwidth --mib 512          # numpy / torch / the read probe side by side
+    python bench/worker.py probe --mib 512 --threads T  # the read probe alone: {"gbs": GB/s}
 
 Prints one JSON object on the last line of stdout: {"pp": [t/s per rep], "tg": [...], "rss_base_kib": ...,
 "isa": ...}. ``isa`` is the SIMD family that ran the products: the engine's kernels (``Engine.kernels``:
@@ -137,10 +138,10 @@ def bandwidth(mib: int, reps: int, threads_list: list[int]) -> dict:
                 f()
                 ts.append(time.perf_counter() - t)
             res[name] = a.nbytes / min(ts) / 1e9
-        try:  # the engine's own probe: 8 independent SIMD sums, the read a streaming decoder does
+        try:  # the read probe, the roofline's denominator (bench/README.md)
             from sparsamba.runtime.engine import read_bandwidth
 
-            res["engine_simd_sum"] = read_bandwidth(mib, T, reps) / 1e9
+            res["engine_read_probe"] = read_bandwidth(mib, T, reps) / 1e9
         except Exception:  # an engine that is not built: the other kernels still give a roofline
             pass
         out[str(T)] = res
@@ -149,14 +150,18 @@ def bandwidth(mib: int, reps: int, threads_list: list[int]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["transformers", "sparsamba", "bandwidth"])
+    ap.add_argument("kind", choices=["transformers", "sparsamba", "bandwidth", "probe"])
     ap.add_argument("path", nargs="?")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)  # bandwidth: 10 or more
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--threads-list", default="1,2")
     a = ap.parse_args()
-    if a.kind == "bandwidth":
+    if a.kind == "probe":  # the read probe alone (no numpy / torch pages in the way)
+        from sparsamba.runtime.engine import read_bandwidth
+
+        r = dict(gbs=read_bandwidth(a.mib, a.threads, a.reps) / 1e9)
+    elif a.kind == "bandwidth":
         r = bandwidth(a.mib, a.reps, [int(t) for t in a.threads_list.split(",")])
     elif a.kind == "transformers":
         r = transformers_bench(a.path, a.threads, a.reps)

@@ -122,9 +122,11 @@ def test_decode_equals_prefill_and_chunks(compiled):
 
 
 @pytest.mark.parametrize("dtype", ["f16", "int8"])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threads_give_the_same_logits(compiled, threads, dtype):
-    """Each row is one thread's, whole: 2 threads give 1 thread's logits, prefill and decode alike."""
+    """Each row is one thread's, whole: 2 threads give 1 thread's logits, prefill and decode alike; 3
+    threads split a product's bytes unevenly over blocks of several classes (a block lost or run twice
+    would show)."""
     path, _ = compiled["embedded-pruned", dtype]
     ids = ids_for(4096, 37, seed=2)
     one = Engine(path, threads=1).logits(ids)
@@ -136,6 +138,26 @@ def test_threads_give_the_same_logits(compiled, threads, dtype):
         max_rel(np.stack([eng.decode(t) for t in ids[:5]]), np.stack([one_step.decode(t) for t in ids[:5]]))
         <= 1e-6
     )
+
+
+@pytest.mark.parametrize("dtype", ["f16", "int8"])
+def test_products_split_by_bytes_over_classes_keep_every_row(compiled, dtype):
+    """Decode splits a product's blocks over the threads by bytes across all its classes; with the size
+    floor off (every product split, 3 threads on the pruned model's 2-4 classes per matrix) the
+    logits are 1 thread's."""
+    path, _ = compiled["embedded-pruned", dtype]
+    ids = ids_for(4096, 6, seed=3)
+    code = (
+        "import sys, numpy as np; from sparsamba.runtime.engine import Engine; "
+        f"e = Engine({str(path)!r}, threads=3); "
+        "np.save(sys.argv[1], np.stack([e.decode(t) for t in " + repr(ids) + "]))"
+    )
+    out = Path(tempfile.mkdtemp()) / "logits.npy"
+    env = {**os.environ, "SPARSAMBA_MIN_SPLIT_BYTES": "0"}
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    one = Engine(path, threads=1)
+    assert max_rel(np.load(out), np.stack([one.decode(t) for t in ids])) <= 1e-6
 
 
 def test_greedy_tokens_equal_the_reference_on_the_embedded_model(tmp_path):

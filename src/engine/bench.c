@@ -73,11 +73,11 @@ static int cmp_d(const void *a, const void *b) {
 }
 
 double sb_read_bandwidth(int64_t bytes, int32_t reps) {
-    size_t n = (size_t)(bytes / (int64_t)sizeof(float)) / 64 * 64;
+    size_t n = (size_t)(bytes / (int64_t)sizeof(float)) / 128 * 128;
     if (n == 0 || reps <= 0) return -1.0;
     float *buf = aligned_alloc(64, n * sizeof(float));
     int nt = sb_n_threads();
-    size_t per = (n / (size_t)nt) / 64 * 64, segf = SEG / sizeof(float), nseg = per / segf + 1;
+    size_t per = (n / (size_t)nt) / 128 * 128, segf = SEG / sizeof(float), nseg = per / segf + 1;
     double *rate = malloc(sizeof(double) * (size_t)nt), *seg = malloc(sizeof(double) * nseg * (size_t)nt);
     if (!buf || !rate || !seg) {
         free(buf), free(rate), free(seg);

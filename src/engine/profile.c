@@ -252,7 +252,7 @@ int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err
     const sb_info *I = &m->info;
     int L = I->n_layer, widest = 2 * I->d_inner;
     if (I->d_model > widest) widest = I->d_model;
-    size_t ws = sb_profile_working_set(), nf = ws / sizeof(float) / 64 * 64;
+    size_t ws = sb_profile_working_set(), nf = ws / sizeof(float) / 128 * 128;
     float *flush = (float *)arena(nf * sizeof(float));
     float *x = calloc((size_t)widest + 64, sizeof(float)), *y = calloc((size_t)widest + 64, sizeof(float));
     double *t = malloc(sizeof(double) * (size_t)reps * 4 * L);

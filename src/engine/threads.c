@@ -1,11 +1,13 @@
 /* Threads: the count (OpenMP's, process-wide) and the one way a matrix product is split over them —
- * by whole blocks of 16 rows of each class. Classes write disjoint outputs, so no thread waits for
- * another between classes. The forward opens one parallel region per token (decode) or per prefill
+ * by whole blocks of 16 rows: decode by bytes over all classes (vec_team), prefill each class's blocks
+ * evenly. Classes write disjoint outputs, so no thread waits for another between classes. The forward opens one parallel region per token (decode) or per prefill
  * chunk and calls these from every thread of it (orphaned worksharing); a caller outside a region
  * (the profiler) gets one opened here. A build without OpenMP runs the same loops on one thread. */
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#include <stdlib.h>
 
 #include "engine.h"
 
@@ -55,22 +57,58 @@ static int in_parallel(void) {
 #endif
 }
 
-/* below this many stream bytes a product runs on one thread: a team's barrier costs more than it saves */
-#define MIN_SPLIT_BYTES (64 << 10)
+/* below this many stream bytes a product runs on one thread: a team's barrier costs more than it saves.
+ * SPARSAMBA_MIN_SPLIT_BYTES overrides it (read once): the tests split a small model's every product. */
+static size_t min_split_bytes(void) {
+    static size_t v = (size_t)-1;
+    size_t m = __atomic_load_n(&v, __ATOMIC_RELAXED);
+    if (m != (size_t)-1) return m;
+    const char *env = getenv("SPARSAMBA_MIN_SPLIT_BYTES");
+    m = env && *env ? (size_t)strtoull(env, NULL, 10) : (size_t)64 << 10;
+    __atomic_store_n(&v, m, __ATOMIC_RELAXED); /* racing threads store the same value */
+    return m;
+}
 
-/* Every thread of the team runs this: each class's blocks split evenly, whole blocks of 16 rows,
- * no wait between classes (they write disjoint outputs), one barrier at the end. */
+/* bytes of one block's stream (every panel): all blocks of a class weigh the same */
+static size_t block_bytes(const sb_v2_class *c) {
+    size_t b = 0;
+    for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++)
+        b += sb_v2_block_panel_bytes(c->n, c->dtype, c->K, c->panel, p);
+    return b;
+}
+
+/* first block of class c (starting `off` bytes into the product's stream, blocks of bb bytes) whose
+ * first byte is at or after byte `at` */
+static int first_block_at(const sb_v2_class *c, size_t off, size_t bb, size_t at) {
+    if (at <= off) return 0;
+    size_t j = (at - off + bb - 1) / bb;
+    return j < (size_t)c->nblocks ? (int)j : c->nblocks;
+}
+
+/* Every thread of the team runs this. The classes' blocks in order (n ascending) are one stream of
+ * bytes, and each thread takes the blocks that start in its contiguous 1/nt of those bytes: a
+ * class of n = 3 costs a quarter of a dense one per block, so an even split of each class's blocks
+ * (what this did before) left one thread every class's odd block, and a small layer with a few
+ * blocks per class badly unbalanced. No wait between classes (they write disjoint outputs), one
+ * barrier at the end. */
 static void vec_team(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y) {
-    if (lin->bytes < MIN_SPLIT_BYTES) {
+    if (lin->bytes < min_split_bytes()) {
 #pragma omp single
         for (int ci = 0; ci < lin->w.nclass; ci++) k->gemv(&lin->w.cls[ci], a, y, 0, lin->w.cls[ci].nblocks);
         return; /* single ends in a barrier */
     }
     int nt = team_size(), id = thread_id();
+    size_t bb[4], total = 0;
+    for (int ci = 0; ci < lin->w.nclass; ci++)
+        total += (bb[ci] = block_bytes(&lin->w.cls[ci])) * (size_t)lin->w.cls[ci].nblocks;
+    /* [lo, hi): this thread's bytes; thread id + 1's lo is this hi */
+    size_t lo = total / nt * id + total % nt * id / nt, hi = total / nt * (id + 1) + total % nt * (id + 1) / nt;
+    size_t off = 0;
     for (int ci = 0; ci < lin->w.nclass; ci++) { /* a contiguous range of blocks: x's panel stays in L1 */
         const sb_v2_class *c = &lin->w.cls[ci];
-        int b0 = (int)((long)c->nblocks * id / nt), b1 = (int)((long)c->nblocks * (id + 1) / nt);
+        int b0 = first_block_at(c, off, bb[ci], lo), b1 = first_block_at(c, off, bb[ci], hi);
         if (b0 < b1) k->gemv(c, a, y, b0, b1);
+        off += bb[ci] * (size_t)c->nblocks;
     }
 #pragma omp barrier
 }
@@ -86,7 +124,7 @@ static void mat_team(const sb_kernels *k, const sb_linear *lin, const sb_v2_act 
 }
 
 void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y) {
-    if (in_parallel() || lin->bytes < MIN_SPLIT_BYTES || sb_n_threads() == 1) {
+    if (in_parallel() || lin->bytes < min_split_bytes() || sb_n_threads() == 1) {
         vec_team(k, lin, a, y);
         return;
     }

@@ -147,3 +147,22 @@ void sb_ssd_chunk_avx512(int p, int N, int T, const float *decay, const float *d
         }
     }
 }
+
+/* The read probe (sb_read_bandwidth): the fastest reading of memory measured here from one thread.
+ * One 64-byte load per line: with 32-byte loads the same sum reads ~7% slower on Intel (two load uops
+ * per line fill the out-of-order window with half as many lines in flight); each line prefetched
+ * sb_v2_prefetch_bytes ahead into L1, as the decode kernels prefetch their streams (T0, T1 and T2
+ * read alike; 2 / 4 / 8 KiB ahead alike; 2 MiB pages no faster). bench/README.md has the figures. */
+float sb_read_sum_avx512(const float *x, size_t n) {
+    __m512 a[8];
+    size_t pf = sb_v2_prefetch_bytes();
+    for (int l = 0; l < 8; l++) a[l] = _mm512_setzero_ps();
+    for (size_t i = 0; i < n; i += 128) {
+        for (int l = 0; l < 8; l++) {
+            _mm_prefetch((const char *)(x + i + 16 * l) + pf, _MM_HINT_T0);
+            a[l] = _mm512_add_ps(a[l], _mm512_loadu_ps(x + i + 16 * l));
+        }
+    }
+    for (int l = 1; l < 8; l++) a[0] = _mm512_add_ps(a[0], a[l]);
+    return _mm512_reduce_add_ps(a[0]);
+}

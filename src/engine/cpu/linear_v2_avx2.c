@@ -14,8 +14,8 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* decode prefetches each line of the stream pf bytes ahead, as linear_v2_avx512.c does */
-INLINE void pf_line(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T0); }
+/* decode prefetches each line of the stream pf bytes ahead into L2, as linear_v2_avx512.c does */
+INLINE void pf_line(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T1); }
 
 static inline __m256 permute(__m256 t, __m256i idx) { return _mm256_permutevar_ps(t, idx); }
 
