@@ -157,12 +157,14 @@ float sb_read_sum_avx512(const float *x, size_t n) {
     __m512 a[8];
     size_t pf = sb_v2_prefetch_bytes();
     for (int l = 0; l < 8; l++) a[l] = _mm512_setzero_ps();
-    for (size_t i = 0; i < n; i += 128) {
+    size_t i = 0;
+    for (; i + 128 <= n; i += 128) {
         for (int l = 0; l < 8; l++) {
             _mm_prefetch((const char *)(x + i + 16 * l) + pf, _MM_HINT_T0);
             a[l] = _mm512_add_ps(a[l], _mm512_loadu_ps(x + i + 16 * l));
         }
     }
+    for (int l = 0; i < n; i += 16, l++) a[l] = _mm512_add_ps(a[l], _mm512_loadu_ps(x + i)); /* a 64 tail */
     for (int l = 1; l < 8; l++) a[0] = _mm512_add_ps(a[0], a[l]);
     return _mm512_reduce_add_ps(a[0]);
 }
