@@ -74,3 +74,13 @@ def test_mamba2_grid(pr):
     assert all(r["method"] != "magnitude" and not r.get("packed") for r in grid)
     keys = [pr.key(r, pr.MAMBA2, 128, 256) for r in grid]
     assert len(set(keys)) == len(keys)
+
+
+def test_learned_rows_of_an_older_learning_are_not_reused(pr, tmp_path):
+    old = dict(label="C_4^n learned (150 steps)", method="c4", pattern="c4", sparsity=0.5, steps=150)
+    pub = _published(pr, tmp_path, [("kjv-mamba-tiny", old)])
+    grid = pr.runs("kjv-mamba-tiny", [0.5], 150)
+    learned = [r for r in grid if r.get("steps")]
+    assert learned and all(r["learn_rev"] == pr.LEARN for r in learned)
+    keys = [pr.key(r, "kjv-mamba-tiny", 128, 256) for r in grid]
+    assert pr.seed_cache(tmp_path, pub, keys) == 0
