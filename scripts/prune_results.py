@@ -514,6 +514,12 @@ def write(out: Path, grid, a) -> None:
             "",
             f"Dense perplexity: **{dense:.2f}**." if dense == dense else "Dense perplexity: not run.",
         ]
+        if mname == MAMBA2:
+            md[-1] += (
+                " The Mamba-2 shipped beside the embedded model (`sparsamba train-tiny --arch mamba2`, "
+                "the same text and tokenizer); its prunable projections are in_proj and out_proj "
+                "(issue 13's table)."
+            )
         if mname == "kjv-llama-tiny" and meta["llama_train_seconds"]:
             md[-1] += f" Trained here in {meta['llama_train_seconds']} s (1 thread, 800 steps)."
         md += [
