@@ -502,7 +502,9 @@ def write(out: Path, grid, a) -> None:
         "not run. 2:4, 4:8 and c4n2 fix the sparsity at 50%: they have no 30% or 70% row. Prune time: "
         "the prune's own seconds on 1 thread (seed 0), on a shared 2-core machine whose load varied "
         "(1-9) during the run, so times are upper bounds; peak memory: the high-water RSS of the row's own "
-        "process (a fresh one per row) at the end of the prune (model, calibration and prune).",
+        "process (a fresh one per row) at the end of the prune (model, calibration and prune). "
+        f"The learned rows are those of the learning's revision {LEARN} (the target an equality on the "
+        "hard choice, learn.py); the rows of the former learning are in this file's git history.",
         "",
     ]
     for mname in dict.fromkeys(m for m, _, _ in grid):
