@@ -1,13 +1,16 @@
-"""Measure every pruning method on the embedded model (and on a small LLaMA-style model trained here
-on the same text) and write docs/results.{json,md} (+ docs/results_n.png with the `plots` extra).
+"""Measure every pruning method on the embedded model (the shipped Mamba-2 beside it, and a small
+LLaMA-style model trained here on the same text) and write docs/results.{json,md} (+ docs/results_n_*.png
+with the `plots` extra).
 
     python scripts/prune_results.py                          # the whole grid (hours on one thread)
     python scripts/prune_results.py --sparsities 0.5 0.7     # a part of it; rows not run say so
+    python scripts/prune_results.py --model kjv-mamba2-tiny --skip learned
     python scripts/prune_results.py --shard 0/2 & python scripts/prune_results.py --shard 1/2
 
 Every row runs in its own process (its peak RSS is the row's memory) and is stored on its own under
 build/prune_results/ as soon as it is done, so an interrupted or sharded run resumes where it
 stopped; the docs are rewritten from every stored row after each one (``--write-only``: just that).
+A row absent from that cache is taken from the committed docs/results.json when it has it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ ALLOC = "C_4^n allocated (0 steps)"
 BLOCK = "C_4^n allocated, per-block scope"
 REC = " + reconstruction"
 PACKED = "C_4^n allocated, packed GGUF through the engine"
+# the learning's revision, part of a learned row's key: rows of an older algorithm are not reused
+# (2: the target an equality on the hard choice; the rows of 1 are in git history)
+LEARN = 2
+MAMBA2 = "kjv-mamba2-tiny"  # trained by `sparsamba train-tiny --arch mamba2`, shipped beside the default
 
 
 def runs(model: str, sparsities: list[float], steps: int) -> list[dict]:
@@ -57,13 +64,15 @@ def runs(model: str, sparsities: list[float], steps: int) -> list[dict]:
     ``RECONSTRUCT`` steps of block-wise reconstruction (the same for every method)."""
     out = [dict(label="dense", method=None)]
     learned = f"C_4^n learned ({steps} steps)"
+    if model == MAMBA2:
+        return out + _mamba2_runs(sparsities, steps)
     base = []
     for s in sparsities:
         for m in ("magnitude", "wanda", "sparsegpt"):
             base.append(dict(label=f"{m} unstructured", method=m, pattern="unstructured", sparsity=s))
         base.append(dict(label=ALLOC, method="c4", pattern="c4", sparsity=s, steps=0))
         base.append(dict(label=BLOCK, method="c4", pattern="c4", sparsity=s, steps=0, scope="block"))
-        base.append(dict(label=learned, method="c4", pattern="c4", sparsity=s, steps=steps))
+        base.append(dict(label=learned, method="c4", pattern="c4", sparsity=s, steps=steps, learn_rev=LEARN))
     if 0.5 in sparsities:
         for m in ("magnitude", "wanda", "sparsegpt"):
             for p in ("2:4", "4:8"):
@@ -80,6 +89,32 @@ def runs(model: str, sparsities: list[float], steps: int) -> list[dict]:
         if s in sparsities and model == "kjv-mamba-tiny":
             out.append(dict(label=PACKED, method="c4", pattern="c4", sparsity=s, steps=0, packed=True))
     return out
+
+
+def _mamba2_runs(sparsities: list[float], steps: int) -> list[dict]:
+    """The Mamba-2 table of issue 13 (beside Mamba-1's): SparseGPT 2:4 / 4:8 / unstructured, Wanda 2:4,
+    C_4^n allocated (the default) and learned, each with and without reconstruction."""
+    base = []
+    for s in sparsities:
+        base.append(
+            dict(label="sparsegpt unstructured", method="sparsegpt", pattern="unstructured", sparsity=s)
+        )
+        base.append(dict(label=ALLOC, method="c4", pattern="c4", sparsity=s, steps=0))
+    for s in sparsities:
+        base.append(
+            dict(
+                label=f"C_4^n learned ({steps} steps)",
+                method="c4",
+                pattern="c4",
+                sparsity=s,
+                steps=steps,
+                learn_rev=LEARN,
+            )
+        )
+    if 0.5 in sparsities:
+        base += [dict(label=f"sparsegpt {p}", method="sparsegpt", pattern=p) for p in ("2:4", "4:8")]
+        base.append(dict(label="wanda 2:4", method="wanda", pattern="2:4"))
+    return base + [{**r, "label": r["label"] + REC, "reconstruct": RECONSTRUCT} for r in base]
 
 
 def train_tiny_llama(out: Path, tok, text_ids: torch.Tensor, steps: int = 800, seed: int = 0) -> None:
@@ -123,6 +158,29 @@ def train_tiny_llama(out: Path, tok, text_ids: torch.Tensor, steps: int = 800, s
 def key(r: dict, model: str, nsamples: int, seqlen: int) -> str:
     fields = {k: v for k, v in sorted(r.items()) if k != "label"}
     return json.dumps([model, nsamples, seqlen, fields])
+
+
+def row_file(cache: Path, k: str) -> Path:
+    return cache / (hashlib.sha1(k.encode()).hexdigest()[:16] + ".json")
+
+
+def seed_cache(cache: Path, published: Path, keys: list[str]) -> int:
+    """Store every row of the committed ``published`` results.json whose key is one of ``keys`` and
+    absent from ``cache``, so that a fresh checkout resumes (and ``--write-only`` rewrites the docs)
+    without the build folder of the run that made them. Returns the number of rows stored."""
+    if not published.exists():
+        return 0
+    pub = json.loads(published.read_text())
+    want, done = set(keys), 0
+    for row in pub["rows"]:
+        f = row_file(cache, row["key"])
+        if row["key"] in want and not f.exists():
+            f.write_text(json.dumps(row) + "\n")
+            done += 1
+    demo = cache / "demo.json"
+    if pub["meta"].get("demo") and not demo.exists():
+        demo.write_text(json.dumps(pub["meta"]["demo"], indent=1) + "\n")
+    return done
 
 
 def run_row(r: dict, mpath: str, nsamples: int, seqlen: int, q) -> None:
@@ -195,13 +253,15 @@ def _packed(model, mpath: str, held: torch.Tensor) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    ap.add_argument("--llama-sparsities", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--llama-sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument(
         "--steps", type=int, default=150, help="learning steps of the learned rows (the default prune: 0)"
     )
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--mamba2-sparsities", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--no-mamba2", action="store_true")
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th row from the i-th")
     ap.add_argument("--write-only", action="store_true", help="rewrite the docs from the stored rows")
     ap.add_argument("--list", action="store_true", help="print the rows still to run, in order, and stop")
@@ -210,8 +270,9 @@ def main() -> None:
         "--demo", action="store_true", help="time `sparsamba demo` (wall, CPU, load average) and stop"
     )
     ap.add_argument("--only", help="run only the rows whose label contains this text")
+    ap.add_argument("--skip", help="do not run the rows whose label contains this text")
     ap.add_argument(
-        "--model", choices=("kjv-mamba-tiny", "kjv-llama-tiny"), help="run only this model's rows"
+        "--model", choices=("kjv-mamba-tiny", MAMBA2, "kjv-llama-tiny"), help="run only this model's rows"
     )
     ap.add_argument("--cache", default=str(CACHE), help="where each finished row is stored")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
@@ -224,6 +285,8 @@ def main() -> None:
         return
     tok = load_tokenizer(assets.DEFAULT_MODEL)
     models = {"kjv-mamba-tiny": (assets.DEFAULT_MODEL, a.sparsities)}
+    if not a.no_mamba2:
+        models[MAMBA2] = (assets.HERE / MAMBA2, a.mamba2_sparsities)
     llama = ROOT / "build" / "kjv-llama-tiny"
     if not a.no_llama:
         models["kjv-llama-tiny"] = (llama, a.llama_sparsities)
@@ -231,17 +294,23 @@ def main() -> None:
     todo = sorted(
         grid, key=lambda g: _priority(g[0], g[2], a.steps)
     )  # the headline first, for a run cut short
+    seeded = seed_cache(
+        Path(a.cache), out.with_suffix(".json"), [key(r, m, a.nsamples, a.seqlen) for m, _, r in grid]
+    )
+    if seeded:
+        print(f"stored {seeded} rows of {out.with_suffix('.json').name} in {a.cache}", flush=True)
     i, n = (int(x) for x in a.shard.split("/"))
     ctx = mp.get_context("spawn")
     for j, (mname, mpath, r) in enumerate(todo):
         k = key(r, mname, a.nsamples, a.seqlen)
-        f = Path(a.cache) / (hashlib.sha1(k.encode()).hexdigest()[:16] + ".json")
+        f = row_file(Path(a.cache), k)
         if (
             a.write_only
             or f.exists()
             or j % n != i
             or (a.extra_seeds_only and not r.get("seed"))
             or (a.only and a.only not in r["label"])
+            or (a.skip and a.skip in r["label"])
             or (a.model and a.model != mname)
         ):
             continue
@@ -285,9 +354,12 @@ def main() -> None:
 
 def _priority(model: str, r: dict, steps: int) -> int:
     """The order of a run cut short: the headline, the engine's packed rows, the fast methods, the rest
-    without reconstruction, the headline's reconstruction, then the LLaMA-style model, then the rest."""
+    without reconstruction, the headline's reconstruction, Mamba-2, the rest of Mamba-1, then the
+    LLaMA-style model."""
     s, label, mamba = r.get("sparsity", 0.5), r["label"], model == "kjv-mamba-tiny"
     rec = label.endswith(REC)
+    if model == MAMBA2:
+        return 8 if not rec else 9
     head = label.removesuffix(REC) in (
         C4N2,
         ALLOC,
@@ -296,9 +368,9 @@ def _priority(model: str, r: dict, steps: int) -> int:
         "sparsegpt unstructured",
     )
     if r["method"] is None:
-        return 0 if mamba else 8
+        return 0 if mamba else 11
     if not mamba:
-        return 9 if rec else 8
+        return 12 if rec else 11
     if r.get("seed"):
         return 1
     if head and not rec and s in (0.5, 0.7):
@@ -372,8 +444,7 @@ MACHINE = _machine()
 def _stored(grid, a) -> tuple[list[dict], list[tuple]]:
     rows, missing = [], []
     for mname, _, r in grid:
-        k = key(r, mname, a.nsamples, a.seqlen)
-        f = Path(a.cache) / (hashlib.sha1(k.encode()).hexdigest()[:16] + ".json")
+        f = row_file(Path(a.cache), key(r, mname, a.nsamples, a.seqlen))
         if f.exists():
             rows.append(json.loads(f.read_text()))
         else:
@@ -394,6 +465,8 @@ def write(out: Path, grid, a) -> None:
     commits = sorted({r["commit"] for r in rows})
     machines = sorted({f"{r.get('machine')} (torch {r.get('torch')})" for r in rows})
     train_s = ROOT / "build" / "kjv-llama-tiny" / "train_seconds.txt"
+    pub = out.with_suffix(".json")
+    prev = json.loads(pub.read_text())["meta"] if pub.exists() else {}  # a checkout without build/
     meta = dict(
         machines=machines,
         threads=1,
@@ -402,7 +475,8 @@ def write(out: Path, grid, a) -> None:
         evaluation=f"held-out split, non-overlapping windows of {a.seqlen}",
         learn_steps=a.steps,
         reconstruct_steps=RECONSTRUCT,
-        llama_train_seconds=int(train_s.read_text()) if train_s.exists() else None,
+        llama_train_seconds=int(train_s.read_text()) if train_s.exists() else prev.get("llama_train_seconds"),
+        demo=_demo_runs(),
         not_run=[
             f"{m}: {r['label']} at {r.get('sparsity', 0.5):.0%}, seed {r.get('seed', 0)}" for m, r in missing
         ],
@@ -410,6 +484,7 @@ def write(out: Path, grid, a) -> None:
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     cmd = "python scripts/prune_results.py " + " ".join(
         ["--sparsities", *map(str, a.sparsities)]
+        + ([] if a.no_mamba2 else ["--mamba2-sparsities", *map(str, a.mamba2_sparsities)])
         + ([] if a.no_llama else ["--llama-sparsities", *map(str, a.llama_sparsities)])
     )
     md = [
@@ -427,7 +502,9 @@ def write(out: Path, grid, a) -> None:
         "not run. 2:4, 4:8 and c4n2 fix the sparsity at 50%: they have no 30% or 70% row. Prune time: "
         "the prune's own seconds on 1 thread (seed 0), on a shared 2-core machine whose load varied "
         "(1-9) during the run, so times are upper bounds; peak memory: the high-water RSS of the row's own "
-        "process (a fresh one per row) at the end of the prune (model, calibration and prune).",
+        "process (a fresh one per row) at the end of the prune (model, calibration and prune). "
+        f"The learned rows are those of the learning's revision {LEARN} (the target an equality on the "
+        "hard choice, learn.py); the rows of the former learning are in this file's git history.",
         "",
     ]
     for mname in dict.fromkeys(m for m, _, _ in grid):
@@ -439,6 +516,12 @@ def write(out: Path, grid, a) -> None:
             "",
             f"Dense perplexity: **{dense:.2f}**." if dense == dense else "Dense perplexity: not run.",
         ]
+        if mname == MAMBA2:
+            md[-1] += (
+                " The Mamba-2 shipped beside the embedded model (`sparsamba train-tiny --arch mamba2`, "
+                "the same text and tokenizer); its prunable projections are in_proj and out_proj "
+                "(issue 13's table)."
+            )
         if mname == "kjv-llama-tiny" and meta["llama_train_seconds"]:
             md[-1] += f" Trained here in {meta['llama_train_seconds']} s (1 thread, 800 steps)."
         md += [
@@ -492,15 +575,17 @@ def write(out: Path, grid, a) -> None:
         if learned:
             md += [
                 "",
-                "Learning diagnostics (seed 0): expected sparsity at the start → before the fix-up, rows "
-                "moved by the fix-up, rows whose n differs from the allocation.",
+                "Learning diagnostics (seed 0): expected sparsity at the start → before the fix-up (the "
+                "argmax's), rows moved by the fix-up, rows whose n differs from the allocation.",
                 "",
             ]
             for r in sorted(learned, key=lambda r: (r["sparsity"], r.get("reconstruct", 0))):
                 d = r["learning"]
                 md.append(
                     f"- {r['label']}, {r['sparsity']:.0%}: {d['expected_at_start']:.3f} → "
-                    f"{d['expected_before_fixup']:.3f}, {d['rows_moved_by_fixup']:.1%} moved, "
+                    f"{d['expected_before_fixup']:.3f}"
+                    + (f" ({d['argmax_before_fixup']:.3f})" if "argmax_before_fixup" in d else "")
+                    + f", {d['rows_moved_by_fixup']:.1%} moved, "
                     f"{d['rows_changed_from_start']:.1%} changed"
                 )
         if mname == "kjv-mamba-tiny":
@@ -534,13 +619,11 @@ def _targets(mr: list[dict], dense: float, steps: int) -> list[str]:
             ("c4n2", C4N2, 0.5),
         )
     }
-    if any(not v for v in got.values()):
-        return ["", "Targets: not all of their rows have run."]
-    m = {k: statistics.mean(v) for k, v in got.items()}
+    m = {k: statistics.mean(v) if v else float("nan") for k, v in got.items()}
     sd = {k: statistics.stdev(v) if len(v) > 1 else float("nan") for k, v in got.items()}
 
-    def res(ok: bool) -> str:
-        return "**met**" if ok else "**missed**"
+    def res(ok: bool | None) -> str:
+        return "undecided: a single seed" if ok is None else "**met**" if ok else "**missed**"
 
     out = [
         "",
@@ -549,35 +632,54 @@ def _targets(mr: list[dict], dense: float, steps: int) -> list[str]:
         "| target | figure | result |",
         "| --- | --- | --- |",
     ]
+
+    def line(target: str, need: tuple[str, ...], figure, ok) -> None:
+        if any(not got[k] for k in need):  # a row not (yet) run under the current code
+            out.append(f"| {target} | not run: {', '.join(k for k in need if not got[k])} | |")
+        else:
+            out.append(f"| {target} | {figure()} | {res(ok())} |")
+
     for key, name in (("l50", "learned"), ("a50", "allocated (the default)")):
-        inc, half = m[key] - dense, (m["s24"] - dense) / 2
-        out.append(
-            f"| 50%: {name} C_4^n's increase over dense ≤ half of SparseGPT 2:4's | "
-            f"+{inc:.2f} vs {half:.2f} (half of +{m['s24'] - dense:.2f}) | {res(inc <= half)} |"
+        line(
+            f"50%: {name} C_4^n's increase over dense ≤ half of SparseGPT 2:4's",
+            (key, "s24"),
+            lambda key=key: (
+                f"+{m[key] - dense:.2f} vs {(m['s24'] - dense) / 2:.2f} (half of +{m['s24'] - dense:.2f})"
+            ),
+            lambda key=key: m[key] - dense <= (m["s24"] - dense) / 2,
         )
-        out.append(
-            f"| 50%: {name} C_4^n below unstructured SparseGPT | {m[key]:.2f} vs {m['su50']:.2f} | "
-            f"{res(m[key] < m['su50'])} |"
+        line(
+            f"50%: {name} C_4^n below unstructured SparseGPT",
+            (key, "su50"),
+            lambda key=key: f"{m[key]:.2f} vs {m['su50']:.2f}",
+            lambda key=key: m[key] < m["su50"],
         )
     for key, name in (("l70", "learned"), ("a70", "allocated (the default)")):
-        out.append(
-            f"| 70%: {name} C_4^n below unstructured SparseGPT | {m[key]:.2f} vs {m['su70']:.2f} | "
-            f"{res(m[key] < m['su70'])} |"
+        line(
+            f"70%: {name} C_4^n below unstructured SparseGPT",
+            (key, "su70"),
+            lambda key=key: f"{m[key]:.2f} vs {m['su70']:.2f}",
+            lambda key=key: m[key] < m["su70"],
         )
-    gap, noise = m["c4n2"] - m["l50"], 3 * max(sd["l50"], sd["c4n2"])
-    out.append(
-        f"| 50%: learned beats c4n2 by a clear margin (> 3 × the larger seed std) | "
-        f"{m['l50']:.2f} ± {sd['l50']:.2f} vs {m['c4n2']:.2f} ± {sd['c4n2']:.2f} ({len(got['l50'])} and "
-        f"{len(got['c4n2'])} seeds): {gap:.2f} better, 3 × std = {noise:.2f} | {res(gap > noise)} |"
-    )
+    for key, name in (("l50", "learned"), ("a50", "allocated")):
+        gap, noise = m["c4n2"] - m[key], 3 * max(sd[key], sd["c4n2"])
+        line(
+            f"50%: {name} beats c4n2 by a clear margin (> 3 × the larger seed std)",
+            (key, "c4n2"),
+            lambda key=key, gap=gap, noise=noise: (
+                f"{m[key]:.2f} ± {sd[key]:.2f} vs {m['c4n2']:.2f} ± {sd['c4n2']:.2f} ({len(got[key])} and "
+                f"{len(got['c4n2'])} seeds): {gap:.2f} better, 3 × std = {noise:.2f}"
+            ),
+            lambda gap=gap, noise=noise: gap > noise if noise == noise else None,
+        )
     default = [r for r in mr if r["label"] == ALLOC and r.get("sparsity") == 0.5 and not r.get("packed")]
     t = max(r["prune_seconds"] for r in default)
     out.append(
         f"| prune of the embedded model, default settings (= '{ALLOC}', 50%), ≤ 10 min on one thread | "
         f"{t:.0f} s, the slowest of its {len(default)} seeds on the loaded machine | {res(t <= 600)} |"
     )
-    demo = Path(CACHE_DIR[0]) / "demo.json"
-    for d in json.loads(demo.read_text()) if demo.exists() else []:
+    demo = _demo_runs()
+    for d in demo:
         out.append(
             f"| `sparsamba demo` ≤ 90 s on an idle machine | {d['wall_seconds']:.0f} s wall, {d['cpu_seconds']:.0f} s "
             f"CPU, load average {d['load_before']:.1f} → {d['load_after']:.1f} (commit {d['commit']}) | "
@@ -588,9 +690,15 @@ def _targets(mr: list[dict], dense: float, steps: int) -> list[str]:
             )
             + " |"
         )
-    if not demo.exists():
+    if not demo:
         out.append("| `sparsamba demo` ≤ 90 s on an idle machine | not timed (`--demo`) | |")
     return out
+
+
+def _demo_runs() -> list[dict]:
+    """The `--demo` timings stored beside the rows (they go into results.json's meta too)."""
+    demo = Path(CACHE_DIR[0]) / "demo.json"
+    return json.loads(demo.read_text()) if demo.exists() else []
 
 
 def _layer_map(out: Path, mname: str, mr: list[dict]) -> list[str]:

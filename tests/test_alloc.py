@@ -7,10 +7,11 @@ import pytest
 import torch
 from test_prune import _llama, _mamba1, _windows
 
+from sparsamba.errors import SparsambaError
 from sparsamba.prune.alloc import allocate, allocate_scoped, row_errors
 from sparsamba.prune.compensate import compensate
 from sparsamba.prune.dense_target import dense_target_weights
-from sparsamba.prune.learn import LearnConfig, learn_logits
+from sparsamba.prune.learn import LearnConfig, fixup, learn_logits
 from sparsamba.prune.pattern import removed_per_row
 from sparsamba.prune.run import PruneConfig, prune_model
 
@@ -131,6 +132,52 @@ def test_straight_through_learning_moves_the_logits_with_the_target():
     assert torch.equal(mod.weight, W)  # weights untouched, the class's forward back
     # from 0.66 (favouring n = 4) and 0.33 (favouring n = 0) toward each target
     assert got[0.1] < 0.66 - 0.1 and got[0.9] > 0.33 + 0.2
+
+
+def test_learning_meets_the_target_from_either_side_before_the_fix_up():
+    """The constraint is an equality on the hard choice: from a start past the target (every row at
+    n = 2, 50%, for a 30% target) and from one short of it (n = 1 for 50%), the learned distribution
+    ends at the target, its argmax and its expectation, so the fix-up moves few rows. The former
+    one-sided price (λ > 0 on s* − E[s]) ended at E[s] 0.39 and 0.63 here, the fix-up moving 23%."""
+    m, w = _mamba1(), _windows()
+    mod = m.backbone.layers[0].mixer.in_proj
+    W = mod.weight.detach()  # (128, 32)
+    g = torch.Generator().manual_seed(0)
+    cand = torch.stack([W * (torch.rand(W.shape, generator=g) >= k / 4) for k in range(5)])  # (5, out, in)
+    gains = torch.arange(5.0) * W.shape[1] / 4
+    for target, start in ((0.3, 2), (0.5, 1)):
+        logits = {"o": torch.zeros(W.shape[0], 5)}
+        logits["o"][:, start] = 1.4  # p(start) = 0.5
+        diag = learn_logits(
+            m,
+            w,
+            {"o": mod},
+            {"o": cand},
+            logits,
+            {"o": gains},
+            target,
+            LearnConfig(steps=100, lr=0.1, batch_size=2),
+            progress=False,
+            log=lambda *_: None,
+        )
+        assert abs(diag["argmax_after"] - target) < 0.03, diag
+        assert abs(diag["expected_after"] - target) < 0.04, diag
+        _, moved = fixup(logits, {"o": gains}, {"o": 0}, target, 1)
+        assert moved < 0.05, (target, moved)
+
+
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(temperature=0.0), r"temperature must be in \(0, 1\]"),
+        (dict(temperature=1.5), r"temperature must be in \(0, 1\]"),
+        (dict(penalty=-1.0), "penalty must be a finite number >= 0"),
+        (dict(penalty=float("inf")), "penalty must be a finite number >= 0"),
+    ],
+)
+def test_learn_config_is_checked(kw, msg):
+    with pytest.raises(SparsambaError, match=msg):
+        LearnConfig(**kw)
 
 
 @pytest.mark.parametrize(

@@ -230,6 +230,7 @@ def _choose_n(model, windows, layers, curves: dict[str, RowCurves], cfg: PruneCo
     notes.update(
         expected_before_fixup=diag["expected_after"],
         expected_at_start=diag["expected_before"],
+        argmax_before_fixup=diag["argmax_after"],
         rows_moved_by_fixup=round(moved, 4),
         rows_changed_from_start=round(changed, 4),
     )
