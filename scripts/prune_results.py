@@ -93,12 +93,12 @@ def runs(model: str, sparsities: list[float], steps: int) -> list[dict]:
 
 def _mamba2_runs(sparsities: list[float], steps: int) -> list[dict]:
     """The Mamba-2 table of issue 13 (beside Mamba-1's): SparseGPT 2:4 / 4:8 / unstructured, Wanda 2:4,
-    C_4^n allocated (the default) and learned, each with and without reconstruction."""
+    C_4^n allocated (the default) and learned, each with and without reconstruction; magnitude and
+    Wanda unstructured as in the Mamba-1 grid."""
     base = []
     for s in sparsities:
-        base.append(
-            dict(label="sparsegpt unstructured", method="sparsegpt", pattern="unstructured", sparsity=s)
-        )
+        for m in ("magnitude", "wanda", "sparsegpt"):
+            base.append(dict(label=f"{m} unstructured", method=m, pattern="unstructured", sparsity=s))
         base.append(dict(label=ALLOC, method="c4", pattern="c4", sparsity=s, steps=0))
     for s in sparsities:
         base.append(
@@ -259,7 +259,7 @@ def main() -> None:
     )
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--mamba2-sparsities", type=float, nargs="+", default=[0.5, 0.7])
+    ap.add_argument("--mamba2-sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-mamba2", action="store_true")
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th row from the i-th")
