@@ -65,13 +65,19 @@ def test_mamba2_grid(pr):
     want = {("dense", 0.5), ("sparsegpt 2:4", 0.5), ("sparsegpt 4:8", 0.5), ("wanda 2:4", 0.5)}
     want |= {
         (lb, s)
-        for lb in ("sparsegpt unstructured", pr.ALLOC, "C_4^n learned (150 steps)")
+        for lb in (
+            "magnitude unstructured",
+            "wanda unstructured",
+            "sparsegpt unstructured",
+            pr.ALLOC,
+            "C_4^n learned (150 steps)",
+        )
         for s in (0.5, 0.7)
     }
     assert want <= have
     base = {x for x in have if not x[0].endswith(pr.REC) and x[0] != "dense"}
     assert {(lb + pr.REC, s) for lb, s in base} == have - base - {("dense", 0.5)}
-    assert all(r["method"] != "magnitude" and not r.get("packed") for r in grid)
+    assert not any(r.get("packed") for r in grid)
     keys = [pr.key(r, pr.MAMBA2, 128, 256) for r in grid]
     assert len(set(keys)) == len(keys)
 
