@@ -104,28 +104,29 @@ def test_dense_target_is_exact_least_squares():
         assert torch.allclose(v[r, k], ls, atol=1e-8)
 
 
-def test_straight_through_learning_moves_the_logits_with_the_target():
-    m, w = _mamba1(), _windows()
-    mod = m.backbone.layers[0].mixer.out_proj
+def _learn_one_layer(m, w, mod, target: float, start: int, lift: float, cfg: LearnConfig):
+    """learn_logits on one layer whose five candidates drop a random k/4 of the weights; every row's
+    logit of n = start lifted by `lift`. Returns (logits, gains, diagnostics)."""
     W = mod.weight.detach()
     g = torch.Generator().manual_seed(0)
     cand = torch.stack([W * (torch.rand(W.shape, generator=g) >= k / 4) for k in range(5)])  # (5, out, in)
     gains = torch.arange(5.0) * W.shape[1] / 4
+    logits = {"o": torch.zeros(W.shape[0], 5)}
+    logits["o"][:, start] = lift
+    diag = learn_logits(
+        m, w, {"o": mod}, {"o": cand}, logits, {"o": gains}, target, cfg, progress=False, log=lambda *_: None
+    )
+    return logits, gains, diag
+
+
+def test_straight_through_learning_moves_the_logits_with_the_target():
+    m, w = _mamba1(), _windows()
+    mod = m.backbone.layers[0].mixer.out_proj
+    W = mod.weight.detach()
     got = {}
     for target, start in ((0.1, 4), (0.9, 0)):  # start: the n favoured by 1.0 over the others
-        logits = {"o": torch.zeros(W.shape[0], 5)}
-        logits["o"][:, start] = 1.0
-        diag = learn_logits(
-            m,
-            w,
-            {"o": mod},
-            {"o": cand},
-            logits,
-            {"o": gains},
-            target,
-            LearnConfig(steps=30, lr=0.2, batch_size=2),
-            progress=False,
-            log=lambda *_: None,
+        logits, _, diag = _learn_one_layer(
+            m, w, mod, target, start, 1.0, LearnConfig(steps=30, lr=0.2, batch_size=2)
         )
         assert logits["o"].abs().mean() > 0.2 and not logits["o"].requires_grad
         got[target] = diag["expected_after"]
@@ -140,26 +141,10 @@ def test_learning_meets_the_target_from_either_side_before_the_fix_up():
     ends at the target, its argmax and its expectation, so the fix-up moves few rows. The former
     one-sided price (λ > 0 on s* − E[s]) ended at E[s] 0.39 and 0.63 here, the fix-up moving 23%."""
     m, w = _mamba1(), _windows()
-    mod = m.backbone.layers[0].mixer.in_proj
-    W = mod.weight.detach()  # (128, 32)
-    g = torch.Generator().manual_seed(0)
-    cand = torch.stack([W * (torch.rand(W.shape, generator=g) >= k / 4) for k in range(5)])  # (5, out, in)
-    gains = torch.arange(5.0) * W.shape[1] / 4
-    for target, start in ((0.3, 2), (0.5, 1)):
-        logits = {"o": torch.zeros(W.shape[0], 5)}
-        logits["o"][:, start] = 1.4  # p(start) = 0.5
-        diag = learn_logits(
-            m,
-            w,
-            {"o": mod},
-            {"o": cand},
-            logits,
-            {"o": gains},
-            target,
-            LearnConfig(steps=100, lr=0.1, batch_size=2),
-            progress=False,
-            log=lambda *_: None,
-        )
+    mod = m.backbone.layers[0].mixer.in_proj  # (128, 32)
+    for target, start in ((0.3, 2), (0.5, 1)):  # p(start) = 0.5
+        cfg = LearnConfig(steps=100, lr=0.1, batch_size=2)
+        logits, gains, diag = _learn_one_layer(m, w, mod, target, start, 1.4, cfg)
         assert abs(diag["argmax_after"] - target) < 0.03, diag
         assert abs(diag["expected_after"] - target) < 0.04, diag
         _, moved = fixup(logits, {"o": gains}, {"o": 0}, target, 1)
