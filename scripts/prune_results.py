@@ -639,6 +639,15 @@ def _targets(mr: list[dict], dense: float, steps: int) -> list[str]:
         else:
             out.append(f"| {target} | {figure()} | {res(ok())} |")
 
+    def below_sparsegpt(pct: int, key: str, name: str) -> None:
+        su = f"su{pct}"
+        line(
+            f"{pct}%: {name} C_4^n below unstructured SparseGPT",
+            (key, su),
+            lambda: f"{m[key]:.2f} vs {m[su]:.2f}",
+            lambda: m[key] < m[su],
+        )
+
     for key, name in (("l50", "learned"), ("a50", "allocated (the default)")):
         line(
             f"50%: {name} C_4^n's increase over dense ≤ half of SparseGPT 2:4's",
@@ -648,19 +657,9 @@ def _targets(mr: list[dict], dense: float, steps: int) -> list[str]:
             ),
             lambda key=key: m[key] - dense <= (m["s24"] - dense) / 2,
         )
-        line(
-            f"50%: {name} C_4^n below unstructured SparseGPT",
-            (key, "su50"),
-            lambda key=key: f"{m[key]:.2f} vs {m['su50']:.2f}",
-            lambda key=key: m[key] < m["su50"],
-        )
+        below_sparsegpt(50, key, name)
     for key, name in (("l70", "learned"), ("a70", "allocated (the default)")):
-        line(
-            f"70%: {name} C_4^n below unstructured SparseGPT",
-            (key, "su70"),
-            lambda key=key: f"{m[key]:.2f} vs {m['su70']:.2f}",
-            lambda key=key: m[key] < m["su70"],
-        )
+        below_sparsegpt(70, key, name)
     for key, name in (("l50", "learned"), ("a50", "allocated")):
         gap, noise = m["c4n2"] - m[key], 3 * max(sd[key], sd["c4n2"])
         line(

@@ -58,6 +58,12 @@ typedef struct {
 } sb_kernels;
 
 extern const sb_kernels sb_kernels_ref;
+/* scan_chunk's meaning run token by token with a family's scan_step (kernels_ref.c): the reference, and
+ * the SIMD families' fallback for states past what their chunk kernels keep in registers */
+void sb_scan_chunk_steps(void (*step)(int N, const float *A, float dt, float dtx, const float *B, const float *C,
+                                      float *s, float *yc),
+                         int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
+                         const float *B, const float *C, float *s, float *y, int c0, int c1);
 #if defined(__x86_64__) || defined(_M_X64)
 extern const sb_kernels sb_kernels_avx2;
 extern const sb_kernels sb_kernels_avx512; /* AVX-512 products (VNNI at run time) and scan step, AVX2's other ops */

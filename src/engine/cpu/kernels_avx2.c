@@ -80,12 +80,7 @@ static void scan_chunk_avx2(int N, int T, const float *A, const float *D, const 
         __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         float at[8 * 64], h[8 * 64], tmp[8];
         if (N > 64) { /* states past 64: the step kernel */
-            for (int c = g0; c < g0 + m; c++)
-                for (int t = 0; t < T; t++) {
-                    float d = dt[(size_t)c * ld + t], xc = x[(size_t)c * ld + t], yc;
-                    scan_step_avx2(N, A + (size_t)c * N, d, d * xc, B + (size_t)t * N, C + (size_t)t * N, s + (size_t)c * N, &yc);
-                    y[(size_t)c * ld + t] = yc + D[c] * xc;
-                }
+            sb_scan_chunk_steps(scan_step_avx2, N, T, A, D, dt, x, ld, B, C, s, y, g0, g0 + m);
             continue;
         }
         for (int n = 0; n < N; n++)

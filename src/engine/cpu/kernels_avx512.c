@@ -86,12 +86,7 @@ void sb_scan_chunk_avx512(int N, int T, const float *A, const float *D, const fl
     for (int g0 = c0; g0 < c1; g0 += 16) {
         int mc = c1 - g0 < 16 ? c1 - g0 : 16;
         if (N > 64) { /* states past 64: the step kernel */
-            for (int c = g0; c < g0 + mc; c++)
-                for (int t = 0; t < T; t++) {
-                    float d = dt[(size_t)c * ld + t], xc = x[(size_t)c * ld + t], yc;
-                    sb_scan_step_avx512(N, A + (size_t)c * N, d, d * xc, B + (size_t)t * N, C + (size_t)t * N, s + (size_t)c * N, &yc);
-                    y[(size_t)c * ld + t] = yc + D[c] * xc;
-                }
+            sb_scan_chunk_steps(sb_scan_step_avx512, N, T, A, D, dt, x, ld, B, C, s, y, g0, g0 + mc);
             continue;
         }
         _Alignas(64) float at[16 * 64], h[16 * 64]; /* (N, 16 channels): A and the states transposed */

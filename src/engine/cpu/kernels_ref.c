@@ -33,14 +33,21 @@ static float read_sum_ref(const float *x, size_t n) {
     return acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
 }
 
-static void scan_chunk_ref(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
-                           const float *B, const float *C, float *s, float *y, int c0, int c1) {
+void sb_scan_chunk_steps(void (*step)(int N, const float *A, float dt, float dtx, const float *B, const float *C,
+                                      float *s, float *yc),
+                         int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
+                         const float *B, const float *C, float *s, float *y, int c0, int c1) {
     for (int c = c0; c < c1; c++)
         for (int t = 0; t < T; t++) {
             float d = dt[(size_t)c * ld + t], xc = x[(size_t)c * ld + t], yc;
-            scan_step_ref(N, A + (size_t)c * N, d, d * xc, B + (size_t)t * N, C + (size_t)t * N, s + (size_t)c * N, &yc);
+            step(N, A + (size_t)c * N, d, d * xc, B + (size_t)t * N, C + (size_t)t * N, s + (size_t)c * N, &yc);
             y[(size_t)c * ld + t] = yc + D[c] * xc;
         }
+}
+
+static void scan_chunk_ref(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
+                           const float *B, const float *C, float *s, float *y, int c0, int c1) {
+    sb_scan_chunk_steps(scan_step_ref, N, T, A, D, dt, x, ld, B, C, s, y, c0, c1);
 }
 
 const sb_kernels sb_kernels_ref = {"scalar", sb_v2_gemv_ref, sb_v2_gemm_ref, scan_step_ref,  silu_ref,
