@@ -217,7 +217,7 @@ def versions() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The roofline: bytes of weights a decoded token reads
+# The roofline: bytes of weights a decoded token reads, and of recurrent state it reads and writes
 
 
 def _bytes_per_token(sizes: dict[str, int], embedding: list[str], vocab: int, tied: bool) -> int:
@@ -243,6 +243,47 @@ def gguf_bytes_per_token(path: Path) -> int:
         f = r.fields[f"{bytes(a.parts[a.data[0]]).decode()}.vocab_size"]
         vocab = int(f.parts[f.data[0]][0])
     return _bytes_per_token(sizes, emb, vocab, tied="output.weight" not in sizes)
+
+
+def state_bytes(n_layer: int, d_inner: int, d_state: int, conv_channels: int, d_conv: int) -> int:
+    """Bytes of recurrent state a decoded token reads and writes, fp32 as every engine here keeps it:
+    the SSM state (d_inner × d_state per layer, Mamba-1's channels or Mamba-2's heads × head_dim) and
+    the conv window ((d_conv - 1) columns of its channels: Mamba-1 d_inner, Mamba-2 d_inner + 2·G·N),
+    each read once and written once. The decode roofline counts it beside the weights, as a
+    transformer's counts its KV cache: Mamba-2's state is ~15% of a 130M model's f16 weights."""
+    per_layer = d_inner * d_state + conv_channels * max(d_conv - 1, 0)
+    return 2 * 4 * n_layer * per_layer
+
+
+def _state_of(get, mamba2: bool) -> int:
+    L, di, N, K = get("block_count"), get("ssm.inner_size"), get("ssm.state_size"), get("ssm.conv_kernel")
+    return state_bytes(L, di, N, di + 2 * get("ssm.group_count") * N if mamba2 else di, K)
+
+
+def gguf_state_bytes(path: Path) -> int:
+    """:func:`state_bytes` of a llama.cpp GGUF (``mamba`` / ``mamba2``) or our packed one
+    (``sparsamba.mamba`` / ``sparsamba.mamba2``), from its metadata."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    a = r.fields["general.architecture"]
+    arch = bytes(a.parts[a.data[0]]).decode()
+
+    def get(key: str) -> int:
+        f = r.fields[f"{arch}.{key}"]
+        return int(f.parts[f.data[0]][0])
+
+    return _state_of(get, arch.endswith("mamba2"))
+
+
+def hf_state_bytes(model_dir: Path) -> int:
+    """:func:`state_bytes` of an HF Mamba / Mamba-2 directory, from its config."""
+    from sparsamba.model.hf import read_config
+
+    c = read_config(model_dir)
+    m2 = c.model_type == "mamba2"
+    di = c.intermediate_size
+    return state_bytes(c.num_hidden_layers, di, c.state_size, c.conv_dim if m2 else di, c.conv_kernel)
 
 
 def hf_bytes_per_token(model_dir: Path) -> int:

@@ -11,7 +11,7 @@ CSV_COLUMNS = [
     "engine", "model", "shape", "dtype", "isa", "sparsity", "mix", "threads",
     "pp128_tps", "tg64_tps", "pp128_samples", "tg64_samples",
     "size_bytes", "rss_peak_mib", "rss_base_mib",
-    "bytes_per_token", "bandwidth_gbs", "roofline_tg_tps", "roofline_pct",
+    "bytes_per_token", "state_bytes_per_token", "bandwidth_gbs", "roofline_tg_tps", "roofline_pct",
     "others_busy", "cpu", "cores", "commit", "config",
 ]  # fmt: skip
 
@@ -83,8 +83,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "round of each group of rows, median of the run): "
         + ", ".join(f"{t} thread{'s' if t != '1' else ''} {v:.1f}" for t, v in bw["used"].items())
         + ". "
-        "Roofline decode t/s = the group's median probe ÷ bytes of weights a token reads (every tensor once, "
-        "the tied embedding once more as the LM head, plus the looked-up row). The rows of one model and "
+        "Roofline decode t/s = the group's median probe ÷ the bytes a token moves: its weights (every tensor "
+        "once, the tied embedding once more as the LM head, plus the looked-up row) and its recurrent state "
+        "(SSM state and conv window, fp32, read and written once; Mamba-1 ~2% of the f16 weights, Mamba-2 "
+        "~15%, as a transformer's roofline counts its KV cache). The rows of one model and "
         "thread count are measured in interleaved rounds (repetition k of every row, then k + 1), so "
         "their ratios hold when the machine's speed drifts.",
         "",

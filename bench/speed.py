@@ -259,8 +259,10 @@ def make_row(job: Job, path: Path, threads: int, a: argparse.Namespace, reps: li
     samples, the highest peak RSS, the busiest repetition's ``others_busy``."""
     if job.engine == "transformers":
         size, bpt = (path / "model.safetensors").stat().st_size, machine.hf_bytes_per_token(path)
+        state = machine.hf_state_bytes(path)
     else:
         size, bpt = path.stat().st_size, machine.gguf_bytes_per_token(path)
+        state = machine.gguf_state_bytes(path)
     base = [x["rss_base_kib"] for x in reps if x["rss_base_kib"] is not None]
     before = [x["busy_before"] for x in reps if x["busy_before"] is not None]
     return dict(
@@ -281,6 +283,7 @@ def make_row(job: Job, path: Path, threads: int, a: argparse.Namespace, reps: li
         rss_peak_mib=round(max(x["maxrss_kib"] for x in reps) / 1024, 1),
         rss_base_mib=round(max(base) / 1024, 1) if base else None,
         bytes_per_token=bpt,
+        state_bytes_per_token=state,
         others_busy=round(max(x["others_busy"] for x in reps), 3),
         others_busy_samples=[round(x["others_busy"], 3) for x in reps],
         busy_before=round(max(before), 3) if before else None,
@@ -291,9 +294,10 @@ def make_row(job: Job, path: Path, threads: int, a: argparse.Namespace, reps: li
 
 
 def roofline(row: dict, b: float | None) -> dict:
-    """Decode can go no faster than streaming its weights once per token: bandwidth ÷ bytes/token,
-    with ``b`` the read probe's median over the rounds that measured this row's group."""
-    roof = b * 1e9 / row["bytes_per_token"] if b else None
+    """Decode can go no faster than streaming its weights once per token and its recurrent state in and
+    out (machine.state_bytes): bandwidth ÷ (weight + state bytes per token), with ``b`` the read probe's
+    median over the rounds that measured this row's group."""
+    roof = b * 1e9 / (row["bytes_per_token"] + row.get("state_bytes_per_token", 0)) if b else None
     row.update(
         bandwidth_gbs=b,
         roofline_tg_tps=roof,

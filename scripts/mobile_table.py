@@ -8,9 +8,10 @@ Computed, not measured: bytes per token from the compiler's size model (packed_v
 blob sizes write_packed stores) for every tensor of the packed file, at the published Mamba-1 shapes and
 the row mixes of bench/models.py (no weights are made: a blob's size depends only on its shape and its
 rows per n); llama.cpp's from ggml's block sizes, with the tensor types llama-quantize chose for 130m
-(read from its files). Tokens/s = bandwidth ÷ bytes per token, the rule bench/speed.py's roofline uses
-(every tensor once, the tied embedding once more as the head, plus the looked-up row). Measured: the
-x86 columns, read from bench/results/speed.json.
+(read from its files). Tokens/s = bandwidth ÷ bytes per token (every tensor once, the tied embedding
+once more as the head, plus the looked-up row): bench/speed.py's roofline without the recurrent state,
+which it also counts (Mamba-1's is ~2% of the f16 weights, and may stay in a phone's last-level cache).
+Measured: the x86 columns, read from bench/results/speed.json.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Write the README's table of commands from the CLI's parser (sparsamba.cli.command_table).
 
-    python scripts/readme_commands.py          # rewrite the table in README.md
-    python scripts/readme_commands.py --check  # exit 1 when the README's table is stale
+python scripts/readme_commands.py          # rewrite the table in README.md
+python scripts/readme_commands.py --check  # exit 1 when the README's table is stale
 """
 
 import re
@@ -22,7 +22,10 @@ def main() -> int:
     new = TABLE.sub(lambda _: command_table(), text, count=1)
     if "--check" in sys.argv:
         if new != text:
-            print("README.md's table of commands is stale: run python scripts/readme_commands.py", file=sys.stderr)
+            print(
+                "README.md's table of commands is stale: run python scripts/readme_commands.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     README.write_text(new)
