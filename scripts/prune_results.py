@@ -35,6 +35,7 @@ from sparsamba import assets, load_tokenizer
 from sparsamba.eval.data import calibration_windows, eval_windows, read_text, tokenize
 from sparsamba.eval.perplexity import perplexity
 from sparsamba.model.hf import load_any
+from sparsamba.outputs import write_file_atomically
 from sparsamba.prune.config import PruneConfig
 from sparsamba.prune.learn import LearnConfig
 from sparsamba.prune.run import prune_model
@@ -481,7 +482,8 @@ def write(out: Path, grid, a) -> None:
             f"{m}: {r['label']} at {r.get('sparsity', 0.5):.0%}, seed {r.get('seed', 0)}" for m, r in missing
         ],
     )
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    text = json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n"
+    write_file_atomically(out.with_suffix(".json"), lambda p: p.write_text(text))  # makes --out's folder
     cmd = "python scripts/prune_results.py " + " ".join(
         ["--sparsities", *map(str, a.sparsities)]
         + ([] if a.no_mamba2 else ["--mamba2-sparsities", *map(str, a.mamba2_sparsities)])
@@ -596,7 +598,7 @@ def write(out: Path, grid, a) -> None:
         md += [f"Not run ({len(missing)} rows of the grid):", ""]
         md += [f"- {x}" for x in meta["not_run"]]
         md.append("")
-    out.with_suffix(".md").write_text("\n".join(md))
+    write_file_atomically(out.with_suffix(".md"), lambda p: p.write_text("\n".join(md)))
 
 
 def _targets(mr: list[dict], dense: float, steps: int) -> list[str]:
@@ -730,14 +732,17 @@ def _layer_map(out: Path, mname: str, mr: list[dict]) -> list[str]:
             + " | ".join(f"{x:.2f}" for x in f)
             + f" | {sum(n * x for n, x in enumerate(f)) / 4:.0%} |"
         )
+    png = out.with_name(f"{out.name}_n_{mname}.png")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return md
-    png = out.with_name(f"{out.name}_n_{mname}.png")
+    except ImportError:  # keep a picture drawn before (it may be older than the table: say so)
+        if not png.exists():
+            return md
+        print(f"matplotlib is missing: {png} was not redrawn", flush=True)
+        return md + ["", f"![rows at each n per layer]({png.name})"]
     fig, ax = plt.subplots(figsize=(5, 0.22 * len(names) + 1.2))
     im = ax.imshow(frac, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(5), [f"n={n}" for n in range(5)])
@@ -749,7 +754,7 @@ def _layer_map(out: Path, mname: str, mr: list[dict]) -> list[str]:
     ax.set_title(f"{mname}: rows at each n (50%)", fontsize=9)
     fig.colorbar(im, ax=ax, label="fraction of rows")
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    write_file_atomically(png, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
     return md + ["", f"![rows at each n per layer]({png.name})"]
 
