@@ -166,6 +166,10 @@ def test_measure_layers_of_a_compiled_model(tmp_path):
     assert all(0 < s < 0.1 for s in t.values())
 
 
+def _stage_sum(r: dict) -> float:
+    return sum(v for b in r["blocks"] for v in b.values()) + sum(r["top"].values())
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_stages_account_for_the_step(tmp_path, threads):
     d = random_pruned(tmp_path / "m", seed=2, hidden_size=40, expand=2, time_step_rank=5, state_size=4)
@@ -173,7 +177,10 @@ def test_decode_stages_account_for_the_step(tmp_path, threads):
     with Engine(tmp_path / "m.gguf", threads=threads) as eng:
         eng.prefill([1, 2, 3])
         before = eng.decode(5)
-        r = decode_stages(eng, 8)
+        # the uncounted time is the team's start before the clock: a descheduled thread (a loaded
+        # machine) stretches it in one call, a missing stage mark in every call, so keep the best of 3
+        runs = [decode_stages(eng, 8) for _ in range(3)]
+        r = max(runs, key=lambda x: _stage_sum(x) / x["total"])
         with pytest.raises(SparsambaError, match="n_tokens must be positive"):
             decode_stages(eng, 0)
         lib = _lib()
@@ -189,6 +196,7 @@ def test_decode_stages_account_for_the_step(tmp_path, threads):
     assert all(v >= 0 for v in stages) and r["top"]["head"] > 0 and r["blocks"][0]["in_proj"] > 0
     # every second of the step is in some stage (the marks sit back to back), and none is counted twice
     assert 0.9 * r["total"] <= sum(stages) <= 1.001 * r["total"]
+    assert all(_stage_sum(x) <= 1.001 * x["total"] for x in runs)
     products = [b for blk in r["bytes"]["blocks"] for k, b in blk.items() if k.endswith("_proj")]
     others = [b for blk in r["bytes"]["blocks"] for k, b in blk.items() if not k.endswith("_proj")]
     assert all(b > 0 for b in products) and not any(others) and r["bytes"]["top"]["head"] > 0
