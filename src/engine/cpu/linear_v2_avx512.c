@@ -22,12 +22,10 @@
 
 /* Decode prefetches every line of the stream pf bytes ahead (sb_v2_prefetch_bytes; pf = 0 touches the
  * line being read, which costs one load-port slot and nothing else): one prefetch per 64 bytes,
- * issued where the kernel reaches that line's values, so they spread over the loop. int8 into L2 (T1):
- * with one block stream at a time the kernels streamed 5-15% faster so than into L1 (bench/README.md,
- * "Kernels"). fp32 / f16 into L1 (T0) since they read 4 block streams side by side: then T0 was 6-15%
- * faster than T1 for f16 on the Intel Xeon here (int8: no difference beyond the noise). */
-INLINE void pf_line(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T1); }
-INLINE void pf_line_l1(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T0); }
+ * issued where the kernel reaches that line's values, so they spread over the loop. Into L1 (T0): with
+ * one block stream at a time, T1 (L2) was 5-15% faster; with 4 block streams side by side (run()) T0 is
+ * 6-26% faster on the Intel Xeon here, f16 and int8 (bench/README.md, "Kernels"). */
+INLINE void pf_line(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T0); }
 
 /* ---- fp32 / f16 ---- */
 
@@ -54,7 +52,7 @@ INLINE void chunk_fp(int n, int dt, const uint8_t *const *rec, int S, const floa
                 __m512 xt = _mm512_set1_ps(x[t]);
 #pragma GCC unroll 4
                 for (int s = 0; s < S; s++) {
-                    if (sb * t % 64 == 0) pf_line_l1(v[s] + sb * t, pf);
+                    if (sb * t % 64 == 0) pf_line(v[s] + sb * t, pf);
                     acc[s][k] = _mm512_fmadd_ps(load_w(dt, v[s], t), xt, acc[s][k]);
                 }
             }
@@ -63,8 +61,8 @@ INLINE void chunk_fp(int n, int dt, const uint8_t *const *rec, int S, const floa
     __m512i c[4];
 #pragma GCC unroll 4
     for (int s = 0; s < S; s++) {
-        pf_line_l1(rec[s], pf);
-        if (n == 2) pf_line_l1(rec[s] + 64, pf);
+        pf_line(rec[s], pf);
+        if (n == 2) pf_line(rec[s] + 64, pf);
         c[s] = _mm512_load_si512(rec[s]);
     }
 #pragma GCC unroll 16
@@ -82,7 +80,7 @@ INLINE void chunk_fp(int n, int dt, const uint8_t *const *rec, int S, const floa
                  * permute's 2-bit read does for free) */
                 __m512i idx = n == 1 ? _mm512_add_epi32(c[s], _mm512_set1_epi32(k + 1)) : c[s];
                 __m512 xs = _mm512_permutevar_ps(xb, idx);
-                if (sb * t % 64 == 0) pf_line_l1(v[s] + sb * t, pf);
+                if (sb * t % 64 == 0) pf_line(v[s] + sb * t, pf);
                 acc[s][ai] = _mm512_fmadd_ps(load_w(dt, v[s], t), xs, acc[s][ai]);
                 if (n != 1) c[s] = _mm512_srli_epi32(c[s], 2);
             }
