@@ -357,9 +357,11 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
     for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
         int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel, b = b0;
         size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
-        if (T == 1 && b1 - b0 >= STREAMS) {
+        if (T == 1 && b1 - b0 >= STREAMS && (dt != SB_V2_I8 || bpb >= 1024)) {
             /* decode: the blocks as STREAMS contiguous runs read side by side (several sequential streams
-             * read memory faster than one: bench/README.md, the read probe), then the leftover blocks */
+             * read memory faster than one: bench/README.md, the read probe), then the leftover blocks. Not
+             * int8 blocks of under 1 KiB a panel (dt_proj's K = 48 / 64): one chunk of a few hundred bytes
+             * each, they ran 0.7-0.8x as fast so (AVX-512, n = 3) */
             int q = (b1 - b0) / STREAMS;
             for (int i = 0; i < q; i++) {
                 const uint8_t *rec[STREAMS];
