@@ -14,10 +14,11 @@ weights, laid out as a packed file lays it out, copied round robin over the prof
 memory, timed per call through the decode path (``sb_linear_vec``), median of the calls. GB/s = the
 bytes one call streams (``streamed_bytes``: values + codes + row indices + scales of the layout the
 engine reads) / that median. The read probe is the engine's ``sb_read_bandwidth`` (SIMD sums over a
-``--probe-mib`` buffer with the kernels' prefetch, best of 3 passes, a pass's rate each thread's median
-1 MiB segment), measured right before every group of entries (one model's
-products in one dtype) at that group's thread count; % of the probe is against the median of the
-run's probes.
+``--probe-mib`` buffer in whole passes, one stream with the kernels' prefetch and 8 streams side by
+side, each pass timed by the thread's CPU clock, the best of 3 passes of each), measured right before
+every group of entries (one model's products in one dtype) at that group's thread count, and beside it
+(1 thread) numpy's max over the same size, the check that the probe is the ceiling; % of the probe is
+against the median of the run's probes.
 
 Writes bench/results/kernels.{json,md}.
 """
@@ -140,6 +141,20 @@ def probe_gbs(mib: int, threads: int, passes: int) -> float:
     return read_bandwidth(mib, threads, passes) / 1e9
 
 
+def numpy_max_gbs(mib: int, passes: int) -> float:
+    """numpy's max over a ``mib`` MiB float32 array (one thread), the best of ``passes`` whole passes timed
+    by this thread's CPU clock as the probe's are: a reader the probe must not fall below."""
+    import numpy as np
+
+    v = np.ones(mib << 18, dtype=np.float32)  # written: every page mapped
+    best = math.inf
+    for _ in range(passes):
+        t = time.thread_time()
+        v.max()
+        best = min(best, time.thread_time() - t)
+    return v.nbytes / best / 1e9 if best > 0 else 0.0
+
+
 def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
     from sparsamba.runtime import profile
     from sparsamba.runtime.engine import set_isa
@@ -160,6 +175,7 @@ def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
             groups.setdefault((T, k[0], k[5]), []).append(k)
     times: dict[tuple, list[float]] = {(k, T): [] for (T, _, _), ks in groups.items() for k in ks}
     probes: dict[int, list[float]] = {T: [] for T, _, _ in groups}
+    numpy_max: list[float] = []  # beside each 1-thread probe
     budget = 0.02 if a.quick else 0.05
     busy: list[float] = []  # per group: share of the CPUs other processes used meanwhile
     t0 = time.time()
@@ -172,6 +188,8 @@ def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
                     machine.wait_idle(a.idle_wait)
                 mark = machine.busy_mark()
                 probes[T].append(probe_gbs(a.probe_mib, T, 3))
+                if T == 1:
+                    numpy_max.append(numpy_max_gbs(a.probe_mib, 3))
                 for k in ks:
                     _, _, o, i, n, _ = k
                     reps = a.reps or profile.default_reps(o, i, n, dt, budget)
@@ -214,6 +232,8 @@ def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
         probe_mib=a.probe_mib,
         probe_gbs={str(T): median(v) for T, v in probes.items()},
         probe_samples={str(T): v for T, v in probes.items()},
+        numpy_max_gbs=median(numpy_max) if numpy_max else None,
+        numpy_max_samples=numpy_max,
         load_average=os.getloadavg(),
         others_busy_max=round(max(busy), 3),
         others_busy=[round(b, 3) for b in busy],
@@ -231,6 +251,34 @@ def _aggregate(rows: list[dict], key: str) -> float:
     return sum(r["bytes"] for r in rows) / sum(r[key] for r in rows) / 1e9
 
 
+def ceiling_check(meta: dict, rows: list[dict]) -> list[str]:
+    """The probe against the other readers of the same run: numpy's max (CPU-clock passes beside each
+    1-thread probe) and our fastest dense (n = 0) f16 product; a probe below either is no ceiling."""
+    p1 = meta["probe_gbs"]["1"]
+    others = {}
+    if meta.get("numpy_max_gbs"):
+        others["numpy max"] = meta["numpy_max_gbs"]
+    dense = [r for r in rows if r["n"] == 0 and r["dtype"] == "f16"]
+    if dense:
+        best = max(dense, key=lambda r: r["gbs_1t"])
+        others[f"our dense f16 {best['model']} {best['layer']}"] = best["gbs_1t"]
+    if not others:
+        return []
+    above = [k for k, v in others.items() if v > p1]
+    return [
+        "The probe as the ceiling (1 thread, medians of the run): probe "
+        f"{p1:.1f} GB/s, "
+        + ", ".join(f"{k} {v:.1f} GB/s ({100 * v / p1:.0f}%)" for k, v in others.items())
+        + ". "
+        + (
+            f"⚠ faster than the probe: {', '.join(above)}."
+            if above
+            else "Nothing here reads faster than the probe."
+        ),
+        "",
+    ]
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     m, g, p1 = meta["machine"], meta["git"], meta["probe_gbs"]["1"]
     md = [
@@ -242,20 +290,22 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"`sb_profile_linear` (one synthetic layer, every row at n, copies rotated over a "
         f"{meta['working_set_mib']:.0f} MiB working set), median of the calls, median of {meta['rounds']} "
         f"interleaved round(s). GB/s = bytes streamed per call (values + codes + row indices + scales) ÷ "
-        f"time. Read probe (the engine's SIMD sum over {meta['probe_mib']} MiB with the kernels' prefetch, best "
-        f"of 3 passes, each thread's median 1 MiB segment, taken before "
-        f"each model × dtype group; the median of the run's probes): **1 thread {p1:.1f} GB/s**"
+        f"time. Read probe (the engine's SIMD sum over {meta['probe_mib']} MiB in whole passes, one stream with the "
+        f"kernels' prefetch and 8 streams side by side, timed by the thread's CPU clock, best of 3 passes of "
+        f"each, taken before each model × dtype group; the median of the run's probes): **1 thread {p1:.1f} GB/s**"
         + (f", 2 threads {meta['probe_gbs']['2']:.1f} GB/s" if "2" in meta["probe_gbs"] else "")
         + f". Load average at the end: {' '.join(f'{x:.2f}' for x in meta['load_average'])}.",
         "",
     ]
     if meta["others_busy_max"] > BUSY:
         md += [
-            f"⚠ other processes used up to {meta['others_busy_max']:.0%} of the CPUs during this run. Then the "
-            "probe's long passes (tens of ms) are time-sliced while most of the short kernel calls are not, "
-            "so % of the probe is overstated: rerun on an idle machine.",
+            f"⚠ other processes used up to {meta['others_busy_max']:.0%} of the CPUs during this run. Their memory "
+            "traffic slows the probe and the kernels alike, and a 2-thread call whose second thread is "
+            "descheduled waits a time slice (a median of ~12 ms reads as 0.0x in the last table): rerun on "
+            "an idle machine.",
             "",
         ]
+    md += ceiling_check(meta, rows)
     if meta["working_set_mib"] < MIN_COLD_MIB:
         md += [
             f"⚠ working set {meta['working_set_mib']:.0f} MiB < {MIN_COLD_MIB} MiB: weights may be served by the LLC.",

@@ -192,6 +192,7 @@ def test_read_bandwidth_is_measured():
     from sparsamba.runtime.engine import read_bandwidth
 
     assert read_bandwidth(mib=8, threads=1, reps=1) > 1e8  # bytes/s: any machine reads 100 MB/s
+    assert read_bandwidth(mib=8, threads=2, reps=1) > 1e8  # each thread's whole share, both readers
 
 
 def test_bad_calls_are_clear_errors(compiled):

@@ -106,13 +106,19 @@ def test_arm64_kernels_match_reference(arm64_exe, cases):
     _run(["qemu-aarch64", "-cpu", "max", str(arm64_exe), "neon", *map(str, cases)], "neon")
 
 
+# (K, out) with enough rows per class (~out / 5) that the decode kernels read several block streams side
+# by side (4 runs of blocks per half of a class, then the leftover blocks one by one): a tail-only K, several
+# panels with a short last chunk, and one K of whole chunks
+STREAM_SHAPES = [(48, 1000), (2100, 1400), (192, 1400)]
+
+
 def write_cases(d: Path, seed: int = 0, tokens: int = 21) -> list[Path]:
     # 21 tokens: the channel-major prefill takes 16 (AVX-512) or 8 (AVX2) tokens per vector, so both
     # whole vectors and a masked last one run
     rng = np.random.default_rng(seed)
     d.mkdir(parents=True, exist_ok=True)
     paths = []
-    for K, out in SHAPES:
+    for K, out in SHAPES + STREAM_SHAPES:
         for dtype, dt in DTYPES.items():
             classes, _ = random_classes(rng, out, K)
             blob = pack_matrix(out, K, classes, dtype)

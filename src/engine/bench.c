@@ -60,62 +60,56 @@ done:
 
 /* ---------------------------------------------------------------- roofline */
 
-/* Each thread sums its own contiguous share of the buffer in segments of SEG bytes and times every
- * segment; its rate is the median segment's, and the team's the sum of its threads' rates. A pass
- * timed whole would count the time the thread spent descheduled: on a shared machine that is most
- * of the difference between a long sweep and a product's per-call median (profile.c), which is
- * what the probe is compared with. */
-#define SEG ((size_t)1 << 20)
+/* The read probe: the fastest reading of memory we can write, the ceiling of a decode product. Each
+ * thread sums its own contiguous share of the buffer in whole passes, by each reader in turn (read_sum
+ * with one stream and the kernels' prefetch, then with PROBE_STREAMS streams side by side); a pass is
+ * timed by the thread's CPU clock, so that the time the thread spends descheduled on a shared machine
+ * (as the products' per-call medians leave out) does not count, while everything the pass did does.
+ * A thread's rate is its best pass of any reader; the team's the sum of its threads' rates. */
+#define PROBE_STREAMS 8
 
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
+static double thread_cpu(void) {
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)) return now(); /* no thread clock: the wall clock */
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 double sb_read_bandwidth(int64_t bytes, int32_t reps) {
-    size_t n = (size_t)(bytes / (int64_t)sizeof(float)) / 128 * 128;
-    if (n == 0 || reps <= 0) return -1.0;
-    float *buf = aligned_alloc(64, n * sizeof(float));
     int nt = sb_n_threads();
-    size_t per = (n / (size_t)nt) / 128 * 128, segf = SEG / sizeof(float), nseg = per / segf + 1;
-    double *rate = malloc(sizeof(double) * (size_t)nt), *seg = malloc(sizeof(double) * nseg * (size_t)nt);
-    if (!buf || !rate || !seg) {
-        free(buf), free(rate), free(seg);
+    size_t unit = 64 * PROBE_STREAMS, per = (size_t)(bytes / (int64_t)sizeof(float)) / (size_t)nt / unit * unit;
+    if (per == 0 || reps <= 0) return -1.0;
+    size_t n = per * (size_t)nt;
+    float *buf = aligned_alloc(64, n * sizeof(float));
+    double *rate = malloc(sizeof(double) * (size_t)nt);
+    if (!buf || !rate) {
+        free(buf), free(rate);
         return -1.0;
     }
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 255); /* first touch by the reading thread */
-    double best = 0.0;
     volatile float sink = 0.0f;
     const sb_kernels *k = sb_active_kernels();
-    for (int r = 0; r < reps; r++) {
-        for (int t = 0; t < nt; t++) rate[t] = 0.0; /* a thread the runtime did not start adds nothing */
+    for (int t = 0; t < nt; t++) rate[t] = 0.0; /* a thread the runtime did not start adds nothing */
+    for (int r = 0; r < reps; r++)
+        for (int streams = 1; streams <= PROBE_STREAMS; streams += PROBE_STREAMS - 1) {
 #pragma omp parallel num_threads(nt)
-        {
-            int id = 0, team = 1;
+            {
+                int id = 0, team = 1;
 #ifdef _OPENMP
-            id = omp_get_thread_num(), team = omp_get_num_threads();
+                id = omp_get_thread_num(), team = omp_get_num_threads();
 #endif
-            if (team == nt) {
-                size_t lo = (size_t)id * per, len = id + 1 == nt ? n - lo : per, m = 0;
-                double *ts = seg + nseg * (size_t)id;
-                float total = 0.0f;
-                for (size_t o = 0; o < len; o += segf, m++) {
-                    size_t l = len - o < segf ? len - o : segf;
-                    double t0 = now();
-                    total += k->read_sum(buf + lo + o, l);
-                    ts[m] = l * sizeof(float) / (now() - t0);
+                if (team == nt) {
+                    double t0 = thread_cpu();
+                    float total = k->read_sum(buf + (size_t)id * per, per, streams);
+                    double dt = thread_cpu() - t0, v = dt > 0 ? per * sizeof(float) / dt : 0.0;
+                    sink = total;
+                    if (v > rate[id]) rate[id] = v;
                 }
-                sink = total;
-                qsort(ts, m, sizeof *ts, cmp_d);
-                rate[id] = m ? ts[m / 2] : 0.0;
             }
         }
-        double sum = 0.0;
-        for (int t = 0; t < nt; t++) sum += rate[t];
-        if (sum > best) best = sum;
-    }
     (void)sink;
-    free(buf), free(rate), free(seg);
-    return best;
+    double sum = 0.0;
+    for (int t = 0; t < nt; t++) sum += rate[t];
+    free(buf), free(rate);
+    return sum;
 }

@@ -48,7 +48,9 @@ typedef struct {
     void (*silu)(float *x, int n);                   /* x = x * sigmoid(x), in place */
     void (*softplus)(float *x, int n);               /* x = log(1 + e^x) (x above 20 stays x) */
     void (*mul_silu)(float *y, const float *z, int n); /* y = y * silu(z): the gate */
-    float (*read_sum)(const float *x, size_t n);     /* sum of n (a multiple of 64) floats: the read probe */
+    /* the read probe's reader: the sum of x[0..n) read as `streams` equal contiguous parts side by side
+     * (n a multiple of 64 * streams); 1 stream with the decode kernels' prefetch, else none */
+    float (*read_sum)(const float *x, size_t n, int streams);
     /* Prefill scan (Mamba-1) of channels [c0, c1) (at most 16) over T tokens, the state carried in s:
      *     s_c = exp(Δ A_c) * s_c + Δ x B_t,   y = s_c . C_t + D_c x     (Δ = dt[c][t], x = x[c][t])
      * dt, x, y channel-major rows of stride ld; B, C token-major (T, N); A, s (d_inner, N). NULL in a
@@ -67,7 +69,7 @@ void sb_scan_chunk_steps(void (*step)(int N, const float *A, float dt, float dtx
 #if defined(__x86_64__) || defined(_M_X64)
 extern const sb_kernels sb_kernels_avx2;
 extern const sb_kernels sb_kernels_avx512; /* AVX-512 products (VNNI at run time) and scan step, AVX2's other ops */
-float sb_read_sum_avx512(const float *x, size_t n); /* n a multiple of 64 */
+float sb_read_sum_avx512(const float *x, size_t n, int streams); /* n a multiple of 64 * streams */
 void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float *B, const float *C, float *s,
                          float *yc); /* kernels_avx512.c */
 void sb_scan_chunk_avx512(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,

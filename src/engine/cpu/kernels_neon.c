@@ -106,11 +106,13 @@ static void mul_silu_neon(float *y, const float *z, int n) {
     for (; i < n; i++) y[i] *= z[i] / (1.0f + expf(-z[i]));
 }
 
-static float read_sum_neon(const float *x, size_t n) {
+static float read_sum_neon(const float *x, size_t n, int streams) {
     float32x4_t a[8];
+    size_t part = n / (size_t)streams;
     for (int l = 0; l < 8; l++) a[l] = vdupq_n_f32(0.0f);
-    for (size_t i = 0; i < n; i += 32)
-        for (int l = 0; l < 8; l++) a[l] = vaddq_f32(a[l], vld1q_f32(x + i + 4 * l));
+    for (size_t i = 0; i < part; i += 32)
+        for (int s = 0; s < streams; s++)
+            for (int l = 0; l < 8; l++) a[l] = vaddq_f32(a[l], vld1q_f32(x + (size_t)s * part + i + 4 * l));
     for (int l = 1; l < 8; l++) a[0] = vaddq_f32(a[0], a[l]);
     return vaddvq_f32(a[0]);
 }

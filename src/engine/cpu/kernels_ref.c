@@ -26,10 +26,12 @@ static void mul_silu_ref(float *y, const float *z, int n) {
     for (int i = 0; i < n; i++) y[i] *= z[i] / (1.0f + expf(-z[i]));
 }
 
-static float read_sum_ref(const float *x, size_t n) {
+static float read_sum_ref(const float *x, size_t n, int streams) {
     float acc[8] = {0};
-    for (size_t i = 0; i < n; i += 8)
-        for (int l = 0; l < 8; l++) acc[l] += x[i + l];
+    size_t part = n / (size_t)streams;
+    for (size_t i = 0; i < part; i += 8)
+        for (int s = 0; s < streams; s++)
+            for (int l = 0; l < 8; l++) acc[l] += x[(size_t)s * part + i + l];
     return acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
 }
 

@@ -13,9 +13,14 @@
 #include "linear_v2.h"
 
 #define INLINE static inline __attribute__((always_inline))
+#ifndef STREAMS
+#define STREAMS 4 /* block streams a decode product reads side by side */
+#endif
+#define STREAMS_MAX 4
 
-/* decode prefetches each line of the stream pf bytes ahead into L2, as linear_v2_avx512.c does */
-INLINE void pf_line(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T1); }
+/* decode prefetches each line of the stream pf bytes ahead into L1, as linear_v2_avx512.c does (with 4 block
+ * streams side by side 8-17% faster than into L2 here) */
+INLINE void pf_line(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T0); }
 
 static inline __m256 permute(__m256 t, __m256i idx) { return _mm256_permutevar_ps(t, idx); }
 
@@ -123,30 +128,42 @@ INLINE void chunk_i8(int n, const uint8_t *rec, const int16_t *xq, const uint32_
     s[0] = _mm256_add_epi32(a0, b0), s[1] = _mm256_add_epi32(a1, b1);
 }
 
-/* the 16 rows of one block over one panel (rec: the block's stream there), as two halves */
-INLINE void block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int dt, __m256 *lo, __m256 *hi,
-                        size_t pf) {
+/* the 16 rows of each of S blocks over one panel (rec0[s]: block s's stream there), as two halves; the
+ * S streams side by side, one chunk record of each in turn (S > 1: decode, see run()) */
+INLINE void blocks_panel(const sb_v2_act *a, const uint8_t *const *rec0, int S, int j0, int len, int n, int dt,
+                         __m256 *lo, __m256 *hi, size_t pf) {
     int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK, Gt = (rest + 3) / 4, ch0 = j0 / SB_V2_CHUNK;
     size_t rb = sb_v2_record_bytes(n, dt, 16);
+    const uint8_t *rec[STREAMS_MAX];
+    for (int s = 0; s < S; s++) rec[s] = rec0[s];
     if (dt == SB_V2_I8) {
-        __m256 l = _mm256_setzero_ps(), h = l;
-        for (int ch = 0; ch < full + (rest > 0); ch++, rec += rb) {
-            __m256i s[2];
+        __m256 l[STREAMS_MAX], h[STREAMS_MAX];
+        for (int s = 0; s < S; s++) l[s] = h[s] = _mm256_setzero_ps();
+        for (int ch = 0; ch < full + (rest > 0); ch++) {
             int j = SB_V2_CHUNK * (ch0 + ch);
-            if (ch < full) chunk_i8(n, rec, a->xq + j, a->xt + 2 * j, 8 * (4 - n), s, pf);
-            else chunk_i8(n, rec, a->xq + j, a->xt + 2 * j, (Gt * (4 - n) + 1) / 2, s, pf);
             __m256 sc = _mm256_set1_ps(a->xs[ch0 + ch]);
-            l = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), sc, l);
-            h = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1]), sc, h);
+            for (int s = 0; s < S; s++) {
+                __m256i v[2];
+                if (ch < full) chunk_i8(n, rec[s], a->xq + j, a->xt + 2 * j, 8 * (4 - n), v, pf);
+                else chunk_i8(n, rec[s], a->xq + j, a->xt + 2 * j, (Gt * (4 - n) + 1) / 2, v, pf);
+                l[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v[0]), sc, l[s]);
+                h[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v[1]), sc, h[s]);
+                rec[s] += rb;
+            }
         }
-        *lo = l, *hi = h;
+        for (int s = 0; s < S; s++) lo[s] = l[s], hi[s] = h[s];
         return;
     }
-    __m256 ac[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 ac[STREAMS_MAX][4];
+    for (int s = 0; s < S; s++)
+        for (int k = 0; k < 4; k++) ac[s][k] = _mm256_setzero_ps();
     const float *x = a->x + j0;
-    for (int ch = 0; ch < full; ch++, rec += rb, x += SB_V2_CHUNK) chunk_fp(n, dt, rec, x, 16, 1, ac, pf);
-    if (rest) chunk_fp(n, dt, rec, x, Gt, 0, ac, pf);
-    *lo = _mm256_add_ps(ac[0], ac[2]), *hi = _mm256_add_ps(ac[1], ac[3]);
+    for (int ch = 0; ch < full; ch++, x += SB_V2_CHUNK)
+        for (int s = 0; s < S; s++) chunk_fp(n, dt, rec[s], x, 16, 1, ac[s], pf), rec[s] += rb;
+    for (int s = 0; s < S; s++) {
+        if (rest) chunk_fp(n, dt, rec[s], x, Gt, 0, ac[s], pf);
+        lo[s] = _mm256_add_ps(ac[s][0], ac[s][2]), hi[s] = _mm256_add_ps(ac[s][1], ac[s][3]);
+    }
 }
 
 /* y[index[r] * ldy] += the block's 16 sums (int8: times the row scales) */
@@ -269,12 +286,28 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
     const uint8_t *panel = c->stream;
     size_t pf = T == 1 ? sb_v2_prefetch_bytes() : 0;
     for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
-        int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel;
+        int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel, b = b0;
         size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
-        for (int b = b0; b < b1; b++)
+        if (T == 1 && b1 - b0 >= STREAMS && (dt != SB_V2_I8 || bpb >= 1024)) {
+            /* decode: the blocks as STREAMS contiguous runs read side by side (several sequential streams
+             * read memory faster than one: bench/README.md, the read probe), then the leftover blocks. Not
+             * int8 blocks of under 1 KiB a panel (dt_proj's K = 48 / 64): one chunk of a few hundred bytes
+             * each, they ran 0.7-0.8x as fast so (AVX-512, n = 3) */
+            int q = (b1 - b0) / STREAMS;
+            for (int i = 0; i < q; i++) {
+                const uint8_t *rec[STREAMS];
+                __m256 lo[STREAMS], hi[STREAMS];
+                for (int s = 0; s < STREAMS; s++) rec[s] = panel + (size_t)(b0 + s * q + i) * bpb;
+                blocks_panel(&act[0], rec, STREAMS, j0, len, n, dt, lo, hi, pf);
+                for (int s = 0; s < STREAMS; s++) scatter(c, b0 + s * q + i, lo[s], hi[s], Y, (size_t)ldy);
+            }
+            b = b0 + STREAMS * q;
+        }
+        for (; b < b1; b++)
             for (int t = 0; t < T; t++) {
+                const uint8_t *rec = panel + (size_t)b * bpb;
                 __m256 lo, hi;
-                block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, &lo, &hi, pf);
+                blocks_panel(&act[t], &rec, 1, j0, len, n, dt, &lo, &hi, pf);
                 scatter(c, b, lo, hi, Y + t, (size_t)ldy);
             }
         panel += bpb * (size_t)c->nblocks;

@@ -22,10 +22,10 @@
 
 /* Decode prefetches every line of the stream pf bytes ahead (sb_v2_prefetch_bytes; pf = 0 touches the
  * line being read, which costs one load-port slot and nothing else): one prefetch per 64 bytes,
- * issued where the kernel reaches that line's values, so they spread over the loop. Into L2 (T1), not
- * L1: on Intel the same kernels stream 5-15% faster so (bench/README.md, "Kernels"), likely because an
- * L1 prefetch holds one of the few L1 fill buffers that the demand loads of x and the codes need. */
-INLINE void pf_line(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T1); }
+ * issued where the kernel reaches that line's values, so they spread over the loop. Into L1 (T0): with
+ * one block stream at a time, T1 (L2) was 5-15% faster; with 4 block streams side by side (run()) T0 is
+ * 6-26% faster on the Intel Xeon here, f16 and int8 (bench/README.md, "Kernels"). */
+INLINE void pf_line(const uint8_t *p, size_t pf) { _mm_prefetch((const char *)p + pf, _MM_HINT_T0); }
 
 /* ---- fp32 / f16 ---- */
 
@@ -34,42 +34,60 @@ INLINE __m512 load_w(int dt, const uint8_t *v, int t) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(v + 32 * (size_t)t)));
 }
 
-/* one chunk record of G groups: G = 16 (a full chunk, `full` set: the loops unroll completely) or a
- * tail's run-time G, where the accumulator of a slot is its place k in the group, so that acc[]
- * stays in registers with the group loop not unrolled */
-INLINE void chunk_fp(int n, int dt, const uint8_t *rec, const float *x, int G, int full, __m512 acc[4], size_t pf) {
-    const uint8_t *v = rec + sb_v2_code_bytes(n);
+/* one chunk record of G groups of each of S blocks (S a constant: 1, or the blocks read side by side,
+ * see run()): G = 16 (a full chunk, `full` set: the loops unroll completely) or a tail's run-time G,
+ * where the accumulator of a slot is its place k in the group, so that acc[] stays in registers with
+ * the group loop not unrolled. The S blocks share x's broadcasts. */
+INLINE void chunk_fp(int n, int dt, const uint8_t *const *rec, int S, const float *x, int G, int full, __m512 acc[][4],
+                     size_t pf) {
     const int sb = dt == SB_V2_F32 ? 64 : 32; /* bytes of one slot's 16 values */
+    const uint8_t *v[4];
+    for (int s = 0; s < S; s++) v[s] = rec[s] + sb_v2_code_bytes(n);
     if (n == 0) {
 #pragma GCC unroll 16
         for (int g = 0; g < G; g++)
 #pragma GCC unroll 4
             for (int k = 0; k < 4; k++) {
                 int t = 4 * g + k;
-                if (sb * t % 64 == 0) pf_line(v + sb * t, pf);
-                acc[k] = _mm512_fmadd_ps(load_w(dt, v, t), _mm512_set1_ps(x[t]), acc[k]);
+                __m512 xt = _mm512_set1_ps(x[t]);
+#pragma GCC unroll 4
+                for (int s = 0; s < S; s++) {
+                    if (sb * t % 64 == 0) pf_line(v[s] + sb * t, pf);
+                    acc[s][k] = _mm512_fmadd_ps(load_w(dt, v[s], t), xt, acc[s][k]);
+                }
             }
         return;
     }
-    pf_line(rec, pf);
-    if (n == 2) pf_line(rec + 64, pf);
-    __m512i c = _mm512_load_si512(rec);
+    __m512i c[4];
+#pragma GCC unroll 4
+    for (int s = 0; s < S; s++) {
+        pf_line(rec[s], pf);
+        if (n == 2) pf_line(rec[s] + 64, pf);
+        c[s] = _mm512_load_si512(rec[s]);
+    }
 #pragma GCC unroll 16
     for (int g = 0; g < G; g++) {
         __m512 xb = _mm512_broadcast_f32x4(_mm_loadu_ps(x + 4 * g));
-        if (n == 2 && g == 8) c = _mm512_load_si512(rec + 64); /* slots 16..31 are in the second word */
+        if (n == 2 && g == 8) /* slots 16..31 are in the second word */
+#pragma GCC unroll 4
+            for (int s = 0; s < S; s++) c[s] = _mm512_load_si512(rec[s] + 64);
 #pragma GCC unroll 4
         for (int k = 0; k < 4 - n; k++) {
             int t = (4 - n) * g + k, ai = full ? t & 3 : k;
-            /* n = 1 stores the removed position p: kept ones are p+1, p+2, p+3 (mod 4, which the
-             * permute's 2-bit read does for free) */
-            __m512i idx = n == 1 ? _mm512_add_epi32(c, _mm512_set1_epi32(k + 1)) : c;
-            __m512 xs = _mm512_permutevar_ps(xb, idx);
-            if (sb * t % 64 == 0) pf_line(v + sb * t, pf);
-            acc[ai] = _mm512_fmadd_ps(load_w(dt, v, t), xs, acc[ai]);
-            if (n != 1) c = _mm512_srli_epi32(c, 2);
+#pragma GCC unroll 4
+            for (int s = 0; s < S; s++) {
+                /* n = 1 stores the removed position p: kept ones are p+1, p+2, p+3 (mod 4, which the
+                 * permute's 2-bit read does for free) */
+                __m512i idx = n == 1 ? _mm512_add_epi32(c[s], _mm512_set1_epi32(k + 1)) : c[s];
+                __m512 xs = _mm512_permutevar_ps(xb, idx);
+                if (sb * t % 64 == 0) pf_line(v[s] + sb * t, pf);
+                acc[s][ai] = _mm512_fmadd_ps(load_w(dt, v[s], t), xs, acc[s][ai]);
+                if (n != 1) c[s] = _mm512_srli_epi32(c[s], 2);
+            }
         }
-        if (n == 1) c = _mm512_srli_epi32(c, 2);
+        if (n == 1)
+#pragma GCC unroll 4
+            for (int s = 0; s < S; s++) c[s] = _mm512_srli_epi32(c[s], 2);
     }
 }
 
@@ -171,11 +189,49 @@ INLINE __m512 block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int le
         }
         return acc;
     }
-    __m512 ac[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 ac[1][4] = {{_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}};
     const float *x = a->x + j0;
-    for (int ch = 0; ch < full; ch++, rec += rb, x += SB_V2_CHUNK) chunk_fp(n, dt, rec, x, 16, 1, ac, pf);
-    if (rest) chunk_fp(n, dt, rec, x, Gt, 0, ac, pf);
-    return _mm512_add_ps(_mm512_add_ps(ac[0], ac[1]), _mm512_add_ps(ac[2], ac[3]));
+    for (int ch = 0; ch < full; ch++, rec += rb, x += SB_V2_CHUNK) chunk_fp(n, dt, &rec, 1, x, 16, 1, ac, pf);
+    if (rest) chunk_fp(n, dt, &rec, 1, x, Gt, 0, ac, pf);
+    return _mm512_add_ps(_mm512_add_ps(ac[0][0], ac[0][1]), _mm512_add_ps(ac[0][2], ac[0][3]));
+}
+
+/* S blocks' streams over one panel side by side, rec0[s] the start of block s's: one chunk record of
+ * each in turn (the tail chunk too); the panel sums into out[s] */
+INLINE void blocks_panel(const sb_v2_act *a, const uint8_t *const *rec0, int S, int j0, int len, int n, int dt,
+                         int vnni, size_t pf, __m512 *out) {
+    int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK, Gt = (rest + 3) / 4, ch0 = j0 / SB_V2_CHUNK;
+    size_t rb = sb_v2_record_bytes(n, dt, 16);
+    const uint8_t *rec[4];
+    for (int s = 0; s < S; s++) rec[s] = rec0[s];
+    if (dt == SB_V2_I8) {
+        __m512 acc[4];
+        for (int s = 0; s < S; s++) acc[s] = _mm512_setzero_ps();
+        for (int ch = 0; ch <= full; ch++) {
+            if (ch == full && !rest) break;
+            int np = ch < full ? 8 * (4 - n) : (Gt * (4 - n) + 1) / 2;
+            const int16_t *xq = a->xq + SB_V2_CHUNK * (ch0 + ch);
+            __m512 xs = _mm512_set1_ps(a->xs[ch0 + ch]);
+            for (int s = 0; s < S; s++) {
+                __m512i v = ch < full ? chunk_i8(n, rec[s], xq, 8 * (4 - n), vnni, pf) : chunk_i8(n, rec[s], xq, np, vnni, pf);
+                acc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), xs, acc[s]);
+                rec[s] += rb;
+            }
+        }
+        for (int s = 0; s < S; s++) out[s] = acc[s];
+        return;
+    }
+    __m512 ac[4][4];
+    for (int s = 0; s < S; s++)
+        for (int k = 0; k < 4; k++) ac[s][k] = _mm512_setzero_ps();
+    const float *x = a->x + j0;
+    for (int ch = 0; ch < full; ch++, x += SB_V2_CHUNK) {
+        chunk_fp(n, dt, rec, S, x, 16, 1, ac, pf);
+        for (int s = 0; s < S; s++) rec[s] += rb;
+    }
+    if (rest) chunk_fp(n, dt, rec, S, x, Gt, 0, ac, pf);
+    for (int s = 0; s < S; s++)
+        out[s] = _mm512_add_ps(_mm512_add_ps(ac[s][0], ac[s][1]), _mm512_add_ps(ac[s][2], ac[s][3]));
 }
 
 /* ---- prefill: tokens in lanes, on channel-major activations (act[0].cm) ----
@@ -284,6 +340,10 @@ INLINE void scatter(const sb_v2_class *c, int b, __m512 acc, float *y, size_t ld
         if (idx[r] >= 0) y[(size_t)idx[r] * ldy] += out[r];
 }
 
+#ifndef STREAMS
+#define STREAMS 4
+#endif
+
 /* panels outer (x of a panel stays in L1), blocks inner; without act[0].cm (decode, tests) each token is
  * a GEMV pass over a block's panel stream while it is in cache (weights from memory once: no prefetch) */
 INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int ldy, int b0, int b1, int n, int dt,
@@ -295,9 +355,24 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
     const uint8_t *panel = c->stream;
     size_t pf = T == 1 ? sb_v2_prefetch_bytes() : 0;
     for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
-        int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel;
+        int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel, b = b0;
         size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
-        for (int b = b0; b < b1; b++)
+        if (T == 1 && b1 - b0 >= STREAMS && (dt != SB_V2_I8 || bpb >= 1024)) {
+            /* decode: the blocks as STREAMS contiguous runs read side by side (several sequential streams
+             * read memory faster than one: bench/README.md, the read probe), then the leftover blocks. Not
+             * int8 blocks of under 1 KiB a panel (dt_proj's K = 48 / 64): one chunk of a few hundred bytes
+             * each, they ran 0.7-0.8x as fast so (AVX-512, n = 3) */
+            int q = (b1 - b0) / STREAMS;
+            for (int i = 0; i < q; i++) {
+                const uint8_t *rec[STREAMS];
+                __m512 out[STREAMS];
+                for (int s = 0; s < STREAMS; s++) rec[s] = panel + (size_t)(b0 + s * q + i) * bpb;
+                blocks_panel(&act[0], rec, STREAMS, j0, len, n, dt, vnni, pf, out);
+                for (int s = 0; s < STREAMS; s++) scatter(c, b0 + s * q + i, out[s], Y, (size_t)ldy);
+            }
+            b = b0 + STREAMS * q;
+        }
+        for (; b < b1; b++)
             for (int t = 0; t < T; t++)
                 scatter(c, b, block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, vnni, pf), Y + t, (size_t)ldy);
         panel += bpb * (size_t)c->nblocks;
