@@ -21,6 +21,11 @@
 
 static int pad16(int n) { return (n + 15) / 16 * 16 + 16; }
 
+typedef struct {
+    float *un;                /* (d) the normed residual */
+    sb_v2_act *ad, *ar, *ao;  /* activations of in_proj / the head (d), dt_proj (R), out_proj (di) */
+} sb_team_buf;
+
 struct sb_state {
     const sb_model *m;
     int quantise;      /* int8 matrices: products quantise their activations per chunk */
@@ -33,6 +38,13 @@ struct sb_state {
     float *XQ;                /* int8: a product's input quantised, channel-major (max(d, di), cap) */
     sb_v2_act *Ad, *Adi, *Ar; /* one each: the products read the channel-major activations (act[0].cm) */
     sb_m2_state *m2;          /* a Mamba-2 model's state (forward_mamba2.c); the fields above stay NULL */
+    /* decode: each thread's own copies of what every thread reads whole, so that it prepares them itself
+     * instead of waiting for one thread to (grown to the team on each forward) */
+    int nteam;
+    sb_team_buf *tb;
+    /* per layer, the channels no dt_proj row writes (rows of n = 4): their Δ is the bias alone, and their
+     * scan still runs. Layer i's are free_ch[free_off[i] .. free_off[i + 1]). */
+    int *free_ch, *free_off;
 };
 
 /* ---------------------------------------------------------------- small ops */
@@ -66,6 +78,11 @@ void sb_state_free(sb_state *s) {
     float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->xz, s->xc, s->xdbl, s->dt, s->y};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     sb_v2_acts_free(s->ad), sb_v2_acts_free(s->adi), sb_v2_acts_free(s->ar);
+    for (int t = 0; t < s->nteam; t++) {
+        free(s->tb[t].un);
+        sb_v2_acts_free(s->tb[t].ad), sb_v2_acts_free(s->tb[t].ar), sb_v2_acts_free(s->tb[t].ao);
+    }
+    free(s->tb), free(s->free_ch), free(s->free_off);
     free(s);
 }
 
@@ -77,6 +94,41 @@ void sb_state_reset(sb_state *s) {
     const sb_info *I = &s->m->info;
     memset(s->conv, 0, sizeof(float) * (size_t)I->n_layer * I->d_inner * (I->d_conv - 1 ? I->d_conv - 1 : 1));
     memset(s->ssm, 0, sizeof(float) * (size_t)I->n_layer * I->d_inner * I->d_state);
+}
+
+/* the channels (of di) that no row of dt_proj writes, into out (when not NULL); their count */
+static int dt_free_channels(const sb_linear *dt, int di, unsigned char *seen, int *out) {
+    memset(seen, 0, (size_t)di);
+    for (int ci = 0; ci < dt->w.nclass; ci++)
+        for (int r = 0; r < dt->w.cls[ci].nblocks * SB_V2_B; r++)
+            if (dt->w.cls[ci].index[r] >= 0) seen[dt->w.cls[ci].index[r]] = 1;
+    int n = 0;
+    for (int c = 0; c < di; c++)
+        if (!seen[c]) {
+            if (out) out[n] = c;
+            n++;
+        }
+    return n;
+}
+
+/* each thread's decode buffers (sb_team_buf) for a team of nt */
+static int grow_team(sb_state *s, int nt) {
+    if (nt <= s->nteam) return SB_OK;
+    const sb_info *I = &s->m->info;
+    sb_team_buf *tb = realloc(s->tb, sizeof *tb * (size_t)nt);
+    if (!tb) return SB_ERR_NOMEM;
+    s->tb = tb;
+    for (; s->nteam < nt; s->nteam++) {
+        sb_team_buf *b = &tb[s->nteam];
+        b->un = aligned_alloc(64, sizeof(float) * (size_t)pad16(I->d_model)); /* a multiple of 64 bytes */
+        b->ad = sb_v2_acts_new(I->d_model, 1), b->ar = sb_v2_acts_new(I->dt_rank, 1);
+        b->ao = sb_v2_acts_new(I->d_inner, 1);
+        if (!b->un || !b->ad || !b->ar || !b->ao) {
+            free(b->un), sb_v2_acts_free(b->ad), sb_v2_acts_free(b->ar), sb_v2_acts_free(b->ao);
+            return SB_ERR_NOMEM;
+        }
+    }
+    return SB_OK;
 }
 
 int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen) {
@@ -103,8 +155,16 @@ int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen) {
     s->dt = calloc((size_t)pad16(di), sizeof(float));
     s->y = calloc((size_t)pad16(di), sizeof(float));
     s->ad = sb_v2_acts_new(d, 1), s->adi = sb_v2_acts_new(di, 1), s->ar = sb_v2_acts_new(R, 1);
+    s->free_off = calloc((size_t)I->n_layer + 1, sizeof(int));
+    unsigned char *seen = malloc((size_t)di);
+    for (int i = 0; seen && s->free_off && i < I->n_layer; i++) /* count, then fill */
+        s->free_off[i + 1] = s->free_off[i] + dt_free_channels(&m->layers[i].dt, di, seen, NULL);
+    s->free_ch = malloc(sizeof(int) * (size_t)(s->free_off && s->free_off[I->n_layer] ? s->free_off[I->n_layer] : 1));
+    for (int i = 0; seen && s->free_off && s->free_ch && i < I->n_layer; i++)
+        dt_free_channels(&m->layers[i].dt, di, seen, s->free_ch + s->free_off[i]);
+    free(seen);
     if (!s->conv || !s->ssm || !s->h || !s->un || !s->xz || !s->xc || !s->xdbl || !s->dt || !s->y || !s->ad ||
-        !s->adi || !s->ar)
+        !s->adi || !s->ar || !s->free_off || !s->free_ch)
         goto oom;
     *out = s;
     return SB_OK;
@@ -185,73 +245,142 @@ static void rmsnorm_vec(const float *h, const float *w, float eps, int d, float 
     for (int j = 0; j < d; j++) out[j] = h[j] * r * (w ? w[j] : 1.0f);
 }
 
-/* every thread of the team runs this; s->h holds the residual stream */
-static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels *k) {
-    const sb_info *I = &m->info;
-    double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
-    const sb_layer *ly = &m->layers[i];
-    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, q = s->quantise;
-#pragma omp single
-    {
-        rmsnorm_vec(s->h, ly->norm, m->eps, d, s->un);
-        fill_bias(s->xz, ly->in.bias, 2 * di);
-        sb_v2_act_set(s->ad, s->un, 1, q);
-    }
-    STAGE(st, SB_ST_NORM);
-    sb_linear_vec(k, &ly->in, s->ad, s->xz);
-    STAGE(st, SB_ST_IN);
-#pragma omp single
-    {
-        float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
-        for (int c = 0; c < di; c++) { /* conv1d + SiLU, window shifted in place */
-            const float *w = ly->conv_w + (size_t)c * K;
-            float *st = cst + (size_t)c * (K - 1), x = s->xz[c], acc = ly->conv_b[c] + w[K - 1] * x;
-            for (int j = 0; j < K - 1; j++) acc += w[j] * st[j];
-            for (int j = 0; j + 1 < K - 1; j++) st[j] = st[j + 1];
-            if (K > 1) st[K - 2] = x;
-            s->xc[c] = acc;
-        }
-        k->silu(s->xc, di);
-        memset(s->xdbl, 0, sizeof(float) * (size_t)(R + 2 * N));
-        sb_v2_act_set(s->adi, s->xc, 1, q);
-    }
-    STAGE(st, SB_ST_CONV);
-    sb_linear_vec(k, &ly->x, s->adi, s->xdbl);
-    STAGE(st, SB_ST_X);
-#pragma omp single
-    {
-        fill_bias(s->dt, ly->dt_bias, di);
-        sb_v2_act_set(s->ar, s->xdbl, 1, q); /* Δr: the first R outputs of ssm_x */
-    }
-    STAGE(st, SB_ST_PREP);
-    sb_linear_vec(k, &ly->dt, s->ar, s->dt);
-    STAGE(st, SB_ST_DT);
-    const float *B = s->xdbl + R, *C = s->xdbl + R + N;
-    float *ssm = s->ssm + (size_t)i * di * N;
-#pragma omp for schedule(static)
-    for (int c0 = 0; c0 < di; c0 += 64) { /* softplus, scan step + D skip, 64 channels at a time */
-        int c1 = c0 + 64 < di ? c0 + 64 : di;
-        k->softplus(s->dt + c0, c1 - c0);
-        for (int c = c0; c < c1; c++) {
+/* the chunks [ch0, ch1) of activations a set from x (x[j] for j in those chunks), quantised as sb_v2_act_set
+ * quantises them: each chunk's scale is its own, so threads may prepare disjoint chunks of one a */
+static void act_chunks(sb_v2_act *a, const float *x, int q, int ch0, int ch1) {
+    int j0 = ch0 * SB_V2_CHUNK, j1 = ch1 * SB_V2_CHUNK < a->K ? ch1 * SB_V2_CHUNK : a->K;
+    if (j1 <= j0) return;
+    sb_v2_act v = {.K = j1 - j0, .nchunk = ch1 - ch0, .x = a->x + j0, .xq = a->xq + j0, .xs = a->xs + ch0,
+                   .xt = a->xt + (size_t)2 * j0};
+    sb_v2_act_set(&v, x + j0, 1, q); /* past K the chunk's padding stays zero (sb_v2_act_bind) */
+}
+
+/* [n * id / nt, n * (id + 1) / nt): this thread's slice of n items */
+static void slice(int n, int *lo, int *hi) {
+    int nt = sb_team_size(), id = sb_thread_id();
+    *lo = (int)((long)n * id / nt), *hi = (int)((long)n * (id + 1) / nt);
+}
+
+/* y[j] = bias[j] (or 0) over this thread's slice of n */
+static void fill_bias_slice(float *y, const float *bias, int n) {
+    int lo, hi;
+    slice(n, &lo, &hi);
+    if (hi > lo) fill_bias(y + lo, bias ? bias + lo : NULL, hi - lo);
+}
+
+/* softplus, the scan step + D skip and the SiLU(z) gate of up to 16 channels ch[l] (< 0: none), Δ in s->dt */
+static void scan_channels(const sb_kernels *k, const sb_layer *ly, sb_state *s, int N, const float *B, const float *C,
+                          float *ssm, const int32_t *ch, int n) {
+    int di = s->m->info.d_inner;
+    if (n == SB_V2_B && ch[0] >= 0 && ch[SB_V2_B - 1] == ch[0] + SB_V2_B - 1) { /* 16 channels in order (a dense layer) */
+        int c0 = ch[0];
+        k->softplus(s->dt + c0, n);
+        for (int c = c0; c < c0 + n; c++) {
             float dt = s->dt[c], x = s->xc[c], yc;
             k->scan_step(N, ly->A + (size_t)c * N, dt, dt * x, B, C, ssm + (size_t)c * N, &yc);
             s->y[c] = yc + ly->D[c] * x;
         }
-        k->mul_silu(s->y + c0, s->xz + di + c0, c1 - c0); /* the SiLU(z) gate */
+        k->mul_silu(s->y + c0, s->xz + di + c0, n);
+        return;
     }
-    STAGE(st, SB_ST_SCAN);
-#pragma omp single
-    {
-        if (ly->out.bias)
-            for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
-        sb_v2_act_set(s->adi, s->y, 1, q);
+    float dt[16], y[16], z[16];
+    for (int l = 0; l < n; l++) dt[l] = ch[l] >= 0 ? s->dt[ch[l]] : 0.0f;
+    k->softplus(dt, n);
+    for (int l = 0; l < n; l++) {
+        int c = ch[l] >= 0 ? ch[l] : 0;
+        float x = s->xc[c], yc = 0.0f;
+        if (ch[l] >= 0) k->scan_step(N, ly->A + (size_t)c * N, dt[l], dt[l] * x, B, C, ssm + (size_t)c * N, &yc);
+        y[l] = yc + ly->D[c] * x, z[l] = s->xz[di + c];
     }
+    k->mul_silu(y, z, n);
+    for (int l = 0; l < n; l++)
+        if (ch[l] >= 0) s->y[ch[l]] = y[l];
+}
+
+/* Every thread of the team runs this; s->h holds the residual stream. Four waits per layer, each where
+ * a step needs what every thread wrote: after in_proj (the conv reads whole channels of xz), after the
+ * conv (x_proj reads all of xc), after x_proj (Δr, B and C), after the scan (out_proj reads all of y)
+ * and after out_proj (the next norm reads all of h). What every thread needs whole and is cheap (the
+ * norm, the activations of in_proj, dt_proj and out_proj) each thread prepares itself; the bias fills
+ * and zeroing of a product's output run one stage early, in slices, ordered by a wait that is there
+ * anyway; dt_proj and the scan are one pass per thread over the rows it computed (no wait between). */
+static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels *k) {
+    const sb_info *I = &m->info;
+    double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
+    const sb_layer *ly = &m->layers[i];
+    sb_team_buf *tb = &s->tb[sb_thread_id()];
+    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, q = s->quantise;
+    /* xz holds in_proj's bias (the previous layer's out_proj stage, or the embedding's) */
+    rmsnorm_vec(s->h, ly->norm, m->eps, d, tb->un);
+    sb_v2_act_set(tb->ad, tb->un, 1, q);
+    STAGE(st, SB_ST_NORM);
+    sb_linear_vec_part(k, &ly->in, tb->ad, s->xz);
+#pragma omp barrier
+    STAGE(st, SB_ST_IN);
+    float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
+    int nch = (di + SB_V2_CHUNK - 1) / SB_V2_CHUNK;
+#pragma omp for schedule(static)
+    for (int ch = 0; ch < nch; ch++) { /* conv1d + SiLU (window shifted in place), x_proj's activations */
+        int c0 = ch * SB_V2_CHUNK, c1 = c0 + SB_V2_CHUNK < di ? c0 + SB_V2_CHUNK : di;
+        for (int c = c0; c < c1; c++) {
+            const float *w = ly->conv_w + (size_t)c * K;
+            float *cs = cst + (size_t)c * (K - 1), x = s->xz[c], acc = ly->conv_b[c] + w[K - 1] * x;
+            for (int j = 0; j < K - 1; j++) acc += w[j] * cs[j];
+            for (int j = 0; j + 1 < K - 1; j++) cs[j] = cs[j + 1];
+            if (K > 1) cs[K - 2] = x;
+            s->xc[c] = acc;
+        }
+        k->silu(s->xc + c0, c1 - c0);
+        act_chunks(s->adi, s->xc, q, ch, ch + 1);
+    }
+    STAGE(st, SB_ST_CONV);
+    sb_linear_vec_part(k, &ly->x, s->adi, s->xdbl); /* xdbl zeroed a stage early */
+#pragma omp barrier
+    STAGE(st, SB_ST_X);
+    sb_v2_act_set(tb->ar, s->xdbl, 1, q); /* Δr: the first R outputs of ssm_x */
     STAGE(st, SB_ST_PREP);
-    sb_linear_vec(k, &ly->out, s->adi, s->h); /* out_proj accumulates into the residual */
+    /* dt_proj, then softplus + scan + gate of the channels this thread's rows wrote: a row's scan weighs
+     * about as much as reading 12 N bytes (A, the state read and written) */
+    const float *B = s->xdbl + R, *C = s->xdbl + R + N;
+    float *ssm = s->ssm + (size_t)i * di * N;
+    int b0[4], b1[4];
+    sb_vec_share(&ly->dt, (size_t)SB_V2_B * 12 * N, b0, b1);
+    for (int ci = 0; ci < ly->dt.w.nclass; ci++) {
+        const sb_v2_class *c = &ly->dt.w.cls[ci];
+        for (int r = b0[ci] * SB_V2_B; r < b1[ci] * SB_V2_B; r++)
+            if (c->index[r] >= 0) s->dt[c->index[r]] = ly->dt_bias[c->index[r]];
+        if (b0[ci] < b1[ci]) k->gemv(c, tb->ar, s->dt, b0[ci], b1[ci]);
+    }
+    STAGE(st, SB_ST_DT);
+    for (int ci = 0; ci < ly->dt.w.nclass; ci++)
+        for (int b = b0[ci]; b < b1[ci]; b++)
+            scan_channels(k, ly, s, N, B, C, ssm, ly->dt.w.cls[ci].index + (size_t)b * SB_V2_B, SB_V2_B);
+    int f0, f1; /* channels no dt_proj row writes: Δ = softplus(bias) */
+    const int *fc = s->free_ch + s->free_off[i];
+    slice(s->free_off[i + 1] - s->free_off[i], &f0, &f1);
+    for (int f = f0; f < f1; f += SB_V2_B) {
+        int32_t ch[SB_V2_B], n = f1 - f < SB_V2_B ? f1 - f : SB_V2_B;
+        for (int l = 0; l < n; l++) s->dt[ch[l] = fc[f + l]] = ly->dt_bias[fc[f + l]];
+        scan_channels(k, ly, s, N, B, C, ssm, ch, n);
+    }
+    if (ly->out.bias) { /* h is read by nothing between this layer's norm and its out_proj */
+        int lo, hi;
+        slice(d, &lo, &hi);
+        for (int j = lo; j < hi; j++) s->h[j] += ly->out.bias[j];
+    }
+#pragma omp barrier
+    STAGE(st, SB_ST_SCAN);
+    sb_v2_act_set(tb->ao, s->y, 1, q);
+    /* the next layer's in_proj output starts as its bias, x_proj's as zero (their readers are done) */
+    if (i + 1 < I->n_layer) fill_bias_slice(s->xz, m->layers[i + 1].in.bias, 2 * di);
+    fill_bias_slice(s->xdbl, NULL, R + 2 * N);
+    STAGE(st, SB_ST_PREP);
+    sb_linear_vec_part(k, &ly->out, tb->ao, s->h); /* out_proj accumulates into the residual */
+#pragma omp barrier
     STAGE(st, SB_ST_OUT);
 }
 
-/* every thread of the team runs this too */
+/* every thread of the team runs this too (prefill: h holds the position's residual) */
 static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float *logits, double *st) {
 #pragma omp single
     {
@@ -264,18 +393,32 @@ static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float 
     STAGE(st, SB_ST_HEAD);
 }
 
-static void decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logits, int mode) {
+static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logits, int mode) {
     const sb_kernels *k = sb_active_kernels();
-    double *st = sb_decode_stages ? sb_decode_stages + (size_t)m->info.n_layer * SB_NSTAGE : NULL;
+    const sb_info *I = &m->info;
+    double *st = sb_decode_stages ? sb_decode_stages + (size_t)I->n_layer * SB_NSTAGE : NULL;
+    if (grow_team(s, sb_n_threads())) return SB_ERR_NOMEM;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
         STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
+        if (mode) fill_bias_slice(logits, NULL, I->vocab_size);
+        fill_bias_slice(s->xz, m->layers[0].in.bias, 2 * I->d_inner);
+        fill_bias_slice(s->xdbl, NULL, I->dt_rank + 2 * I->d_state);
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
         STAGE(st, SB_ST_EMBED);
-        for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k);
-        if (mode) head_vec(m, s, k, logits, st);
+        for (int i = 0; i < I->n_layer; i++) decode_layer(m, s, i, k);
+        if (mode) {
+            sb_team_buf *tb = &s->tb[sb_thread_id()];
+            rmsnorm_vec(s->h, m->out_norm, m->eps, I->d_model, tb->un);
+            sb_v2_act_set(tb->ad, tb->un, 1, s->quantise);
+            STAGE(st, SB_ST_NORM);
+            sb_linear_vec_part(k, &m->head, tb->ad, logits);
+#pragma omp barrier
+            STAGE(st, SB_ST_HEAD);
+        }
     }
+    return SB_OK;
 }
 
 /* ---------------------------------------------------------------- prefill: T tokens at once */
@@ -432,7 +575,10 @@ int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n,
     }
     if (s->m2) return sb_m2_forward(m, s->m2, tokens, n, logits, mode, err, errlen);
     if (n == 1) {
-        decode_token(m, s, tokens[0], logits, mode);
+        if (decode_token(m, s, tokens[0], logits, mode)) {
+            snprintf(err, errlen, "out of memory allocating the threads' decode buffers");
+            return SB_ERR_NOMEM;
+        }
         return SB_OK;
     }
     for (int t0 = 0; t0 < n; t0 += PREFILL_CHUNK) {
