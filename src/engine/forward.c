@@ -355,11 +355,13 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     for (int ci = 0; ci < ly->dt.w.nclass; ci++)
         for (int b = b0[ci]; b < b1[ci]; b++)
             scan_channels(k, ly, s, N, B, C, ssm, ly->dt.w.cls[ci].index + (size_t)b * SB_V2_B, SB_V2_B);
-    int f0, f1; /* channels no dt_proj row writes: Δ = softplus(bias) */
+    /* the channels no dt_proj row writes (Δ = softplus(bias)), in groups of 16 over the threads: the same
+     * groups whatever the team, since a SIMD op's tail may round differently from its full vectors */
     const int *fc = s->free_ch + s->free_off[i];
-    slice(s->free_off[i + 1] - s->free_off[i], &f0, &f1);
-    for (int f = f0; f < f1; f += SB_V2_B) {
-        int32_t ch[SB_V2_B], n = f1 - f < SB_V2_B ? f1 - f : SB_V2_B;
+    int nf = s->free_off[i + 1] - s->free_off[i], g0, g1;
+    slice((nf + SB_V2_B - 1) / SB_V2_B, &g0, &g1);
+    for (int f = g0 * SB_V2_B; f < g1 * SB_V2_B && f < nf; f += SB_V2_B) {
+        int32_t ch[SB_V2_B], n = nf - f < SB_V2_B ? nf - f : SB_V2_B;
         for (int l = 0; l < n; l++) s->dt[ch[l] = fc[f + l]] = ly->dt_bias[fc[f + l]];
         scan_channels(k, ly, s, N, B, C, ssm, ch, n);
     }
