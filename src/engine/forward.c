@@ -271,9 +271,9 @@ static void fill_bias_slice(float *y, const float *bias, int n) {
 /* softplus, the scan step + D skip and the SiLU(z) gate of up to 16 channels ch[l] (< 0: none), Δ in s->dt */
 static void scan_channels(const sb_kernels *k, const sb_layer *ly, sb_state *s, int N, const float *B, const float *C,
                           float *ssm, const int32_t *ch, int n) {
-    int di = s->m->info.d_inner;
-    if (n == SB_V2_B && ch[0] >= 0 && ch[SB_V2_B - 1] == ch[0] + SB_V2_B - 1) { /* 16 channels in order (a dense layer) */
-        int c0 = ch[0];
+    int di = s->m->info.d_inner, c0 = ch[0], run = c0 >= 0;
+    for (int l = 1; l < n && run; l++) run = ch[l] == c0 + l;
+    if (run) { /* channels in order (a dense layer): in place */
         k->softplus(s->dt + c0, n);
         for (int c = c0; c < c0 + n; c++) {
             float dt = s->dt[c], x = s->xc[c], yc;
@@ -297,8 +297,8 @@ static void scan_channels(const sb_kernels *k, const sb_layer *ly, sb_state *s, 
         if (ch[l] >= 0) s->y[ch[l]] = y[l];
 }
 
-/* Every thread of the team runs this; s->h holds the residual stream. Four waits per layer, each where
- * a step needs what every thread wrote: after in_proj (the conv reads whole channels of xz), after the
+/* Every thread of the team runs this; s->h holds the residual stream. Five waits per layer (there were
+ * nine), each where a step needs what other threads wrote: after in_proj (the conv reads whole channels of xz), after the
  * conv (x_proj reads all of xc), after x_proj (Δr, B and C), after the scan (out_proj reads all of y)
  * and after out_proj (the next norm reads all of h). What every thread needs whole and is cheap (the
  * norm, the activations of in_proj, dt_proj and out_proj) each thread prepares itself; the bias fills

@@ -181,8 +181,8 @@ static void delta(const sb_kernels *k, const sb_m2 *M, const sb_m2_layer *ly, in
 
 /* Stage timing for sb_profile_decode, as forward.c's (engine.h: SB_ST_*): while sb_decode_stages is set
  * the team syncs at the end of each stage and one thread adds the seconds since the previous mark.
- * Mamba-2's stages: norm, in_proj, conv (+ SiLU), prep (Δ: dt bias, softplus, clamp; then the gated norm
- * and out_proj's activations), scan (state step, D skip, SiLU(z) gate), out_proj, and the head's. */
+ * Mamba-2's stages: norm, in_proj, conv (+ SiLU), scan (Δ: dt bias, softplus, clamp; the state step, D
+ * skip, SiLU(z) gate), prep (the gated norm and out_proj's activations), out_proj, and the head's. */
 static double g_stage_t;
 
 static void stage_mark(double *st, int stage) {
@@ -213,7 +213,7 @@ static void fill_bias_slice(float *y, const float *bias, int n) {
     if (hi > lo) fill_bias(y + lo, bias ? bias + lo : NULL, hi - lo);
 }
 
-/* Every thread of the team runs this. Four waits per layer, as forward.c's: after ssm_in, after the conv
+/* Every thread of the team runs this. Four waits per layer (there were seven), as forward.c's: after ssm_in, after the conv
  * (a head's scan reads its group's B and C, which other threads' chunks wrote), after the scan (the group
  * norm reads whole groups) and after ssm_out. The norms and the activations every thread needs whole,
  * each thread prepares itself; Δ of a head is computed where its scan runs. */
