@@ -7,8 +7,9 @@
  *
  * Every matrix product reads activations prepared once per product (sb_v2_act_set: zero-padded to
  * whole chunks, and for int8 quantised per chunk), shared by every class and thread. Threads: one
- * parallel region per token (decode) or per prefill chunk; the serial steps run in `omp single`, the
- * per-channel loops in `omp for`, the products split by threads.c — the whole team calls every step. */
+ * parallel region per token (decode) or per prefill chunk; the whole team calls every step. Prefill runs
+ * its serial steps in `omp single`, its per-channel loops in `omp for`, the products split by threads.c;
+ * decode waits only where a step reads what other threads wrote (decode_layer). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

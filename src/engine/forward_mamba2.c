@@ -8,8 +8,9 @@
  * time_step_limit clamp one; the state step + D skip + SiLU(z) gate one per head; the group RMSNorm
  * scales y as the activations of ssm_out are prepared; ssm_out accumulates into the residual.
  *
- * Threads: one parallel region per token or chunk, as forward.c: serial steps in `omp single`,
- * per-channel and per-head loops in `omp for`, the products split by threads.c. */
+ * Threads: one parallel region per token or chunk, as forward.c: prefill's serial steps in `omp single`,
+ * per-channel and per-head loops in `omp for`, the products split by threads.c; decode waits only where
+ * a step reads what other threads wrote (decode_layer). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
