@@ -340,12 +340,13 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     STAGE(st, SB_ST_X);
     sb_v2_act_set(tb->ar, s->xdbl, 1, q); /* Δr: the first R outputs of ssm_x */
     STAGE(st, SB_ST_PREP);
-    /* dt_proj, then softplus + scan + gate of the channels this thread's rows wrote: a row's scan weighs
-     * about as much as reading 12 N bytes (A, the state read and written) */
+    /* dt_proj, then softplus + scan + gate of the channels this thread's rows wrote. A row's scan weighs
+     * as reading 18 N bytes: ~31 ns a channel on the 370M shape (N = 16), one thread, where dt_proj read
+     * ~9.5 GB/s (bench --stages) */
     const float *B = s->xdbl + R, *C = s->xdbl + R + N;
     float *ssm = s->ssm + (size_t)i * di * N;
     int b0[4], b1[4];
-    sb_vec_share(&ly->dt, (size_t)SB_V2_B * 12 * N, b0, b1);
+    sb_vec_share(&ly->dt, (size_t)SB_V2_B * 18 * N, b0, b1);
     for (int ci = 0; ci < ly->dt.w.nclass; ci++) {
         const sb_v2_class *c = &ly->dt.w.cls[ci];
         for (int r = b0[ci] * SB_V2_B; r < b1[ci] * SB_V2_B; r++)
