@@ -179,19 +179,45 @@ def decode_in_subprocess(jobs: dict, threads: int) -> dict:
     return dict(np.load(out))
 
 
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """{(name, dtype): gguf path}: dense random models of two odd configs (biases; d_inner 72 and 54, not
+    multiples of 16) and the embedded model, where dt_proj's rows are the channels in order"""
+    from sparsamba.model.hf import save_model
+    from sparsamba.model.mamba1 import Mamba1Config, Mamba1LM
+
+    root = tmp_path_factory.mktemp("dense")
+    dirs = {"embedded": EMBEDDED}
+    for i, name in enumerate(("d24", "d18")):
+        torch.manual_seed(40 + i)
+        m = Mamba1LM(Mamba1Config(vocab_size=61, num_hidden_layers=2, **CONFIGS[name]))
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.ndim == 1:
+                    p.add_(0.3 * torch.randn_like(p))
+        dirs[name] = save_model(m, root / name)
+    return {
+        (name, dtype): compile_model(d, root / f"{name}-{dtype}.gguf", dtype=dtype).path
+        for name, d in dirs.items()
+        for dtype in ("f32", "int8")
+    }
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_decode_schedule_on_every_model(compiled, threads):
+def test_decode_schedule_on_every_model(compiled, dense, threads):
     """Decode's schedule with every product split over 1, 2 and 3 threads: each thread prepares its own
-    activations, fills its slice of the next product's bias, runs the conv on its chunks of channels and
-    the scan of the dt_proj rows it computed (and its share of the channels no dt_proj row writes, rows
-    of n = 4). On the random models (biases, removed rows, d_inner not a multiple of 16 or 64) and the
-    pruned embedded one, in every dtype: the logits of plan_forward (f32 within 1e-4; the others within
-    the stated bounds of their rounding), and the 1-thread decode's bits (a row is one thread's, whole)."""
+    activations, fills its slice of the next products' biases, runs the conv on its chunks of channels;
+    a dense dt_proj's rows and their channels' scan are one thread's with no wait between, a pruned one's
+    scan waits and runs in channel order. On the pruned random models (biases, removed rows, d_inner not
+    a multiple of 16 or 64) and embedded one in every dtype, and dense ones: plan_forward's logits within
+    1e-4, and the 1-thread decode's bits (a row is one thread's, whole)."""
     jobs = {}
     for name in [*CONFIGS, "embedded-pruned"]:
         for dtype in ("f32", "f16", "int8"):
             path, _ = compiled[name, dtype]
             jobs[f"{name}-{dtype}"] = (path, ids_for(Engine(path, threads=1).info.vocab_size, 9, seed=4))
+    for (name, dtype), path in dense.items():
+        jobs[f"dense-{name}-{dtype}"] = (path, ids_for(Engine(path, threads=1).info.vocab_size, 9, seed=4))
     got = decode_in_subprocess(jobs, threads)
     for key, (path, ids) in jobs.items():
         same = plan_forward(read_packed(path), torch.tensor(ids)).numpy()

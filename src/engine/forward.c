@@ -43,9 +43,7 @@ struct sb_state {
      * instead of waiting for one thread to (grown to the team on each forward) */
     int nteam;
     sb_team_buf *tb;
-    /* per layer, the channels no dt_proj row writes (rows of n = 4): their Δ is the bias alone, and their
-     * scan still runs. Layer i's are free_ch[free_off[i] .. free_off[i + 1]). */
-    int *free_ch, *free_off;
+    unsigned char *dt_in_order; /* per layer: dt_proj one class whose row r is channel r, every row kept */
 };
 
 /* ---------------------------------------------------------------- small ops */
@@ -83,7 +81,7 @@ void sb_state_free(sb_state *s) {
         free(s->tb[t].un);
         sb_v2_acts_free(s->tb[t].ad), sb_v2_acts_free(s->tb[t].ar), sb_v2_acts_free(s->tb[t].ao);
     }
-    free(s->tb), free(s->free_ch), free(s->free_off);
+    free(s->tb), free(s->dt_in_order);
     free(s);
 }
 
@@ -97,19 +95,12 @@ void sb_state_reset(sb_state *s) {
     memset(s->ssm, 0, sizeof(float) * (size_t)I->n_layer * I->d_inner * I->d_state);
 }
 
-/* the channels (of di) that no row of dt_proj writes, into out (when not NULL); their count */
-static int dt_free_channels(const sb_linear *dt, int di, unsigned char *seen, int *out) {
-    memset(seen, 0, (size_t)di);
-    for (int ci = 0; ci < dt->w.nclass; ci++)
-        for (int r = 0; r < dt->w.cls[ci].nblocks * SB_V2_B; r++)
-            if (dt->w.cls[ci].index[r] >= 0) seen[dt->w.cls[ci].index[r]] = 1;
-    int n = 0;
-    for (int c = 0; c < di; c++)
-        if (!seen[c]) {
-            if (out) out[n] = c;
-            n++;
-        }
-    return n;
+/* whether dt_proj is one class whose row r writes channel r, for every channel (a dense layer) */
+static int rows_in_order(const sb_linear *lin) {
+    if (lin->w.nclass != 1 || lin->w.cls[0].rows != lin->out) return 0;
+    for (int r = 0; r < lin->out; r++)
+        if (lin->w.cls[0].index[r] != r) return 0;
+    return 1;
 }
 
 /* each thread's decode buffers (sb_team_buf) for a team of nt */
@@ -156,16 +147,10 @@ int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen) {
     s->dt = calloc((size_t)pad16(di), sizeof(float));
     s->y = calloc((size_t)pad16(di), sizeof(float));
     s->ad = sb_v2_acts_new(d, 1), s->adi = sb_v2_acts_new(di, 1), s->ar = sb_v2_acts_new(R, 1);
-    s->free_off = calloc((size_t)I->n_layer + 1, sizeof(int));
-    unsigned char *seen = malloc((size_t)di);
-    for (int i = 0; seen && s->free_off && i < I->n_layer; i++) /* count, then fill */
-        s->free_off[i + 1] = s->free_off[i] + dt_free_channels(&m->layers[i].dt, di, seen, NULL);
-    s->free_ch = malloc(sizeof(int) * (size_t)(s->free_off && s->free_off[I->n_layer] ? s->free_off[I->n_layer] : 1));
-    for (int i = 0; seen && s->free_off && s->free_ch && i < I->n_layer; i++)
-        dt_free_channels(&m->layers[i].dt, di, seen, s->free_ch + s->free_off[i]);
-    free(seen);
+    s->dt_in_order = malloc((size_t)I->n_layer);
+    for (int i = 0; s->dt_in_order && i < I->n_layer; i++) s->dt_in_order[i] = (unsigned char)rows_in_order(&m->layers[i].dt);
     if (!s->conv || !s->ssm || !s->h || !s->un || !s->xz || !s->xc || !s->xdbl || !s->dt || !s->y || !s->ad ||
-        !s->adi || !s->ar || !s->free_off || !s->free_ch)
+        !s->adi || !s->ar || !s->dt_in_order)
         goto oom;
     *out = s;
     return SB_OK;
@@ -269,42 +254,27 @@ static void fill_bias_slice(float *y, const float *bias, int n) {
     if (hi > lo) fill_bias(y + lo, bias ? bias + lo : NULL, hi - lo);
 }
 
-/* softplus, the scan step + D skip and the SiLU(z) gate of up to 16 channels ch[l] (< 0: none), Δ in s->dt */
-static void scan_channels(const sb_kernels *k, const sb_layer *ly, sb_state *s, int N, const float *B, const float *C,
-                          float *ssm, const int32_t *ch, int n) {
-    int di = s->m->info.d_inner, c0 = ch[0], run = c0 >= 0;
-    for (int l = 1; l < n && run; l++) run = ch[l] == c0 + l;
-    if (run) { /* channels in order (a dense layer): in place */
-        k->softplus(s->dt + c0, n);
-        for (int c = c0; c < c0 + n; c++) {
-            float dt = s->dt[c], x = s->xc[c], yc;
-            k->scan_step(N, ly->A + (size_t)c * N, dt, dt * x, B, C, ssm + (size_t)c * N, &yc);
-            s->y[c] = yc + ly->D[c] * x;
-        }
-        k->mul_silu(s->y + c0, s->xz + di + c0, n);
-        return;
+/* softplus, the scan step + D skip and the SiLU(z) gate of the channels [c0, c1), Δ in s->dt */
+static void scan_range(const sb_kernels *k, const sb_layer *ly, sb_state *s, int N, const float *B, const float *C,
+                       float *ssm, int c0, int c1) {
+    int di = s->m->info.d_inner;
+    k->softplus(s->dt + c0, c1 - c0);
+    for (int c = c0; c < c1; c++) {
+        float dt = s->dt[c], x = s->xc[c], yc;
+        k->scan_step(N, ly->A + (size_t)c * N, dt, dt * x, B, C, ssm + (size_t)c * N, &yc);
+        s->y[c] = yc + ly->D[c] * x;
     }
-    float dt[16], y[16], z[16];
-    for (int l = 0; l < n; l++) dt[l] = ch[l] >= 0 ? s->dt[ch[l]] : 0.0f;
-    k->softplus(dt, n);
-    for (int l = 0; l < n; l++) {
-        int c = ch[l] >= 0 ? ch[l] : 0;
-        float x = s->xc[c], yc = 0.0f;
-        if (ch[l] >= 0) k->scan_step(N, ly->A + (size_t)c * N, dt[l], dt[l] * x, B, C, ssm + (size_t)c * N, &yc);
-        y[l] = yc + ly->D[c] * x, z[l] = s->xz[di + c];
-    }
-    k->mul_silu(y, z, n);
-    for (int l = 0; l < n; l++)
-        if (ch[l] >= 0) s->y[ch[l]] = y[l];
+    k->mul_silu(s->y + c0, s->xz + di + c0, c1 - c0); /* the SiLU(z) gate */
 }
 
-/* Every thread of the team runs this; s->h holds the residual stream. Five waits per layer (there were
- * nine), each where a step needs what other threads wrote: after in_proj (the conv reads whole channels of xz), after the
- * conv (x_proj reads all of xc), after x_proj (Δr, B and C), after the scan (out_proj reads all of y)
- * and after out_proj (the next norm reads all of h). What every thread needs whole and is cheap (the
- * norm, the activations of in_proj, dt_proj and out_proj) each thread prepares itself; the bias fills
- * and zeroing of a product's output run one stage early, in slices, ordered by a wait that is there
- * anyway; dt_proj and the scan are one pass per thread over the rows it computed (no wait between). */
+/* Every thread of the team runs this; s->h holds the residual stream. It waits only where a step reads
+ * what other threads wrote: after in_proj (the conv reads whole channels of xz), after the conv (x_proj
+ * reads all of xc), after x_proj (Δr, B and C), after dt_proj when its rows are not the channels in
+ * order (a pruned dt_proj: the scan runs in channel order), after the scan (out_proj reads all of y)
+ * and after out_proj (the next norm reads all of h): five or six waits where there were nine. What
+ * every thread needs whole and is cheap (the norm, the activations of in_proj, dt_proj and out_proj)
+ * each thread prepares itself; the bias fills and zeroing of a product's output run one stage early,
+ * in slices, ordered by a wait that is there anyway. */
 static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels *k) {
     const sb_info *I = &m->info;
     double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
@@ -340,32 +310,22 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     STAGE(st, SB_ST_X);
     sb_v2_act_set(tb->ar, s->xdbl, 1, q); /* Δr: the first R outputs of ssm_x */
     STAGE(st, SB_ST_PREP);
-    /* dt_proj, then softplus + scan + gate of the channels this thread's rows wrote. A row's scan weighs
-     * as reading 18 N bytes: ~31 ns a channel on the 370M shape (N = 16), one thread, where dt_proj read
-     * ~9.5 GB/s (bench --stages) */
     const float *B = s->xdbl + R, *C = s->xdbl + R + N;
     float *ssm = s->ssm + (size_t)i * di * N;
-    int b0[4], b1[4];
-    sb_vec_share(&ly->dt, (size_t)SB_V2_B * 18 * N, b0, b1);
-    for (int ci = 0; ci < ly->dt.w.nclass; ci++) {
-        const sb_v2_class *c = &ly->dt.w.cls[ci];
-        for (int r = b0[ci] * SB_V2_B; r < b1[ci] * SB_V2_B; r++)
-            if (c->index[r] >= 0) s->dt[c->index[r]] = ly->dt_bias[c->index[r]];
-        if (b0[ci] < b1[ci]) k->gemv(c, tb->ar, s->dt, b0[ci], b1[ci]);
-    }
-    STAGE(st, SB_ST_DT);
-    for (int ci = 0; ci < ly->dt.w.nclass; ci++)
-        for (int b = b0[ci]; b < b1[ci]; b++)
-            scan_channels(k, ly, s, N, B, C, ssm, ly->dt.w.cls[ci].index + (size_t)b * SB_V2_B, SB_V2_B);
-    /* the channels no dt_proj row writes (Δ = softplus(bias)), in groups of 16 over the threads: the same
-     * groups whatever the team, since a SIMD op's tail may round differently from its full vectors */
-    const int *fc = s->free_ch + s->free_off[i];
-    int nf = s->free_off[i + 1] - s->free_off[i], g0, g1;
-    slice((nf + SB_V2_B - 1) / SB_V2_B, &g0, &g1);
-    for (int f = g0 * SB_V2_B; f < g1 * SB_V2_B && f < nf; f += SB_V2_B) {
-        int32_t ch[SB_V2_B], n = nf - f < SB_V2_B ? nf - f : SB_V2_B;
-        for (int l = 0; l < n; l++) s->dt[ch[l] = fc[f + l]] = ly->dt_bias[fc[f + l]];
-        scan_channels(k, ly, s, N, B, C, ssm, ch, n);
+    if (s->dt_in_order[i]) { /* dt_proj's rows are the channels in order: each thread scans its rows' channels */
+        int b0[4], b1[4];
+        sb_vec_share(&ly->dt, b0, b1);
+        if (b0[0] < b1[0]) k->gemv(&ly->dt.w.cls[0], tb->ar, s->dt, b0[0], b1[0]);
+        STAGE(st, SB_ST_DT);
+        for (int b = b0[0]; b < b1[0]; b++) /* blocks of 16: the same SIMD tails whatever the team */
+            scan_range(k, ly, s, N, B, C, ssm, b * SB_V2_B, (b + 1) * SB_V2_B < di ? (b + 1) * SB_V2_B : di);
+    } else { /* rows of several classes, or removed: the scan in channel order, after a wait (in class order,
+              * with gaps, it took 1.7x as long: the 370M shape at 50%, 1 thread) */
+        sb_linear_vec_part(k, &ly->dt, tb->ar, s->dt);
+#pragma omp barrier
+        STAGE(st, SB_ST_DT);
+#pragma omp for schedule(static) nowait
+        for (int c0 = 0; c0 < di; c0 += 64) scan_range(k, ly, s, N, B, C, ssm, c0, c0 + 64 < di ? c0 + 64 : di);
     }
     if (ly->out.bias) { /* h is read by nothing between this layer's norm and its out_proj */
         int lo, hi;
@@ -376,7 +336,10 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     STAGE(st, SB_ST_SCAN);
     sb_v2_act_set(tb->ao, s->y, 1, q);
     /* the next layer's in_proj output starts as its bias, x_proj's as zero (their readers are done) */
-    if (i + 1 < I->n_layer) fill_bias_slice(s->xz, m->layers[i + 1].in.bias, 2 * di);
+    if (i + 1 < I->n_layer) {
+        fill_bias_slice(s->xz, m->layers[i + 1].in.bias, 2 * di);
+        fill_bias_slice(s->dt, m->layers[i + 1].dt_bias, di);
+    }
     fill_bias_slice(s->xdbl, NULL, R + 2 * N);
     STAGE(st, SB_ST_PREP);
     sb_linear_vec_part(k, &ly->out, tb->ao, s->h); /* out_proj accumulates into the residual */
@@ -407,6 +370,7 @@ static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logi
         STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
         if (mode) fill_bias_slice(logits, NULL, I->vocab_size);
         fill_bias_slice(s->xz, m->layers[0].in.bias, 2 * I->d_inner);
+        fill_bias_slice(s->dt, m->layers[0].dt_bias, I->d_inner);
         fill_bias_slice(s->xdbl, NULL, I->dt_rank + 2 * I->d_state);
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);

@@ -89,10 +89,9 @@ static int first_block_at(const sb_v2_class *c, size_t off, size_t bb, size_t at
  * (n ascending) are one stream of bytes, and each thread takes the blocks that start in its contiguous
  * 1/nt of those bytes: a class of n = 3 costs a quarter of a dense one per block, so an even split of
  * each class's blocks (what this did before) left one thread every class's odd block, and a small
- * layer with a few blocks per class badly unbalanced. `extra` bytes are added to every block's weight:
- * the cost of a per-row step the caller fuses after the product (forward.c: dt_proj's scan). A product
- * under the size floor is thread 0's alone, so that what follows it on the same thread needs no wait. */
-void sb_vec_share(const sb_linear *lin, size_t extra, int *b0, int *b1) {
+ * layer with a few blocks per class badly unbalanced. A product under the size floor is thread 0's
+ * alone, so that what follows it on the same thread needs no wait (forward.c: dt_proj's scan). */
+void sb_vec_share(const sb_linear *lin, int *b0, int *b1) {
     int nt = sb_team_size(), id = sb_thread_id();
     const sb_v2_matrix *w = &lin->w;
     if (nt == 1 || lin->bytes < min_split_bytes()) {
@@ -100,7 +99,7 @@ void sb_vec_share(const sb_linear *lin, size_t extra, int *b0, int *b1) {
         return;
     }
     size_t bb[4], total = 0;
-    for (int ci = 0; ci < w->nclass; ci++) total += (bb[ci] = block_bytes(&w->cls[ci]) + extra) * (size_t)w->cls[ci].nblocks;
+    for (int ci = 0; ci < w->nclass; ci++) total += (bb[ci] = block_bytes(&w->cls[ci])) * (size_t)w->cls[ci].nblocks;
     /* [lo, hi): this thread's bytes; thread id + 1's lo is this hi */
     size_t lo = total / nt * id + total % nt * id / nt, hi = total / nt * (id + 1) + total % nt * (id + 1) / nt;
     size_t off = 0;
@@ -115,7 +114,7 @@ void sb_vec_share(const sb_linear *lin, size_t extra, int *b0, int *b1) {
  * outputs, and so do the threads). The caller syncs before anything reads y. */
 void sb_linear_vec_part(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y) {
     int b0[4], b1[4];
-    sb_vec_share(lin, 0, b0, b1);
+    sb_vec_share(lin, b0, b1);
     for (int ci = 0; ci < lin->w.nclass; ci++)
         if (b0[ci] < b1[ci]) k->gemv(&lin->w.cls[ci], a, y, b0[ci], b1[ci]);
 }
