@@ -5,6 +5,7 @@ kernel family, decode vs prefill, threads, greedy tokens, and the errors of bad 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -158,6 +159,71 @@ def test_products_split_by_bytes_over_classes_keep_every_row(compiled, dtype):
     assert p.returncode == 0, p.stderr[-2000:]
     one = Engine(path, threads=1)
     assert max_rel(np.load(out), np.stack([one.decode(t) for t in ids])) <= 1e-6
+
+
+def decode_in_subprocess(jobs: dict, threads: int) -> dict:
+    """{key: (gguf path, ids)} decoded token by token with ``threads`` threads and every product split
+    (SPARSAMBA_MIN_SPLIT_BYTES=0 is read once per process): {key: logits (n, vocab)}."""
+    code = (
+        "import sys, json, numpy as np; from sparsamba.runtime.engine import Engine\n"
+        "jobs = json.loads(sys.argv[2]); out = {}\n"
+        "for key, (path, ids) in jobs.items():\n"
+        f"    e = Engine(path, threads={threads}); out[key] = np.stack([e.decode(t) for t in ids])\n"
+        "np.savez(sys.argv[1], **out)"
+    )
+    out = Path(tempfile.mkdtemp()) / "logits.npz"
+    env = {**os.environ, "SPARSAMBA_MIN_SPLIT_BYTES": "0"}
+    args = [sys.executable, "-c", code, str(out), json.dumps({k: [str(p), i] for k, (p, i) in jobs.items()})]
+    p = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """{(name, dtype): gguf path}: dense random models of two odd configs (biases; d_inner 72 and 54, not
+    multiples of 16) and the embedded model, where dt_proj's rows are the channels in order"""
+    from sparsamba.model.hf import save_model
+    from sparsamba.model.mamba1 import Mamba1Config, Mamba1LM
+
+    root = tmp_path_factory.mktemp("dense")
+    dirs = {"embedded": EMBEDDED}
+    for i, name in enumerate(("d24", "d18")):
+        torch.manual_seed(40 + i)
+        m = Mamba1LM(Mamba1Config(vocab_size=61, num_hidden_layers=2, **CONFIGS[name]))
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.ndim == 1:
+                    p.add_(0.3 * torch.randn_like(p))
+        dirs[name] = save_model(m, root / name)
+    return {
+        (name, dtype): compile_model(d, root / f"{name}-{dtype}.gguf", dtype=dtype).path
+        for name, d in dirs.items()
+        for dtype in ("f32", "int8")
+    }
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_schedule_on_every_model(compiled, dense, threads):
+    """Decode's schedule with every product split over 1, 2 and 3 threads: each thread prepares its own
+    activations, fills its slice of the next products' biases, runs the conv on its chunks of channels;
+    a dense dt_proj's rows and their channels' scan are one thread's with no wait between, a pruned one's
+    scan waits and runs in channel order. On the pruned random models (biases, removed rows, d_inner not
+    a multiple of 16 or 64) and embedded one in every dtype, and dense ones: plan_forward's logits within
+    1e-4, and the 1-thread decode's bits (a row is one thread's, whole)."""
+    jobs = {}
+    for name in [*CONFIGS, "embedded-pruned"]:
+        for dtype in ("f32", "f16", "int8"):
+            path, _ = compiled[name, dtype]
+            jobs[f"{name}-{dtype}"] = (path, ids_for(Engine(path, threads=1).info.vocab_size, 9, seed=4))
+    for (name, dtype), path in dense.items():
+        jobs[f"dense-{name}-{dtype}"] = (path, ids_for(Engine(path, threads=1).info.vocab_size, 9, seed=4))
+    got = decode_in_subprocess(jobs, threads)
+    for key, (path, ids) in jobs.items():
+        same = plan_forward(read_packed(path), torch.tensor(ids)).numpy()
+        assert max_rel(got[key], same) <= SAME_WEIGHTS, key
+        one = Engine(path, threads=1)
+        assert np.array_equal(got[key], np.stack([one.decode(t) for t in ids])), key
 
 
 def test_greedy_tokens_equal_the_reference_on_the_embedded_model(tmp_path):

@@ -8,6 +8,10 @@ configs the compiler refuses. (OpenCL: tests/test_engine_opencl.py; NEON: tests/
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +128,42 @@ def test_decode_equals_prefill_and_threads_agree(compiled, name, isa):
     two = Engine(path, threads=2)
     assert two.threads == 2
     assert np.array_equal(two.logits(ids), full), "2 threads must give the 1-thread logits exactly"
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_decode_schedule_with_every_product_split(compiled, threads):
+    """Decode with every product split (SPARSAMBA_MIN_SPLIT_BYTES=0, read once per process, so in a
+    subprocess) over 2 and 3 threads: each thread prepares its own norms and activations and fills its
+    slice of the next ssm_in's bias; the heads (and their Δ) are split over the team. Every config,
+    dense and pruned, every dtype: plan_forward's logits (within 1e-4) and the 1-thread decode's bits."""
+    jobs = {}
+    for name in CONFIGS:
+        for pruned in (False, True):
+            for dtype in ("f32", "f16", "int8"):
+                path = compiled[name, pruned, dtype][0]
+                jobs[f"{name}-{pruned}-{dtype}"] = (
+                    str(path),
+                    ids_for(Engine(path, threads=1).info.vocab_size, 7, 6),
+                )
+    code = (
+        "import sys, json, numpy as np; from sparsamba.runtime.engine import Engine\n"
+        "out = {}\n"
+        "for key, (path, ids) in json.loads(sys.argv[2]).items():\n"
+        f"    e = Engine(path, threads={threads}); out[key] = np.stack([e.decode(t) for t in ids])\n"
+        "np.savez(sys.argv[1], **out)"
+    )
+    out = Path(tempfile.mkdtemp()) / "logits.npz"
+    env = {**os.environ, "SPARSAMBA_MIN_SPLIT_BYTES": "0"}
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(out), json.dumps(jobs)], capture_output=True, text=True, env=env
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = dict(np.load(out))
+    for key, (path, ids) in jobs.items():
+        same = plan_forward(read_packed(path), torch.tensor(ids)).numpy()
+        assert rel_err(got[key], same)[0] <= SAME_WEIGHTS, key
+        one = Engine(path, threads=1)
+        assert np.array_equal(got[key], np.stack([one.decode(t) for t in ids])), key
 
 
 def test_greedy_generation_matches_the_torch_reference(compiled):

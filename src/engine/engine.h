@@ -92,6 +92,14 @@ int sb_check_forward(const sb_model *m, const int32_t *tokens, int32_t n, const 
 int sb_n_threads(void);
 void sb_linear_vec(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y);
 void sb_linear_mat(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *act, int T, float *Y, int ldy);
+/* Decode inside a parallel region, with no wait (the forward places its barriers): sb_vec_share gives the
+ * calling thread's blocks [b0[ci], b1[ci]) of each class (the split of sb_linear_vec; a product under the
+ * size floor all thread 0's); sb_linear_vec_part runs that share. */
+void sb_vec_share(const sb_linear *lin, int *b0, int *b1);
+void sb_linear_vec_part(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y);
+/* the calling thread's number and its team's size (0 and 1 outside a parallel region) */
+int sb_thread_id(void);
+int sb_team_size(void);
 /* Decode stage timing (profile.c's sb_profile_decode, forward.c's marks): while sb_decode_stages points
  * at (n_layer + 1) * SB_NSTAGE doubles, each decode step adds the seconds of stage s of block i to
  * [i * SB_NSTAGE + s]; row n_layer holds the embedding lookup, the final norm and the head. */

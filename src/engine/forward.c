@@ -7,8 +7,9 @@
  *
  * Every matrix product reads activations prepared once per product (sb_v2_act_set: zero-padded to
  * whole chunks, and for int8 quantised per chunk), shared by every class and thread. Threads: one
- * parallel region per token (decode) or per prefill chunk; the serial steps run in `omp single`, the
- * per-channel loops in `omp for`, the products split by threads.c — the whole team calls every step. */
+ * parallel region per token (decode) or per prefill chunk; the whole team calls every step. Prefill runs
+ * its serial steps in `omp single`, its per-channel loops in `omp for`, the products split by threads.c;
+ * decode waits only where a step reads what other threads wrote (decode_layer). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +21,11 @@
 #define PREFILL_CHUNK 256 /* longer prompts run in chunks: bounded scratch, state carried */
 
 static int pad16(int n) { return (n + 15) / 16 * 16 + 16; }
+
+typedef struct {
+    float *un;                /* (d) the normed residual */
+    sb_v2_act *ad, *ar, *ao;  /* activations of in_proj / the head (d), dt_proj (R), out_proj (di) */
+} sb_team_buf;
 
 struct sb_state {
     const sb_model *m;
@@ -33,6 +39,11 @@ struct sb_state {
     float *XQ;                /* int8: a product's input quantised, channel-major (max(d, di), cap) */
     sb_v2_act *Ad, *Adi, *Ar; /* one each: the products read the channel-major activations (act[0].cm) */
     sb_m2_state *m2;          /* a Mamba-2 model's state (forward_mamba2.c); the fields above stay NULL */
+    /* decode: each thread's own copies of what every thread reads whole, so that it prepares them itself
+     * instead of waiting for one thread to (grown to the team on each forward) */
+    int nteam;
+    sb_team_buf *tb;
+    unsigned char *dt_in_order; /* per layer: dt_proj one class whose row r is channel r, every row kept */
 };
 
 /* ---------------------------------------------------------------- small ops */
@@ -66,6 +77,11 @@ void sb_state_free(sb_state *s) {
     float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->xz, s->xc, s->xdbl, s->dt, s->y};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     sb_v2_acts_free(s->ad), sb_v2_acts_free(s->adi), sb_v2_acts_free(s->ar);
+    for (int t = 0; t < s->nteam; t++) {
+        free(s->tb[t].un);
+        sb_v2_acts_free(s->tb[t].ad), sb_v2_acts_free(s->tb[t].ar), sb_v2_acts_free(s->tb[t].ao);
+    }
+    free(s->tb), free(s->dt_in_order);
     free(s);
 }
 
@@ -77,6 +93,34 @@ void sb_state_reset(sb_state *s) {
     const sb_info *I = &s->m->info;
     memset(s->conv, 0, sizeof(float) * (size_t)I->n_layer * I->d_inner * (I->d_conv - 1 ? I->d_conv - 1 : 1));
     memset(s->ssm, 0, sizeof(float) * (size_t)I->n_layer * I->d_inner * I->d_state);
+}
+
+/* whether dt_proj is one class whose row r writes channel r, for every channel (a dense layer) */
+static int rows_in_order(const sb_linear *lin) {
+    if (lin->w.nclass != 1 || lin->w.cls[0].rows != lin->out) return 0;
+    for (int r = 0; r < lin->out; r++)
+        if (lin->w.cls[0].index[r] != r) return 0;
+    return 1;
+}
+
+/* each thread's decode buffers (sb_team_buf) for a team of nt */
+static int grow_team(sb_state *s, int nt) {
+    if (nt <= s->nteam) return SB_OK;
+    const sb_info *I = &s->m->info;
+    sb_team_buf *tb = realloc(s->tb, sizeof *tb * (size_t)nt);
+    if (!tb) return SB_ERR_NOMEM;
+    s->tb = tb;
+    for (; s->nteam < nt; s->nteam++) {
+        sb_team_buf *b = &tb[s->nteam];
+        b->un = aligned_alloc(64, sizeof(float) * (size_t)pad16(I->d_model)); /* a multiple of 64 bytes */
+        b->ad = sb_v2_acts_new(I->d_model, 1), b->ar = sb_v2_acts_new(I->dt_rank, 1);
+        b->ao = sb_v2_acts_new(I->d_inner, 1);
+        if (!b->un || !b->ad || !b->ar || !b->ao) {
+            free(b->un), sb_v2_acts_free(b->ad), sb_v2_acts_free(b->ar), sb_v2_acts_free(b->ao);
+            return SB_ERR_NOMEM;
+        }
+    }
+    return SB_OK;
 }
 
 int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen) {
@@ -103,8 +147,10 @@ int sb_state_new(const sb_model *m, sb_state **out, char *err, size_t errlen) {
     s->dt = calloc((size_t)pad16(di), sizeof(float));
     s->y = calloc((size_t)pad16(di), sizeof(float));
     s->ad = sb_v2_acts_new(d, 1), s->adi = sb_v2_acts_new(di, 1), s->ar = sb_v2_acts_new(R, 1);
+    s->dt_in_order = malloc((size_t)I->n_layer);
+    for (int i = 0; s->dt_in_order && i < I->n_layer; i++) s->dt_in_order[i] = (unsigned char)rows_in_order(&m->layers[i].dt);
     if (!s->conv || !s->ssm || !s->h || !s->un || !s->xz || !s->xc || !s->xdbl || !s->dt || !s->y || !s->ad ||
-        !s->adi || !s->ar)
+        !s->adi || !s->ar || !s->dt_in_order)
         goto oom;
     *out = s;
     return SB_OK;
@@ -185,73 +231,125 @@ static void rmsnorm_vec(const float *h, const float *w, float eps, int d, float 
     for (int j = 0; j < d; j++) out[j] = h[j] * r * (w ? w[j] : 1.0f);
 }
 
-/* every thread of the team runs this; s->h holds the residual stream */
+/* the chunks [ch0, ch1) of activations a set from x (x[j] for j in those chunks), quantised as sb_v2_act_set
+ * quantises them: each chunk's scale is its own, so threads may prepare disjoint chunks of one a */
+static void act_chunks(sb_v2_act *a, const float *x, int q, int ch0, int ch1) {
+    int j0 = ch0 * SB_V2_CHUNK, j1 = ch1 * SB_V2_CHUNK < a->K ? ch1 * SB_V2_CHUNK : a->K;
+    if (j1 <= j0) return;
+    sb_v2_act v = {.K = j1 - j0, .nchunk = ch1 - ch0, .x = a->x + j0, .xq = a->xq + j0, .xs = a->xs + ch0,
+                   .xt = a->xt + (size_t)2 * j0};
+    sb_v2_act_set(&v, x + j0, 1, q); /* past K the chunk's padding stays zero (sb_v2_act_bind) */
+}
+
+/* [n * id / nt, n * (id + 1) / nt): this thread's slice of n items */
+static void slice(int n, int *lo, int *hi) {
+    int nt = sb_team_size(), id = sb_thread_id();
+    *lo = (int)((long)n * id / nt), *hi = (int)((long)n * (id + 1) / nt);
+}
+
+/* y[j] = bias[j] (or 0) over this thread's slice of n */
+static void fill_bias_slice(float *y, const float *bias, int n) {
+    int lo, hi;
+    slice(n, &lo, &hi);
+    if (hi > lo) fill_bias(y + lo, bias ? bias + lo : NULL, hi - lo);
+}
+
+/* softplus, the scan step + D skip and the SiLU(z) gate of the channels [c0, c1), Δ in s->dt */
+static void scan_range(const sb_kernels *k, const sb_layer *ly, sb_state *s, int N, const float *B, const float *C,
+                       float *ssm, int c0, int c1) {
+    int di = s->m->info.d_inner;
+    k->softplus(s->dt + c0, c1 - c0);
+    for (int c = c0; c < c1; c++) {
+        float dt = s->dt[c], x = s->xc[c], yc;
+        k->scan_step(N, ly->A + (size_t)c * N, dt, dt * x, B, C, ssm + (size_t)c * N, &yc);
+        s->y[c] = yc + ly->D[c] * x;
+    }
+    k->mul_silu(s->y + c0, s->xz + di + c0, c1 - c0); /* the SiLU(z) gate */
+}
+
+/* Every thread of the team runs this; s->h holds the residual stream. It waits only where a step reads
+ * what other threads wrote: after in_proj (the conv reads whole channels of xz), after the conv (x_proj
+ * reads all of xc), after x_proj (Δr, B and C), after dt_proj when its rows are not the channels in
+ * order (a pruned dt_proj: the scan runs in channel order), after the scan (out_proj reads all of y)
+ * and after out_proj (the next norm reads all of h): five or six waits where there were nine. What
+ * every thread needs whole and is cheap (the norm, the activations of in_proj, dt_proj and out_proj)
+ * each thread prepares itself; the bias fills and zeroing of a product's output run one stage early,
+ * in slices, ordered by a wait that is there anyway. */
 static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels *k) {
     const sb_info *I = &m->info;
     double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
     const sb_layer *ly = &m->layers[i];
+    sb_team_buf *tb = &s->tb[sb_thread_id()];
     int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, q = s->quantise;
-#pragma omp single
-    {
-        rmsnorm_vec(s->h, ly->norm, m->eps, d, s->un);
-        fill_bias(s->xz, ly->in.bias, 2 * di);
-        sb_v2_act_set(s->ad, s->un, 1, q);
-    }
+    /* xz holds in_proj's bias (the previous layer's out_proj stage, or the embedding's) */
+    rmsnorm_vec(s->h, ly->norm, m->eps, d, tb->un);
+    sb_v2_act_set(tb->ad, tb->un, 1, q);
     STAGE(st, SB_ST_NORM);
-    sb_linear_vec(k, &ly->in, s->ad, s->xz);
+    sb_linear_vec_part(k, &ly->in, tb->ad, s->xz);
+#pragma omp barrier
     STAGE(st, SB_ST_IN);
-#pragma omp single
-    {
-        float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
-        for (int c = 0; c < di; c++) { /* conv1d + SiLU, window shifted in place */
+    float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
+    int nch = (di + SB_V2_CHUNK - 1) / SB_V2_CHUNK;
+#pragma omp for schedule(static)
+    for (int ch = 0; ch < nch; ch++) { /* conv1d + SiLU (window shifted in place), x_proj's activations */
+        int c0 = ch * SB_V2_CHUNK, c1 = c0 + SB_V2_CHUNK < di ? c0 + SB_V2_CHUNK : di;
+        for (int c = c0; c < c1; c++) {
             const float *w = ly->conv_w + (size_t)c * K;
-            float *st = cst + (size_t)c * (K - 1), x = s->xz[c], acc = ly->conv_b[c] + w[K - 1] * x;
-            for (int j = 0; j < K - 1; j++) acc += w[j] * st[j];
-            for (int j = 0; j + 1 < K - 1; j++) st[j] = st[j + 1];
-            if (K > 1) st[K - 2] = x;
+            float *cs = cst + (size_t)c * (K - 1), x = s->xz[c], acc = ly->conv_b[c] + w[K - 1] * x;
+            for (int j = 0; j < K - 1; j++) acc += w[j] * cs[j];
+            for (int j = 0; j + 1 < K - 1; j++) cs[j] = cs[j + 1];
+            if (K > 1) cs[K - 2] = x;
             s->xc[c] = acc;
         }
-        k->silu(s->xc, di);
-        memset(s->xdbl, 0, sizeof(float) * (size_t)(R + 2 * N));
-        sb_v2_act_set(s->adi, s->xc, 1, q);
+        k->silu(s->xc + c0, c1 - c0);
+        act_chunks(s->adi, s->xc, q, ch, ch + 1);
     }
     STAGE(st, SB_ST_CONV);
-    sb_linear_vec(k, &ly->x, s->adi, s->xdbl);
+    sb_linear_vec_part(k, &ly->x, s->adi, s->xdbl); /* xdbl zeroed a stage early */
+#pragma omp barrier
     STAGE(st, SB_ST_X);
-#pragma omp single
-    {
-        fill_bias(s->dt, ly->dt_bias, di);
-        sb_v2_act_set(s->ar, s->xdbl, 1, q); /* Δr: the first R outputs of ssm_x */
-    }
+    sb_v2_act_set(tb->ar, s->xdbl, 1, q); /* Δr: the first R outputs of ssm_x */
     STAGE(st, SB_ST_PREP);
-    sb_linear_vec(k, &ly->dt, s->ar, s->dt);
-    STAGE(st, SB_ST_DT);
     const float *B = s->xdbl + R, *C = s->xdbl + R + N;
     float *ssm = s->ssm + (size_t)i * di * N;
-#pragma omp for schedule(static)
-    for (int c0 = 0; c0 < di; c0 += 64) { /* softplus, scan step + D skip, 64 channels at a time */
-        int c1 = c0 + 64 < di ? c0 + 64 : di;
-        k->softplus(s->dt + c0, c1 - c0);
-        for (int c = c0; c < c1; c++) {
-            float dt = s->dt[c], x = s->xc[c], yc;
-            k->scan_step(N, ly->A + (size_t)c * N, dt, dt * x, B, C, ssm + (size_t)c * N, &yc);
-            s->y[c] = yc + ly->D[c] * x;
-        }
-        k->mul_silu(s->y + c0, s->xz + di + c0, c1 - c0); /* the SiLU(z) gate */
+    if (s->dt_in_order[i]) { /* dt_proj's rows are the channels in order: each thread scans its rows' channels */
+        int b0[4], b1[4];
+        sb_vec_share(&ly->dt, b0, b1);
+        if (b0[0] < b1[0]) k->gemv(&ly->dt.w.cls[0], tb->ar, s->dt, b0[0], b1[0]);
+        STAGE(st, SB_ST_DT);
+        /* from a multiple of 16 to one or to di: the SIMD ops' scalar tails fall on the same channels
+         * whatever the team */
+        int c0 = b0[0] * SB_V2_B, c1 = b1[0] * SB_V2_B < di ? b1[0] * SB_V2_B : di;
+        if (c0 < c1) scan_range(k, ly, s, N, B, C, ssm, c0, c1);
+    } else { /* rows of several classes, or removed: the scan in channel order, after a wait (in class order,
+              * with gaps, it took 1.7x as long: the 370M shape at 50%, 1 thread) */
+        sb_linear_vec_part(k, &ly->dt, tb->ar, s->dt);
+#pragma omp barrier
+        STAGE(st, SB_ST_DT);
+#pragma omp for schedule(static) nowait
+        for (int c0 = 0; c0 < di; c0 += 64) scan_range(k, ly, s, N, B, C, ssm, c0, c0 + 64 < di ? c0 + 64 : di);
     }
+    if (ly->out.bias) { /* h is read by nothing between this layer's norm and its out_proj */
+        int lo, hi;
+        slice(d, &lo, &hi);
+        for (int j = lo; j < hi; j++) s->h[j] += ly->out.bias[j];
+    }
+#pragma omp barrier
     STAGE(st, SB_ST_SCAN);
-#pragma omp single
-    {
-        if (ly->out.bias)
-            for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
-        sb_v2_act_set(s->adi, s->y, 1, q);
+    sb_v2_act_set(tb->ao, s->y, 1, q);
+    /* the next layer's in_proj output starts as its bias, x_proj's as zero (their readers are done) */
+    if (i + 1 < I->n_layer) {
+        fill_bias_slice(s->xz, m->layers[i + 1].in.bias, 2 * di);
+        fill_bias_slice(s->dt, m->layers[i + 1].dt_bias, di);
     }
+    fill_bias_slice(s->xdbl, NULL, R + 2 * N);
     STAGE(st, SB_ST_PREP);
-    sb_linear_vec(k, &ly->out, s->adi, s->h); /* out_proj accumulates into the residual */
+    sb_linear_vec_part(k, &ly->out, tb->ao, s->h); /* out_proj accumulates into the residual */
+#pragma omp barrier
     STAGE(st, SB_ST_OUT);
 }
 
-/* every thread of the team runs this too */
+/* every thread of the team runs this too (prefill: h holds the position's residual) */
 static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float *logits, double *st) {
 #pragma omp single
     {
@@ -264,18 +362,33 @@ static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float 
     STAGE(st, SB_ST_HEAD);
 }
 
-static void decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logits, int mode) {
+static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logits, int mode) {
     const sb_kernels *k = sb_active_kernels();
-    double *st = sb_decode_stages ? sb_decode_stages + (size_t)m->info.n_layer * SB_NSTAGE : NULL;
+    const sb_info *I = &m->info;
+    double *st = sb_decode_stages ? sb_decode_stages + (size_t)I->n_layer * SB_NSTAGE : NULL;
+    if (grow_team(s, sb_n_threads())) return SB_ERR_NOMEM;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
         STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
+        if (mode) fill_bias_slice(logits, NULL, I->vocab_size);
+        fill_bias_slice(s->xz, m->layers[0].in.bias, 2 * I->d_inner);
+        fill_bias_slice(s->dt, m->layers[0].dt_bias, I->d_inner);
+        fill_bias_slice(s->xdbl, NULL, I->dt_rank + 2 * I->d_state);
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
         STAGE(st, SB_ST_EMBED);
-        for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k);
-        if (mode) head_vec(m, s, k, logits, st);
+        for (int i = 0; i < I->n_layer; i++) decode_layer(m, s, i, k);
+        if (mode) {
+            sb_team_buf *tb = &s->tb[sb_thread_id()];
+            rmsnorm_vec(s->h, m->out_norm, m->eps, I->d_model, tb->un);
+            sb_v2_act_set(tb->ad, tb->un, 1, s->quantise);
+            STAGE(st, SB_ST_NORM);
+            sb_linear_vec_part(k, &m->head, tb->ad, logits);
+#pragma omp barrier
+            STAGE(st, SB_ST_HEAD);
+        }
     }
+    return SB_OK;
 }
 
 /* ---------------------------------------------------------------- prefill: T tokens at once */
@@ -432,7 +545,10 @@ int sb_forward(const sb_model *m, sb_state *s, const int32_t *tokens, int32_t n,
     }
     if (s->m2) return sb_m2_forward(m, s->m2, tokens, n, logits, mode, err, errlen);
     if (n == 1) {
-        decode_token(m, s, tokens[0], logits, mode);
+        if (decode_token(m, s, tokens[0], logits, mode)) {
+            snprintf(err, errlen, "out of memory allocating the threads' decode buffers");
+            return SB_ERR_NOMEM;
+        }
         return SB_OK;
     }
     for (int t0 = 0; t0 < n; t0 += PREFILL_CHUNK) {

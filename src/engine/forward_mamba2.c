@@ -8,8 +8,9 @@
  * time_step_limit clamp one; the state step + D skip + SiLU(z) gate one per head; the group RMSNorm
  * scales y as the activations of ssm_out are prepared; ssm_out accumulates into the residual.
  *
- * Threads: one parallel region per token or chunk, as forward.c: serial steps in `omp single`,
- * per-channel and per-head loops in `omp for`, the products split by threads.c. */
+ * Threads: one parallel region per token or chunk, as forward.c: prefill's serial steps in `omp single`,
+ * per-channel and per-head loops in `omp for`, the products split by threads.c; decode waits only where
+ * a step reads what other threads wrote (decode_layer). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,14 +26,38 @@ struct sb_m2_state {
     const sb_model *m;
     int quantise;
     float *conv, *ssm;                 /* (L, cd, K-1) and (L, h, p, N) */
-    float *h, *un, *zxd, *xbc, *dt, *y, *dtx; /* decode scratch: (d) (d) (n_in) (cd) (h) (di) (di) */
+    float *h, *un, *zxd, *xbc, *y, *dtx; /* decode scratch: (d) (d) (n_in) (cd) (di) (di) */
     sb_v2_act *ad, *adi;
     int cap;                           /* prefill: columns (ldx) of the buffers below */
     float *H, *HN, *ZXD, *XBC, *DT, *Y, *BT, *CT, *rs, *grs; /* grs (g, ldx): the group norm's scales */
     float *XQ;                                               /* int8: a product's input quantised (max(d, di), ldx) */
     float *DTX, *DEC;                                        /* per head Δx token-major (h, ldx, p), exp(Δ A) (h, ldx) */
     sb_v2_act *Ad, *Adi;                                     /* one each: the products read act[0].cm */
+    /* decode: each thread's own normed residual and gated-normed y with their activations (forward.c) */
+    int nteam;
+    struct m2_team_buf {
+        float *un, *yn;       /* (d), (di) */
+        sb_v2_act *ad, *ao;   /* ssm_in's / the head's (d), ssm_out's (di) */
+    } *tb;
 };
+
+static int grow_team(sb_m2_state *s, int nt) {
+    if (nt <= s->nteam) return SB_OK;
+    const sb_m2 *M = s->m->m2;
+    struct m2_team_buf *tb = realloc(s->tb, sizeof *tb * (size_t)nt);
+    if (!tb) return SB_ERR_NOMEM;
+    s->tb = tb;
+    for (; s->nteam < nt; s->nteam++) {
+        struct m2_team_buf *b = &tb[s->nteam];
+        b->un = malloc(sizeof(float) * (size_t)M->d), b->yn = malloc(sizeof(float) * (size_t)M->di);
+        b->ad = sb_v2_acts_new(M->d, 1), b->ao = sb_v2_acts_new(M->di, 1);
+        if (!b->un || !b->yn || !b->ad || !b->ao) {
+            free(b->un), free(b->yn), sb_v2_acts_free(b->ad), sb_v2_acts_free(b->ao);
+            return SB_ERR_NOMEM;
+        }
+    }
+    return SB_OK;
+}
 
 static size_t conv_len(const sb_m2 *M) { return (size_t)M->cd * (M->K > 1 ? M->K - 1 : 1); }
 
@@ -50,9 +75,14 @@ static void free_prefill(sb_m2_state *s) {
 void sb_m2_state_free(sb_m2_state *s) {
     if (!s) return;
     free_prefill(s);
-    float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->zxd, s->xbc, s->dt, s->y, s->dtx};
+    float *bufs[] = {s->conv, s->ssm, s->h, s->un, s->zxd, s->xbc, s->y, s->dtx};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     sb_v2_acts_free(s->ad), sb_v2_acts_free(s->adi);
+    for (int t = 0; t < s->nteam; t++) {
+        free(s->tb[t].un), free(s->tb[t].yn);
+        sb_v2_acts_free(s->tb[t].ad), sb_v2_acts_free(s->tb[t].ao);
+    }
+    free(s->tb);
     free(s);
 }
 
@@ -77,11 +107,10 @@ int sb_m2_state_new(const sb_model *m, sb_m2_state **out, char *err, size_t errl
     s->un = calloc((size_t)pad16(M->d), sizeof(float));
     s->zxd = calloc((size_t)pad16(M->n_in), sizeof(float));
     s->xbc = calloc((size_t)pad16(M->cd), sizeof(float));
-    s->dt = calloc((size_t)pad16(M->h), sizeof(float));
     s->y = calloc((size_t)pad16(M->di), sizeof(float));
     s->dtx = calloc((size_t)pad16(M->di), sizeof(float));
     s->ad = sb_v2_acts_new(M->d, 1), s->adi = sb_v2_acts_new(M->di, 1);
-    if (!s->conv || !s->ssm || !s->h || !s->un || !s->zxd || !s->xbc || !s->dt || !s->y || !s->dtx || !s->ad ||
+    if (!s->conv || !s->ssm || !s->h || !s->un || !s->zxd || !s->xbc || !s->y || !s->dtx || !s->ad ||
         !s->adi)
         goto oom;
     *out = s;
@@ -153,8 +182,8 @@ static void delta(const sb_kernels *k, const sb_m2 *M, const sb_m2_layer *ly, in
 
 /* Stage timing for sb_profile_decode, as forward.c's (engine.h: SB_ST_*): while sb_decode_stages is set
  * the team syncs at the end of each stage and one thread adds the seconds since the previous mark.
- * Mamba-2's stages: norm, in_proj, conv (+ SiLU), prep (Δ: dt bias, softplus, clamp; then the gated norm
- * and out_proj's activations), scan (state step, D skip, SiLU(z) gate), out_proj, and the head's. */
+ * Mamba-2's stages: norm, in_proj, conv (+ SiLU), scan (Δ: dt bias, softplus, clamp; the state step, D
+ * skip, SiLU(z) gate), prep (the gated norm and out_proj's activations), out_proj, and the head's. */
 static double g_stage_t;
 
 static void stage_mark(double *st, int stage) {
@@ -172,47 +201,63 @@ static void stage_mark(double *st, int stage) {
         }                                                                                                   \
     } while (0)
 
+/* [n * id / nt, n * (id + 1) / nt): this thread's slice of n items */
+static void slice(int n, int *lo, int *hi) {
+    int nt = sb_team_size(), id = sb_thread_id();
+    *lo = (int)((long)n * id / nt), *hi = (int)((long)n * (id + 1) / nt);
+}
+
+/* y[j] = bias[j] (or 0) over this thread's slice of n */
+static void fill_bias_slice(float *y, const float *bias, int n) {
+    int lo, hi;
+    slice(n, &lo, &hi);
+    if (hi > lo) fill_bias(y + lo, bias ? bias + lo : NULL, hi - lo);
+}
+
+/* Every thread of the team runs this. Four waits per layer (there were seven), as forward.c's: after ssm_in, after the conv
+ * (a head's scan reads its group's B and C, which other threads' chunks wrote), after the scan (the group
+ * norm reads whole groups) and after ssm_out. The norms and the activations every thread needs whole,
+ * each thread prepares itself; Δ of a head is computed where its scan runs. */
 static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kernels *k, sb_ssd_head_fn ssd) {
     const sb_m2 *M = m->m2;
     const sb_m2_layer *ly = &M->layers[i];
     double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
+    struct m2_team_buf *tb = &s->tb[sb_thread_id()];
     int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, q = s->quantise;
     int r = M->h / M->g;
-#pragma omp single
-    {
-        rmsnorm_vec(s->h, ly->norm, m->eps, d, s->un);
-        fill_bias(s->zxd, ly->in.bias, M->n_in);
-        sb_v2_act_set(s->ad, s->un, 1, q);
-    }
+    /* zxd holds ssm_in's bias (the previous layer's ssm_out stage, or the embedding's) */
+    rmsnorm_vec(s->h, ly->norm, m->eps, d, tb->un);
+    sb_v2_act_set(tb->ad, tb->un, 1, q);
     STAGE(st, SB_ST_NORM);
-    sb_linear_vec(k, &ly->in, s->ad, s->zxd);
+    sb_linear_vec_part(k, &ly->in, tb->ad, s->zxd);
+#pragma omp barrier
     STAGE(st, SB_ST_IN);
+    if (ly->out.bias) { /* h is read by nothing between this layer's norm and its ssm_out */
+        int lo, hi;
+        slice(d, &lo, &hi);
+        for (int j = lo; j < hi; j++) s->h[j] += ly->out.bias[j];
+    }
     float *cst = s->conv + (size_t)i * conv_len(M);
 #pragma omp for schedule(static)
     for (int c0 = 0; c0 < cd; c0 += 64) { /* conv1d over x, B, C + SiLU, window shifted in place */
         int c1 = c0 + 64 < cd ? c0 + 64 : cd;
         for (int c = c0; c < c1; c++) {
             const float *w = ly->conv_w + (size_t)c * K;
-            float *st = cst + (size_t)c * (K - 1), x = s->zxd[di + c], acc = ly->conv_b[c] + w[K - 1] * x;
-            for (int j = 0; j < K - 1; j++) acc += w[j] * st[j];
-            for (int j = 0; j + 1 < K - 1; j++) st[j] = st[j + 1];
-            if (K > 1) st[K - 2] = x;
+            float *cs = cst + (size_t)c * (K - 1), x = s->zxd[di + c], acc = ly->conv_b[c] + w[K - 1] * x;
+            for (int j = 0; j < K - 1; j++) acc += w[j] * cs[j];
+            for (int j = 0; j + 1 < K - 1; j++) cs[j] = cs[j + 1];
+            if (K > 1) cs[K - 2] = x;
             s->xbc[c] = acc;
         }
         k->silu(s->xbc + c0, c1 - c0);
     }
     STAGE(st, SB_ST_CONV);
-#pragma omp single
-    {
-        memcpy(s->dt, s->zxd + di + cd, sizeof(float) * (size_t)M->h);
-        for (int hh = 0; hh < M->h; hh++) delta(k, M, ly, hh, s->dt + hh, 1);
-    }
-    STAGE(st, SB_ST_PREP);
     const float *x = s->xbc, *B = s->xbc + di, *C = s->xbc + di + M->g * N, *z = s->zxd;
     float *ssm = s->ssm + (size_t)i * di * N;
 #pragma omp for schedule(static)
-    for (int hh = 0; hh < M->h; hh++) { /* the state step + D skip + SiLU(z) gate, one head at a time */
-        float dt = s->dt[hh], *dtx = s->dtx + (size_t)hh * p, *y = s->y + (size_t)hh * p;
+    for (int hh = 0; hh < M->h; hh++) { /* Δ, the state step + D skip + SiLU(z) gate, one head at a time */
+        float dt = s->zxd[di + cd + hh], *dtx = s->dtx + (size_t)hh * p, *y = s->y + (size_t)hh * p;
+        delta(k, M, ly, hh, &dt, 1);
         const float *xh = x + (size_t)hh * p;
         for (int c = 0; c < p; c++) dtx[c] = dt * xh[c];
         int grp = hh / r;
@@ -221,25 +266,27 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         k->mul_silu(y, z + (size_t)hh * p, p);
     }
     STAGE(st, SB_ST_SCAN);
-#pragma omp single
     { /* the gated RMSNorm over each group's di / g channels (its weight folded into ssm_out) */
         int gs = di / M->g;
         for (int grp = 0; grp < M->g; grp++) {
-            float *y = s->y + (size_t)grp * gs;
+            const float *y = s->y + (size_t)grp * gs;
+            float *yn = tb->yn + (size_t)grp * gs;
             double ss = 0.0;
             for (int c = 0; c < gs; c++) ss += (double)y[c] * y[c];
             float sc = 1.0f / sqrtf((float)(ss / gs) + m->eps);
-            for (int c = 0; c < gs; c++) y[c] *= sc * (ly->gnorm ? ly->gnorm[grp * gs + c] : 1.0f);
+            for (int c = 0; c < gs; c++) yn[c] = y[c] * sc * (ly->gnorm ? ly->gnorm[grp * gs + c] : 1.0f);
         }
-        if (ly->out.bias)
-            for (int j = 0; j < d; j++) s->h[j] += ly->out.bias[j];
-        sb_v2_act_set(s->adi, s->y, 1, q);
+        sb_v2_act_set(tb->ao, tb->yn, 1, q);
     }
+    /* the next layer's ssm_in output starts as its bias (its readers, the conv and the scan, are done) */
+    if (i + 1 < m->info.n_layer) fill_bias_slice(s->zxd, M->layers[i + 1].in.bias, M->n_in);
     STAGE(st, SB_ST_PREP);
-    sb_linear_vec(k, &ly->out, s->adi, s->h);
+    sb_linear_vec_part(k, &ly->out, tb->ao, s->h);
+#pragma omp barrier
     STAGE(st, SB_ST_OUT);
 }
 
+/* prefill's: h holds the position's residual */
 static void head_vec(const sb_model *m, sb_m2_state *s, const sb_kernels *k, float *logits, double *st) {
 #pragma omp single
     {
@@ -252,19 +299,31 @@ static void head_vec(const sb_model *m, sb_m2_state *s, const sb_kernels *k, flo
     STAGE(st, SB_ST_HEAD);
 }
 
-static void decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *logits, int mode) {
+static int decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *logits, int mode) {
     const sb_kernels *k = sb_active_kernels();
     sb_ssd_head_fn ssd = sb_ssd_head_for(k);
     double *st = sb_decode_stages ? sb_decode_stages + (size_t)m->info.n_layer * SB_NSTAGE : NULL;
+    if (grow_team(s, sb_n_threads())) return SB_ERR_NOMEM;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
         STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
+        if (mode) fill_bias_slice(logits, NULL, m->info.vocab_size);
+        fill_bias_slice(s->zxd, m->m2->layers[0].in.bias, m->m2->n_in);
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
         STAGE(st, SB_ST_EMBED);
         for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k, ssd);
-        if (mode) head_vec(m, s, k, logits, st);
+        if (mode) {
+            struct m2_team_buf *tb = &s->tb[sb_thread_id()];
+            rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, tb->un);
+            sb_v2_act_set(tb->ad, tb->un, 1, s->quantise);
+            STAGE(st, SB_ST_NORM);
+            sb_linear_vec_part(k, &m->head, tb->ad, logits);
+#pragma omp barrier
+            STAGE(st, SB_ST_HEAD);
+        }
     }
+    return SB_OK;
 }
 
 /* ---------------------------------------------------------------- prefill: T tokens at once */
@@ -420,7 +479,10 @@ int sb_m2_forward(const sb_model *m, sb_m2_state *s, const int32_t *tokens, int3
                   char *err, size_t errlen) {
     const sb_info *I = &m->info;
     if (n == 1) {
-        decode_token(m, s, tokens[0], logits, mode);
+        if (decode_token(m, s, tokens[0], logits, mode)) {
+            snprintf(err, errlen, "out of memory allocating the threads' decode buffers");
+            return SB_ERR_NOMEM;
+        }
         return SB_OK;
     }
     for (int t0 = 0; t0 < n; t0 += PREFILL_CHUNK) {

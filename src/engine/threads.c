@@ -33,7 +33,7 @@ int sb_n_threads(void) {
 #endif
 }
 
-static int team_size(void) {
+int sb_team_size(void) {
 #ifdef _OPENMP
     return omp_get_num_threads();
 #else
@@ -41,7 +41,7 @@ static int team_size(void) {
 #endif
 }
 
-static int thread_id(void) {
+int sb_thread_id(void) {
 #ifdef _OPENMP
     return omp_get_thread_num();
 #else
@@ -85,36 +85,47 @@ static int first_block_at(const sb_v2_class *c, size_t off, size_t bb, size_t at
     return j < (size_t)c->nblocks ? (int)j : c->nblocks;
 }
 
-/* Every thread of the team runs this. The classes' blocks in order (n ascending) are one stream of
- * bytes, and each thread takes the blocks that start in its contiguous 1/nt of those bytes: a
- * class of n = 3 costs a quarter of a dense one per block, so an even split of each class's blocks
- * (what this did before) left one thread every class's odd block, and a small layer with a few
- * blocks per class badly unbalanced. No wait between classes (they write disjoint outputs), one
- * barrier at the end. */
-static void vec_team(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y) {
-    if (lin->bytes < min_split_bytes()) {
-#pragma omp single
-        for (int ci = 0; ci < lin->w.nclass; ci++) k->gemv(&lin->w.cls[ci], a, y, 0, lin->w.cls[ci].nblocks);
-        return; /* single ends in a barrier */
+/* This thread's blocks [b0[ci], b1[ci]) of each class of a decode product. The classes' blocks in order
+ * (n ascending) are one stream of bytes, and each thread takes the blocks that start in its contiguous
+ * 1/nt of those bytes: a class of n = 3 costs a quarter of a dense one per block, so an even split of
+ * each class's blocks (what this did before) left one thread every class's odd block, and a small
+ * layer with a few blocks per class badly unbalanced. A product under the size floor is thread 0's
+ * alone, so that what follows it on the same thread needs no wait (forward.c: dt_proj's scan). */
+void sb_vec_share(const sb_linear *lin, int *b0, int *b1) {
+    int nt = sb_team_size(), id = sb_thread_id();
+    const sb_v2_matrix *w = &lin->w;
+    if (nt == 1 || lin->bytes < min_split_bytes()) {
+        for (int ci = 0; ci < w->nclass; ci++) b0[ci] = 0, b1[ci] = id == 0 ? w->cls[ci].nblocks : 0;
+        return;
     }
-    int nt = team_size(), id = thread_id();
     size_t bb[4], total = 0;
-    for (int ci = 0; ci < lin->w.nclass; ci++)
-        total += (bb[ci] = block_bytes(&lin->w.cls[ci])) * (size_t)lin->w.cls[ci].nblocks;
+    for (int ci = 0; ci < w->nclass; ci++) total += (bb[ci] = block_bytes(&w->cls[ci])) * (size_t)w->cls[ci].nblocks;
     /* [lo, hi): this thread's bytes; thread id + 1's lo is this hi */
     size_t lo = total / nt * id + total % nt * id / nt, hi = total / nt * (id + 1) + total % nt * (id + 1) / nt;
     size_t off = 0;
-    for (int ci = 0; ci < lin->w.nclass; ci++) { /* a contiguous range of blocks: x's panel stays in L1 */
-        const sb_v2_class *c = &lin->w.cls[ci];
-        int b0 = first_block_at(c, off, bb[ci], lo), b1 = first_block_at(c, off, bb[ci], hi);
-        if (b0 < b1) k->gemv(c, a, y, b0, b1);
+    for (int ci = 0; ci < w->nclass; ci++) { /* a contiguous range of blocks: x's panel stays in L1 */
+        const sb_v2_class *c = &w->cls[ci];
+        b0[ci] = first_block_at(c, off, bb[ci], lo), b1[ci] = first_block_at(c, off, bb[ci], hi);
         off += bb[ci] * (size_t)c->nblocks;
     }
+}
+
+/* Every thread of the team runs this: its share of the product, no wait (classes write disjoint
+ * outputs, and so do the threads). The caller syncs before anything reads y. */
+void sb_linear_vec_part(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y) {
+    int b0[4], b1[4];
+    sb_vec_share(lin, b0, b1);
+    for (int ci = 0; ci < lin->w.nclass; ci++)
+        if (b0[ci] < b1[ci]) k->gemv(&lin->w.cls[ci], a, y, b0[ci], b1[ci]);
+}
+
+static void vec_team(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a, float *y) {
+    sb_linear_vec_part(k, lin, a, y);
 #pragma omp barrier
 }
 
 static void mat_team(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *act, int T, float *Y, int ldy) {
-    int nt = team_size(), id = thread_id();
+    int nt = sb_team_size(), id = sb_thread_id();
     for (int ci = 0; ci < lin->w.nclass; ci++) {
         const sb_v2_class *c = &lin->w.cls[ci];
         int b0 = (int)((long)c->nblocks * id / nt), b1 = (int)((long)c->nblocks * (id + 1) / nt);
