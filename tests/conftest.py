@@ -1,5 +1,11 @@
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,3 +203,21 @@ def random_mamba2(out_dir, seed: int, pruned: bool, vocab: int = 53, **kw):
                     n = torch.randint(0, 5, (W.shape[0],))
                     W.mul_(group_masks(torch.randn_like(W))[n, torch.arange(W.shape[0])])
     return save_model(m, out_dir)
+
+
+def decode_in_subprocess(jobs: dict, threads: int) -> dict:
+    """{key: (gguf path, ids)} decoded token by token with ``threads`` threads and every product split
+    (SPARSAMBA_MIN_SPLIT_BYTES=0 is read once per process): {key: logits (n, vocab)}."""
+    code = (
+        "import sys, json, numpy as np; from sparsamba.runtime.engine import Engine\n"
+        "jobs = json.loads(sys.argv[2]); out = {}\n"
+        "for key, (path, ids) in jobs.items():\n"
+        f"    e = Engine(path, threads={threads}); out[key] = np.stack([e.decode(t) for t in ids])\n"
+        "np.savez(sys.argv[1], **out)"
+    )
+    out = Path(tempfile.mkdtemp()) / "logits.npz"
+    env = {**os.environ, "SPARSAMBA_MIN_SPLIT_BYTES": "0"}
+    args = [sys.executable, "-c", code, str(out), json.dumps({k: [str(p), i] for k, (p, i) in jobs.items()})]
+    p = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return dict(np.load(out))

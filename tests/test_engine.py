@@ -5,7 +5,6 @@ kernel family, decode vs prefill, threads, greedy tokens, and the errors of bad 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EMBEDDED, compiled_models, max_rel
+from conftest import EMBEDDED, compiled_models, decode_in_subprocess, max_rel
 from conftest import PRUNED_CONFIGS as CONFIGS
 
 from sparsamba.cli import main
@@ -159,24 +158,6 @@ def test_products_split_by_bytes_over_classes_keep_every_row(compiled, dtype):
     assert p.returncode == 0, p.stderr[-2000:]
     one = Engine(path, threads=1)
     assert max_rel(np.load(out), np.stack([one.decode(t) for t in ids])) <= 1e-6
-
-
-def decode_in_subprocess(jobs: dict, threads: int) -> dict:
-    """{key: (gguf path, ids)} decoded token by token with ``threads`` threads and every product split
-    (SPARSAMBA_MIN_SPLIT_BYTES=0 is read once per process): {key: logits (n, vocab)}."""
-    code = (
-        "import sys, json, numpy as np; from sparsamba.runtime.engine import Engine\n"
-        "jobs = json.loads(sys.argv[2]); out = {}\n"
-        "for key, (path, ids) in jobs.items():\n"
-        f"    e = Engine(path, threads={threads}); out[key] = np.stack([e.decode(t) for t in ids])\n"
-        "np.savez(sys.argv[1], **out)"
-    )
-    out = Path(tempfile.mkdtemp()) / "logits.npz"
-    env = {**os.environ, "SPARSAMBA_MIN_SPLIT_BYTES": "0"}
-    args = [sys.executable, "-c", code, str(out), json.dumps({k: [str(p), i] for k, (p, i) in jobs.items()})]
-    p = subprocess.run(args, capture_output=True, text=True, env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return dict(np.load(out))
 
 
 @pytest.fixture(scope="module")

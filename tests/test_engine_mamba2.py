@@ -8,17 +8,13 @@ configs the compiler refuses. (OpenCL: tests/test_engine_opencl.py; NEON: tests/
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import MAMBA2_CONFIGS as CONFIGS
-from conftest import random_mamba2, rel_err
+from conftest import decode_in_subprocess, random_mamba2, rel_err
 
 from sparsamba.cli import main
 from sparsamba.compile import compile_model, plan_forward, read_packed
@@ -145,20 +141,7 @@ def test_decode_schedule_with_every_product_split(compiled, threads):
                     str(path),
                     ids_for(Engine(path, threads=1).info.vocab_size, 7, 6),
                 )
-    code = (
-        "import sys, json, numpy as np; from sparsamba.runtime.engine import Engine\n"
-        "out = {}\n"
-        "for key, (path, ids) in json.loads(sys.argv[2]).items():\n"
-        f"    e = Engine(path, threads={threads}); out[key] = np.stack([e.decode(t) for t in ids])\n"
-        "np.savez(sys.argv[1], **out)"
-    )
-    out = Path(tempfile.mkdtemp()) / "logits.npz"
-    env = {**os.environ, "SPARSAMBA_MIN_SPLIT_BYTES": "0"}
-    p = subprocess.run(
-        [sys.executable, "-c", code, str(out), json.dumps(jobs)], capture_output=True, text=True, env=env
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    got = dict(np.load(out))
+    got = decode_in_subprocess(jobs, threads)
     for key, (path, ids) in jobs.items():
         same = plan_forward(read_packed(path), torch.tensor(ids)).numpy()
         assert rel_err(got[key], same)[0] <= SAME_WEIGHTS, key

@@ -100,6 +100,12 @@ void sb_linear_vec_part(const sb_kernels *k, const sb_linear *lin, const sb_v2_a
 /* the calling thread's number and its team's size (0 and 1 outside a parallel region) */
 int sb_thread_id(void);
 int sb_team_size(void);
+/* [n * id / nt, n * (id + 1) / nt): the calling thread's slice of n items */
+void sb_thread_slice(int n, int *lo, int *hi);
+/* y[i] = bias[i] (or 0; the kernels accumulate, and removed rows must read as the bias alone): all n, or
+ * the calling thread's slice of them */
+void sb_fill_bias(float *y, const float *bias, int n);
+void sb_fill_bias_slice(float *y, const float *bias, int n);
 /* Decode stage timing (profile.c's sb_profile_decode, forward.c's marks): while sb_decode_stages points
  * at (n_layer + 1) * SB_NSTAGE doubles, each decode step adds the seconds of stage s of block i to
  * [i * SB_NSTAGE + s]; row n_layer holds the embedding lookup, the final norm and the head. */

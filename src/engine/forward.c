@@ -46,14 +46,6 @@ struct sb_state {
     unsigned char *dt_in_order; /* per layer: dt_proj one class whose row r is channel r, every row kept */
 };
 
-/* ---------------------------------------------------------------- small ops */
-
-/* y[i] = bias[i] (or 0): the kernels accumulate, and removed rows must read as the bias alone */
-static void fill_bias(float *y, const float *bias, int n) {
-    if (bias) memcpy(y, bias, sizeof(float) * (size_t)n);
-    else memset(y, 0, sizeof(float) * (size_t)n);
-}
-
 /* ---------------------------------------------------------------- state */
 
 static void free_prefill(sb_state *s) {
@@ -241,19 +233,6 @@ static void act_chunks(sb_v2_act *a, const float *x, int q, int ch0, int ch1) {
     sb_v2_act_set(&v, x + j0, 1, q); /* past K the chunk's padding stays zero (sb_v2_act_bind) */
 }
 
-/* [n * id / nt, n * (id + 1) / nt): this thread's slice of n items */
-static void slice(int n, int *lo, int *hi) {
-    int nt = sb_team_size(), id = sb_thread_id();
-    *lo = (int)((long)n * id / nt), *hi = (int)((long)n * (id + 1) / nt);
-}
-
-/* y[j] = bias[j] (or 0) over this thread's slice of n */
-static void fill_bias_slice(float *y, const float *bias, int n) {
-    int lo, hi;
-    slice(n, &lo, &hi);
-    if (hi > lo) fill_bias(y + lo, bias ? bias + lo : NULL, hi - lo);
-}
-
 /* softplus, the scan step + D skip and the SiLU(z) gate of the channels [c0, c1), Δ in s->dt */
 static void scan_range(const sb_kernels *k, const sb_layer *ly, sb_state *s, int N, const float *B, const float *C,
                        float *ssm, int c0, int c1) {
@@ -331,7 +310,7 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     }
     if (ly->out.bias) { /* h is read by nothing between this layer's norm and its out_proj */
         int lo, hi;
-        slice(d, &lo, &hi);
+        sb_thread_slice(d, &lo, &hi);
         for (int j = lo; j < hi; j++) s->h[j] += ly->out.bias[j];
     }
 #pragma omp barrier
@@ -339,10 +318,10 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     sb_v2_act_set(tb->ao, s->y, 1, q);
     /* the next layer's in_proj output starts as its bias, x_proj's as zero (their readers are done) */
     if (i + 1 < I->n_layer) {
-        fill_bias_slice(s->xz, m->layers[i + 1].in.bias, 2 * di);
-        fill_bias_slice(s->dt, m->layers[i + 1].dt_bias, di);
+        sb_fill_bias_slice(s->xz, m->layers[i + 1].in.bias, 2 * di);
+        sb_fill_bias_slice(s->dt, m->layers[i + 1].dt_bias, di);
     }
-    fill_bias_slice(s->xdbl, NULL, R + 2 * N);
+    sb_fill_bias_slice(s->xdbl, NULL, R + 2 * N);
     STAGE(st, SB_ST_PREP);
     sb_linear_vec_part(k, &ly->out, tb->ao, s->h); /* out_proj accumulates into the residual */
 #pragma omp barrier
@@ -370,10 +349,10 @@ static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logi
 #pragma omp parallel if (sb_n_threads() > 1)
     {
         STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
-        if (mode) fill_bias_slice(logits, NULL, I->vocab_size);
-        fill_bias_slice(s->xz, m->layers[0].in.bias, 2 * I->d_inner);
-        fill_bias_slice(s->dt, m->layers[0].dt_bias, I->d_inner);
-        fill_bias_slice(s->xdbl, NULL, I->dt_rank + 2 * I->d_state);
+        if (mode) sb_fill_bias_slice(logits, NULL, I->vocab_size);
+        sb_fill_bias_slice(s->xz, m->layers[0].in.bias, 2 * I->d_inner);
+        sb_fill_bias_slice(s->dt, m->layers[0].dt_bias, I->d_inner);
+        sb_fill_bias_slice(s->xdbl, NULL, I->dt_rank + 2 * I->d_state);
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
         STAGE(st, SB_ST_EMBED);

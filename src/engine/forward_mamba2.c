@@ -159,11 +159,6 @@ static int grow_prefill(sb_m2_state *s, int T) {
     return SB_OK;
 }
 
-static void fill_bias(float *y, const float *bias, int n) {
-    if (bias) memcpy(y, bias, sizeof(float) * (size_t)n);
-    else memset(y, 0, sizeof(float) * (size_t)n);
-}
-
 static void rmsnorm_vec(const float *h, const float *w, float eps, int d, float *out) {
     double ss = 0.0;
     for (int j = 0; j < d; j++) ss += (double)h[j] * h[j];
@@ -201,19 +196,6 @@ static void stage_mark(double *st, int stage) {
         }                                                                                                   \
     } while (0)
 
-/* [n * id / nt, n * (id + 1) / nt): this thread's slice of n items */
-static void slice(int n, int *lo, int *hi) {
-    int nt = sb_team_size(), id = sb_thread_id();
-    *lo = (int)((long)n * id / nt), *hi = (int)((long)n * (id + 1) / nt);
-}
-
-/* y[j] = bias[j] (or 0) over this thread's slice of n */
-static void fill_bias_slice(float *y, const float *bias, int n) {
-    int lo, hi;
-    slice(n, &lo, &hi);
-    if (hi > lo) fill_bias(y + lo, bias ? bias + lo : NULL, hi - lo);
-}
-
 /* Every thread of the team runs this. Four waits per layer (there were seven), as forward.c's: after ssm_in, after the conv
  * (a head's scan reads its group's B and C, which other threads' chunks wrote), after the scan (the group
  * norm reads whole groups) and after ssm_out. The norms and the activations every thread needs whole,
@@ -234,7 +216,7 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
     STAGE(st, SB_ST_IN);
     if (ly->out.bias) { /* h is read by nothing between this layer's norm and its ssm_out */
         int lo, hi;
-        slice(d, &lo, &hi);
+        sb_thread_slice(d, &lo, &hi);
         for (int j = lo; j < hi; j++) s->h[j] += ly->out.bias[j];
     }
     float *cst = s->conv + (size_t)i * conv_len(M);
@@ -279,7 +261,7 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         sb_v2_act_set(tb->ao, tb->yn, 1, q);
     }
     /* the next layer's ssm_in output starts as its bias (its readers, the conv and the scan, are done) */
-    if (i + 1 < m->info.n_layer) fill_bias_slice(s->zxd, M->layers[i + 1].in.bias, M->n_in);
+    if (i + 1 < m->info.n_layer) sb_fill_bias_slice(s->zxd, M->layers[i + 1].in.bias, M->n_in);
     STAGE(st, SB_ST_PREP);
     sb_linear_vec_part(k, &ly->out, tb->ao, s->h);
 #pragma omp barrier
@@ -307,8 +289,8 @@ static int decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *l
 #pragma omp parallel if (sb_n_threads() > 1)
     {
         STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
-        if (mode) fill_bias_slice(logits, NULL, m->info.vocab_size);
-        fill_bias_slice(s->zxd, m->m2->layers[0].in.bias, m->m2->n_in);
+        if (mode) sb_fill_bias_slice(logits, NULL, m->info.vocab_size);
+        sb_fill_bias_slice(s->zxd, m->m2->layers[0].in.bias, m->m2->n_in);
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
         STAGE(st, SB_ST_EMBED);

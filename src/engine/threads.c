@@ -8,6 +8,7 @@
 #endif
 
 #include <stdlib.h>
+#include <string.h>
 
 #include "engine.h"
 
@@ -150,4 +151,20 @@ void sb_linear_mat(const sb_kernels *k, const sb_linear *lin, const sb_v2_act *a
     }
 #pragma omp parallel
     mat_team(k, lin, act, T, Y, ldy);
+}
+
+void sb_thread_slice(int n, int *lo, int *hi) {
+    int nt = sb_team_size(), id = sb_thread_id();
+    *lo = (int)((long)n * id / nt), *hi = (int)((long)n * (id + 1) / nt);
+}
+
+void sb_fill_bias(float *y, const float *bias, int n) {
+    if (bias) memcpy(y, bias, sizeof(float) * (size_t)n);
+    else memset(y, 0, sizeof(float) * (size_t)n);
+}
+
+void sb_fill_bias_slice(float *y, const float *bias, int n) {
+    int lo, hi;
+    sb_thread_slice(n, &lo, &hi);
+    if (hi > lo) sb_fill_bias(y + lo, bias ? bias + lo : NULL, hi - lo);
 }
