@@ -217,6 +217,7 @@ def table(core: float = CORE_FRACTION, everything: float = ALL_FRACTION) -> str:
     ours = [
         r["roofline_pct"] for k, r in meas.items() if k[0] == "sparsamba" and k[4] == 1 and r["roofline_pct"]
     ]
+    measured_shapes = ", ".join(sorted({x.split()[1] for x in check_against_measured()}))
     worst = max(abs(float(x.rsplit("(", 1)[1].rstrip("%)"))) for x in check_against_measured())
     head = ["shape", "format", "MiB read per token (computed)", "x86 here: tg t/s 1T / 2T (measured)"]
     head += [f"{s['name']}: t/s 1 core / all cores" for s in SOCS]
@@ -259,14 +260,15 @@ the speed of memory (here on x86 ours reach {min(ours):.0f}–{max(ours):.0f}% o
 bench/results/speed.md), and leaves out the recurrent state ({state}, read and written each token; it
 may stay in a phone's last-level cache).
 Sparse rows mix n per row as bench/models.py does (50%: 25% c4n1 + 50% c4n2 + 25% c4n3; 70%: 20% c4n2 +
-80% c4n3). The computed bytes agree with those of the files bench/speed.py measured for 130m within
+80% c4n3). The computed bytes agree with those of the files bench/speed.py measured ({measured_shapes}) within
 {worst:.3f}% (there a few Δ rows move to make the sparsity exact). Peak bandwidths:
 {chr(10).join(socs)}
 {END}"""
 
 
 def check_against_measured() -> list[str]:
-    """computed bytes per token beside speed.json's (read from the real files), for 130m"""
+    """computed bytes per token beside speed.json's (read from the real files), for the Mamba-1 shapes
+    it measured"""
     out = []
     for (engine, shape, dtype, sp, threads), r in sorted(measured_rows().items()):
         # the table is of the Mamba-1 shapes (speed.json may hold Mamba-2 rows too)
