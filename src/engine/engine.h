@@ -123,6 +123,18 @@ enum {
     SB_NSTAGE
 };
 extern double *sb_decode_stages;
+/* While sb_decode_stages is set, the team syncs at the end of each stage and one thread adds the seconds
+ * since the previous mark to st[stage] (stage SB_NSTAGE only restarts the clock); off, SB_STAGE is one
+ * test per stage. Every thread of the team runs it. */
+void sb_stage_mark(double *st, int stage);
+#define SB_STAGE(st, stage)                                                                                  \
+    do {                                                                                                    \
+        if (st) {                                                                                           \
+            _Pragma("omp barrier");                                                                         \
+            _Pragma("omp master") sb_stage_mark(st, stage);                                                 \
+            _Pragma("omp barrier");                                                                         \
+        }                                                                                                   \
+    } while (0)
 double sb_now(void); /* CLOCK_MONOTONIC seconds */
 /* bytes the profiler spreads its weights over, so that they come from memory: max(64 MiB, 2 x LLC) */
 size_t sb_profile_working_set(void);

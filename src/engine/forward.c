@@ -195,26 +195,8 @@ static int grow_prefill(sb_state *s, int T) {
 
 /* ---------------------------------------------------------------- decode: one token */
 
-/* Stage timing for sb_profile_decode (profile.c): while sb_decode_stages is set, the team syncs at the
- * end of each stage and one thread adds the seconds since the previous mark to st[stage] (stage
- * SB_NSTAGE only restarts the clock). Off, it is one test of a global per stage. */
+/* the stage clock of sb_profile_decode (engine.h: SB_STAGE) */
 double *sb_decode_stages;
-static double g_stage_t;
-
-static void stage_mark(double *st, int stage) {
-    double t = sb_now();
-    if (stage < SB_NSTAGE) st[stage] += t - g_stage_t;
-    g_stage_t = t;
-}
-
-#define STAGE(st, stage)                                                                                     \
-    do {                                                                                                    \
-        if (st) {                                                                                           \
-            _Pragma("omp barrier");                                                                         \
-            _Pragma("omp master") stage_mark(st, stage);                                                    \
-            _Pragma("omp barrier");                                                                         \
-        }                                                                                                   \
-    } while (0)
 
 static void rmsnorm_vec(const float *h, const float *w, float eps, int d, float *out) {
     double ss = 0.0;
@@ -263,10 +245,10 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     /* xz holds in_proj's bias (the previous layer's out_proj stage, or the embedding's) */
     rmsnorm_vec(s->h, ly->norm, m->eps, d, tb->un);
     sb_v2_act_set(tb->ad, tb->un, 1, q);
-    STAGE(st, SB_ST_NORM);
+    SB_STAGE(st, SB_ST_NORM);
     sb_linear_vec_part(k, &ly->in, tb->ad, s->xz);
 #pragma omp barrier
-    STAGE(st, SB_ST_IN);
+    SB_STAGE(st, SB_ST_IN);
     float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
     int nch = (di + SB_V2_CHUNK - 1) / SB_V2_CHUNK;
 #pragma omp for schedule(static)
@@ -283,19 +265,19 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
         k->silu(s->xc + c0, c1 - c0);
         act_chunks(s->adi, s->xc, q, ch, ch + 1);
     }
-    STAGE(st, SB_ST_CONV);
+    SB_STAGE(st, SB_ST_CONV);
     sb_linear_vec_part(k, &ly->x, s->adi, s->xdbl); /* xdbl zeroed a stage early */
 #pragma omp barrier
-    STAGE(st, SB_ST_X);
+    SB_STAGE(st, SB_ST_X);
     sb_v2_act_set(tb->ar, s->xdbl, 1, q); /* Δr: the first R outputs of ssm_x */
-    STAGE(st, SB_ST_PREP);
+    SB_STAGE(st, SB_ST_PREP);
     const float *B = s->xdbl + R, *C = s->xdbl + R + N;
     float *ssm = s->ssm + (size_t)i * di * N;
     if (s->dt_in_order[i]) { /* dt_proj's rows are the channels in order: each thread scans its rows' channels */
         int b0[4], b1[4];
         sb_vec_share(&ly->dt, b0, b1);
         if (b0[0] < b1[0]) k->gemv(&ly->dt.w.cls[0], tb->ar, s->dt, b0[0], b1[0]);
-        STAGE(st, SB_ST_DT);
+        SB_STAGE(st, SB_ST_DT);
         /* from a multiple of 16 to one or to di: the SIMD ops' scalar tails fall on the same channels
          * whatever the team */
         int c0 = b0[0] * SB_V2_B, c1 = b1[0] * SB_V2_B < di ? b1[0] * SB_V2_B : di;
@@ -304,7 +286,7 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
               * with gaps, it took 1.7x as long: the 370M shape at 50%, 1 thread) */
         sb_linear_vec_part(k, &ly->dt, tb->ar, s->dt);
 #pragma omp barrier
-        STAGE(st, SB_ST_DT);
+        SB_STAGE(st, SB_ST_DT);
 #pragma omp for schedule(static) nowait
         for (int c0 = 0; c0 < di; c0 += 64) scan_range(k, ly, s, N, B, C, ssm, c0, c0 + 64 < di ? c0 + 64 : di);
     }
@@ -314,7 +296,7 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
         for (int j = lo; j < hi; j++) s->h[j] += ly->out.bias[j];
     }
 #pragma omp barrier
-    STAGE(st, SB_ST_SCAN);
+    SB_STAGE(st, SB_ST_SCAN);
     sb_v2_act_set(tb->ao, s->y, 1, q);
     /* the next layer's in_proj output starts as its bias, x_proj's as zero (their readers are done) */
     if (i + 1 < I->n_layer) {
@@ -322,10 +304,10 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
         sb_fill_bias_slice(s->dt, m->layers[i + 1].dt_bias, di);
     }
     sb_fill_bias_slice(s->xdbl, NULL, R + 2 * N);
-    STAGE(st, SB_ST_PREP);
+    SB_STAGE(st, SB_ST_PREP);
     sb_linear_vec_part(k, &ly->out, tb->ao, s->h); /* out_proj accumulates into the residual */
 #pragma omp barrier
-    STAGE(st, SB_ST_OUT);
+    SB_STAGE(st, SB_ST_OUT);
 }
 
 /* every thread of the team runs this too (prefill: h holds the position's residual) */
@@ -336,9 +318,9 @@ static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float 
         memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
         sb_v2_act_set(s->ad, s->un, 1, s->quantise);
     }
-    STAGE(st, SB_ST_NORM);
+    SB_STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &m->head, s->ad, logits);
-    STAGE(st, SB_ST_HEAD);
+    SB_STAGE(st, SB_ST_HEAD);
 }
 
 static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logits, int mode) {
@@ -348,23 +330,23 @@ static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logi
     if (grow_team(s, sb_n_threads())) return SB_ERR_NOMEM;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
-        STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
+        SB_STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
         if (mode) sb_fill_bias_slice(logits, NULL, I->vocab_size);
         sb_fill_bias_slice(s->xz, m->layers[0].in.bias, 2 * I->d_inner);
         sb_fill_bias_slice(s->dt, m->layers[0].dt_bias, I->d_inner);
         sb_fill_bias_slice(s->xdbl, NULL, I->dt_rank + 2 * I->d_state);
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
-        STAGE(st, SB_ST_EMBED);
+        SB_STAGE(st, SB_ST_EMBED);
         for (int i = 0; i < I->n_layer; i++) decode_layer(m, s, i, k);
         if (mode) {
             sb_team_buf *tb = &s->tb[sb_thread_id()];
             rmsnorm_vec(s->h, m->out_norm, m->eps, I->d_model, tb->un);
             sb_v2_act_set(tb->ad, tb->un, 1, s->quantise);
-            STAGE(st, SB_ST_NORM);
+            SB_STAGE(st, SB_ST_NORM);
             sb_linear_vec_part(k, &m->head, tb->ad, logits);
 #pragma omp barrier
-            STAGE(st, SB_ST_HEAD);
+            SB_STAGE(st, SB_ST_HEAD);
         }
     }
     return SB_OK;

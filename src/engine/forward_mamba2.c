@@ -175,28 +175,10 @@ static void delta(const sb_kernels *k, const sb_m2 *M, const sb_m2_layer *ly, in
 
 /* ---------------------------------------------------------------- decode: one token */
 
-/* Stage timing for sb_profile_decode, as forward.c's (engine.h: SB_ST_*): while sb_decode_stages is set
- * the team syncs at the end of each stage and one thread adds the seconds since the previous mark.
- * Mamba-2's stages: norm, in_proj, conv (+ SiLU), scan (Δ: dt bias, softplus, clamp; the state step, D
- * skip, SiLU(z) gate), prep (the gated norm and out_proj's activations), out_proj, and the head's. */
-static double g_stage_t;
-
-static void stage_mark(double *st, int stage) {
-    double t = sb_now();
-    if (stage < SB_NSTAGE) st[stage] += t - g_stage_t;
-    g_stage_t = t;
-}
-
-#define STAGE(st, stage)                                                                                     \
-    do {                                                                                                    \
-        if (st) {                                                                                           \
-            _Pragma("omp barrier");                                                                         \
-            _Pragma("omp master") stage_mark(st, stage);                                                    \
-            _Pragma("omp barrier");                                                                         \
-        }                                                                                                   \
-    } while (0)
-
-/* Every thread of the team runs this. Four waits per layer (there were seven), as forward.c's: after ssm_in, after the conv
+/* Stage timing for sb_profile_decode (engine.h: SB_STAGE, SB_ST_*). Mamba-2's stages: norm, in_proj, conv (+ SiLU), scan (Δ: dt bias, softplus, clamp; the state step, D
+ * skip, SiLU(z) gate), prep (the gated norm and out_proj's activations), out_proj, and the head's.
+ *
+ * Every thread of the team runs this. Four waits per layer (there were seven), as forward.c's: after ssm_in, after the conv
  * (a head's scan reads its group's B and C, which other threads' chunks wrote), after the scan (the group
  * norm reads whole groups) and after ssm_out. The norms and the activations every thread needs whole,
  * each thread prepares itself; Δ of a head is computed where its scan runs. */
@@ -210,10 +192,10 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
     /* zxd holds ssm_in's bias (the previous layer's ssm_out stage, or the embedding's) */
     rmsnorm_vec(s->h, ly->norm, m->eps, d, tb->un);
     sb_v2_act_set(tb->ad, tb->un, 1, q);
-    STAGE(st, SB_ST_NORM);
+    SB_STAGE(st, SB_ST_NORM);
     sb_linear_vec_part(k, &ly->in, tb->ad, s->zxd);
 #pragma omp barrier
-    STAGE(st, SB_ST_IN);
+    SB_STAGE(st, SB_ST_IN);
     if (ly->out.bias) { /* h is read by nothing between this layer's norm and its ssm_out */
         int lo, hi;
         sb_thread_slice(d, &lo, &hi);
@@ -233,7 +215,7 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         }
         k->silu(s->xbc + c0, c1 - c0);
     }
-    STAGE(st, SB_ST_CONV);
+    SB_STAGE(st, SB_ST_CONV);
     const float *x = s->xbc, *B = s->xbc + di, *C = s->xbc + di + M->g * N, *z = s->zxd;
     float *ssm = s->ssm + (size_t)i * di * N;
 #pragma omp for schedule(static)
@@ -247,7 +229,7 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
         for (int c = 0; c < p; c++) y[c] += ly->D[hh] * xh[c];
         k->mul_silu(y, z + (size_t)hh * p, p);
     }
-    STAGE(st, SB_ST_SCAN);
+    SB_STAGE(st, SB_ST_SCAN);
     { /* the gated RMSNorm over each group's di / g channels (its weight folded into ssm_out) */
         int gs = di / M->g;
         for (int grp = 0; grp < M->g; grp++) {
@@ -262,10 +244,10 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
     }
     /* the next layer's ssm_in output starts as its bias (its readers, the conv and the scan, are done) */
     if (i + 1 < m->info.n_layer) sb_fill_bias_slice(s->zxd, M->layers[i + 1].in.bias, M->n_in);
-    STAGE(st, SB_ST_PREP);
+    SB_STAGE(st, SB_ST_PREP);
     sb_linear_vec_part(k, &ly->out, tb->ao, s->h);
 #pragma omp barrier
-    STAGE(st, SB_ST_OUT);
+    SB_STAGE(st, SB_ST_OUT);
 }
 
 /* prefill's: h holds the position's residual */
@@ -276,9 +258,9 @@ static void head_vec(const sb_model *m, sb_m2_state *s, const sb_kernels *k, flo
         memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
         sb_v2_act_set(s->ad, s->un, 1, s->quantise);
     }
-    STAGE(st, SB_ST_NORM);
+    SB_STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &m->head, s->ad, logits);
-    STAGE(st, SB_ST_HEAD);
+    SB_STAGE(st, SB_ST_HEAD);
 }
 
 static int decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *logits, int mode) {
@@ -288,21 +270,21 @@ static int decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *l
     if (grow_team(s, sb_n_threads())) return SB_ERR_NOMEM;
 #pragma omp parallel if (sb_n_threads() > 1)
     {
-        STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
+        SB_STAGE(st, SB_NSTAGE); /* the clock starts once the team is up */
         if (mode) sb_fill_bias_slice(logits, NULL, m->info.vocab_size);
         sb_fill_bias_slice(s->zxd, m->m2->layers[0].in.bias, m->m2->n_in);
 #pragma omp single
         sb_v2_row(&m->embd.w.cls[0], tok, s->h);
-        STAGE(st, SB_ST_EMBED);
+        SB_STAGE(st, SB_ST_EMBED);
         for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k, ssd);
         if (mode) {
             struct m2_team_buf *tb = &s->tb[sb_thread_id()];
             rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, tb->un);
             sb_v2_act_set(tb->ad, tb->un, 1, s->quantise);
-            STAGE(st, SB_ST_NORM);
+            SB_STAGE(st, SB_ST_NORM);
             sb_linear_vec_part(k, &m->head, tb->ad, logits);
 #pragma omp barrier
-            STAGE(st, SB_ST_HEAD);
+            SB_STAGE(st, SB_ST_HEAD);
         }
     }
     return SB_OK;

@@ -294,6 +294,14 @@ int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err
 
 /* ---------------------------------------------------------------- a decode step, stage by stage */
 
+static double g_stage_t;
+
+void sb_stage_mark(double *st, int stage) {
+    double t = sb_now();
+    if (stage < SB_NSTAGE) st[stage] += t - g_stage_t;
+    g_stage_t = t;
+}
+
 int sb_profile_decode(const sb_model *m, int32_t n_tokens, double *seconds, double *bytes, double *total, char *err,
                       size_t errlen) {
     if (!m || n_tokens <= 0 || !seconds || !bytes || !total) {
