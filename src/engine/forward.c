@@ -323,6 +323,16 @@ static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float 
     SB_STAGE(st, SB_ST_HEAD);
 }
 
+void sb_decode_head(const sb_kernels *k, const sb_model *m, const float *h, float *un, sb_v2_act *ad, int quantise,
+                    float *logits, double *st) {
+    rmsnorm_vec(h, m->out_norm, m->eps, m->info.d_model, un);
+    sb_v2_act_set(ad, un, 1, quantise);
+    SB_STAGE(st, SB_ST_NORM);
+    sb_linear_vec_part(k, &m->head, ad, logits);
+#pragma omp barrier
+    SB_STAGE(st, SB_ST_HEAD);
+}
+
 static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logits, int mode) {
     const sb_kernels *k = sb_active_kernels();
     const sb_info *I = &m->info;
@@ -341,12 +351,7 @@ static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logi
         for (int i = 0; i < I->n_layer; i++) decode_layer(m, s, i, k);
         if (mode) {
             sb_team_buf *tb = &s->tb[sb_thread_id()];
-            rmsnorm_vec(s->h, m->out_norm, m->eps, I->d_model, tb->un);
-            sb_v2_act_set(tb->ad, tb->un, 1, s->quantise);
-            SB_STAGE(st, SB_ST_NORM);
-            sb_linear_vec_part(k, &m->head, tb->ad, logits);
-#pragma omp barrier
-            SB_STAGE(st, SB_ST_HEAD);
+            sb_decode_head(k, m, s->h, tb->un, tb->ad, s->quantise, logits, st);
         }
     }
     return SB_OK;

@@ -279,12 +279,7 @@ static int decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *l
         for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k, ssd);
         if (mode) {
             struct m2_team_buf *tb = &s->tb[sb_thread_id()];
-            rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, tb->un);
-            sb_v2_act_set(tb->ad, tb->un, 1, s->quantise);
-            SB_STAGE(st, SB_ST_NORM);
-            sb_linear_vec_part(k, &m->head, tb->ad, logits);
-#pragma omp barrier
-            SB_STAGE(st, SB_ST_HEAD);
+            sb_decode_head(k, m, s->h, tb->un, tb->ad, s->quantise, logits, st);
         }
     }
     return SB_OK;
