@@ -135,10 +135,11 @@ void sb_stage_mark(double *st, int stage);
             _Pragma("omp barrier");                                                                         \
         }                                                                                                   \
     } while (0)
-/* Every thread of the team (forward.c, forward_mamba2.c): the final norm of h into its own un / ad, its
- * share of the LM head into logits (filled beforehand), then one wait. st: the head row's stage clock. */
-void sb_decode_head(const sb_kernels *k, const sb_model *m, const float *h, float *un, sb_v2_act *ad, int quantise,
-                    float *logits, double *st);
+/* Every thread of the team (forward.c, forward_mamba2.c): RMSNorm of h (weight norm, or none where the
+ * compiler folded it) into its own un / ad, the SB_ST_NORM mark, its share of lin into y (prefilled with
+ * the bias), one wait, then the mark of `stage` (a block's in_proj, or the LM head). */
+void sb_decode_norm_product(const sb_kernels *k, const float *h, const float *norm, float eps, int d, float *un,
+                            sb_v2_act *ad, int quantise, const sb_linear *lin, float *y, double *st, int stage);
 double sb_now(void); /* CLOCK_MONOTONIC seconds */
 /* bytes the profiler spreads its weights over, so that they come from memory: max(64 MiB, 2 x LLC) */
 size_t sb_profile_working_set(void);

@@ -243,12 +243,7 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     sb_team_buf *tb = &s->tb[sb_thread_id()];
     int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, q = s->quantise;
     /* xz holds in_proj's bias (the previous layer's out_proj stage, or the embedding's) */
-    rmsnorm_vec(s->h, ly->norm, m->eps, d, tb->un);
-    sb_v2_act_set(tb->ad, tb->un, 1, q);
-    SB_STAGE(st, SB_ST_NORM);
-    sb_linear_vec_part(k, &ly->in, tb->ad, s->xz);
-#pragma omp barrier
-    SB_STAGE(st, SB_ST_IN);
+    sb_decode_norm_product(k, s->h, ly->norm, m->eps, d, tb->un, tb->ad, q, &ly->in, s->xz, st, SB_ST_IN);
     float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
     int nch = (di + SB_V2_CHUNK - 1) / SB_V2_CHUNK;
 #pragma omp for schedule(static)
@@ -323,14 +318,14 @@ static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float 
     SB_STAGE(st, SB_ST_HEAD);
 }
 
-void sb_decode_head(const sb_kernels *k, const sb_model *m, const float *h, float *un, sb_v2_act *ad, int quantise,
-                    float *logits, double *st) {
-    rmsnorm_vec(h, m->out_norm, m->eps, m->info.d_model, un);
+void sb_decode_norm_product(const sb_kernels *k, const float *h, const float *norm, float eps, int d, float *un,
+                            sb_v2_act *ad, int quantise, const sb_linear *lin, float *y, double *st, int stage) {
+    rmsnorm_vec(h, norm, eps, d, un);
     sb_v2_act_set(ad, un, 1, quantise);
     SB_STAGE(st, SB_ST_NORM);
-    sb_linear_vec_part(k, &m->head, ad, logits);
+    sb_linear_vec_part(k, lin, ad, y);
 #pragma omp barrier
-    SB_STAGE(st, SB_ST_HEAD);
+    SB_STAGE(st, stage);
 }
 
 static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logits, int mode) {
@@ -351,7 +346,8 @@ static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logi
         for (int i = 0; i < I->n_layer; i++) decode_layer(m, s, i, k);
         if (mode) {
             sb_team_buf *tb = &s->tb[sb_thread_id()];
-            sb_decode_head(k, m, s->h, tb->un, tb->ad, s->quantise, logits, st);
+            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, I->d_model, tb->un, tb->ad, s->quantise, &m->head,
+                                   logits, st, SB_ST_HEAD);
         }
     }
     return SB_OK;

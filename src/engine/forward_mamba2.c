@@ -190,12 +190,7 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
     int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, q = s->quantise;
     int r = M->h / M->g;
     /* zxd holds ssm_in's bias (the previous layer's ssm_out stage, or the embedding's) */
-    rmsnorm_vec(s->h, ly->norm, m->eps, d, tb->un);
-    sb_v2_act_set(tb->ad, tb->un, 1, q);
-    SB_STAGE(st, SB_ST_NORM);
-    sb_linear_vec_part(k, &ly->in, tb->ad, s->zxd);
-#pragma omp barrier
-    SB_STAGE(st, SB_ST_IN);
+    sb_decode_norm_product(k, s->h, ly->norm, m->eps, d, tb->un, tb->ad, q, &ly->in, s->zxd, st, SB_ST_IN);
     if (ly->out.bias) { /* h is read by nothing between this layer's norm and its ssm_out */
         int lo, hi;
         sb_thread_slice(d, &lo, &hi);
@@ -279,7 +274,8 @@ static int decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *l
         for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k, ssd);
         if (mode) {
             struct m2_team_buf *tb = &s->tb[sb_thread_id()];
-            sb_decode_head(k, m, s->h, tb->un, tb->ad, s->quantise, logits, st);
+            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, m->info.d_model, tb->un, tb->ad, s->quantise,
+                                   &m->head, logits, st, SB_ST_HEAD);
         }
     }
     return SB_OK;
