@@ -64,26 +64,71 @@ def log(msg: str) -> None:
 # The files each engine reads, cached
 
 
-def _fresh(artifact: Path, model: BenchModel, rebuild: bool, code: str) -> bool:
-    """A cached file is reused unless it is older than its weights or than the code that writes it
-    (the package ``code``, e.g. sparsamba.compile, edited since: compile again)."""
+def _sources(model: BenchModel, code: str) -> tuple[Path, list[Path]]:
+    """The weights a cached file is made from, and the source files of the package ``code`` that writes it."""
     import importlib.util
 
+    spec = importlib.util.find_spec(code)
+    srcs: list[Path] = []
+    if spec and spec.origin:
+        origin = Path(spec.origin)
+        srcs = sorted(origin.parent.glob("*.py")) if spec.submodule_search_locations else [origin]
+    return model.path / "model.safetensors", srcs
+
+
+def _stamp(model: BenchModel, code: str) -> dict:
+    """What a cached file was made from: the weights (size and modification time: bench/models.py rewrites
+    them only when their recipe changes) and a hash of the writer's source text, so that an edit which
+    leaves the code as it was (a checkout, a stash, a touch) does not make every model again."""
+    import hashlib
+
+    weights, srcs = _sources(model, code)
+    h = hashlib.sha256()
+    for f in srcs:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    st = weights.stat() if weights.exists() else None
+    return {
+        "code": code,
+        "code_sha256": h.hexdigest(),
+        "weights": [st.st_size, st.st_mtime_ns] if st else None,
+    }
+
+
+def _stamp_path(artifact: Path) -> Path:
+    return artifact.with_name(artifact.name + ".stamp.json")
+
+
+def _write_stamp(artifact: Path, stamp: dict) -> None:
+    p = _stamp_path(artifact)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(stamp, indent=1) + "\n")
+    tmp.replace(p)
+
+
+def _fresh(artifact: Path, model: BenchModel, rebuild: bool, code: str) -> bool:
+    """A cached file is reused while its stamp (``_stamp``) matches: the same weights, the same source
+    text of the code that writes it. A file cached before stamps existed is judged by modification times
+    (not older than its weights or the code) and, if fresh, gets its stamp."""
     if rebuild or not artifact.is_file():
         return False
-    spec = importlib.util.find_spec(code)
-    srcs = [model.path / "model.safetensors"]
-    if spec and spec.origin:
-        srcs += (
-            Path(spec.origin).parent.glob("*.py") if spec.submodule_search_locations else [Path(spec.origin)]
-        )
+    stamp = _stamp(model, code)
+    try:
+        return json.loads(_stamp_path(artifact).read_text()) == stamp
+    except FileNotFoundError:
+        pass
+    except (OSError, json.JSONDecodeError):
+        return False
+    weights, srcs = _sources(model, code)
     t = artifact.stat().st_mtime
-    return all(not f.exists() or f.stat().st_mtime <= t for f in srcs)
+    if not all(not f.exists() or f.stat().st_mtime <= t for f in [weights, *srcs]):
+        return False
+    _write_stamp(artifact, stamp)
+    return True
 
 
 def _cached(kind: str, model: BenchModel, dtype: str, work: Path, rebuild: bool) -> Path:
     """The model as a llama.cpp GGUF (kind "gguf") or a packed one ("packed"), made again only when
-    the weights or the code that writes it are newer than the cached file."""
+    the weights or the code that writes it changed (``_fresh``)."""
     from sparsamba.compile import compile_model
     from sparsamba.export.llamacpp import export_gguf
 
@@ -94,7 +139,9 @@ def _cached(kind: str, model: BenchModel, dtype: str, work: Path, rebuild: bool)
     out = work / kind / f"{model.name}-{dtype}.gguf"
     if not _fresh(out, model, rebuild, module):
         log(f"  {verb} {model.name} {dtype} -> {out}")
+        _stamp_path(out).unlink(missing_ok=True)
         write(model.path, out, dtype=dtype, overwrite=True)
+        _write_stamp(out, _stamp(model, module))
     return out
 
 
