@@ -168,7 +168,7 @@ INLINE __m512i chunk_i8(int n, const uint8_t *rec, const int16_t *xq, const __m5
     pf_line(rec, pf);
     if (n == 2) pf_line(rec + 64, pf);
     __m512i c0 = _mm512_load_si512(rec), c1 = n == 2 ? _mm512_load_si512(rec + 64) : c0;
-#pragma GCC unroll 24
+#pragma GCC unroll 32 /* n = 2 has 32 pairs: every field below a constant */
     for (int u = 0; u < npairs; u++) {
         int j = n == 3 ? u : n == 2 ? u % 8 : u / 3;
         __m512i c = n == 2 && u >= 8 ? c1 : c0;
