@@ -110,6 +110,22 @@ def test_arm64_kernels_match_reference(arm64_exe, cases):
 # by side (4 runs of blocks per half of a class, then the leftover blocks one by one): a tail-only K, several
 # panels with a short last chunk, and one K of whole chunks
 STREAM_SHAPES = [(48, 1000), (2100, 1400), (192, 1400)]
+# (K, out) of one class per n (every row the same n, as a uniform recipe packs it): the blocks' rows are
+# contiguous (the decode kernels' vector scatter), K a short tail of 13 groups after 7 chunks (int8
+# n = 1: a pair across two groups, one of them past K), 13 blocks read 4 side by side, then one by one
+UNIFORM_SHAPES = [(500, 200)]
+
+
+def uniform_classes(rng, out: int, K: int, n: int):
+    """A C_4^n matrix with the same n on every row: one class of rows 0..out-1."""
+    G = -(-K // 4)
+    keep = np.ones((out, G, 4), bool)
+    for r in range(out):
+        for g in range(G):
+            keep[r, g, rng.permutation(4)[:n]] = False
+    keep = keep.reshape(out, -1)
+    W = rng.standard_normal((out, 4 * G)).astype(np.float32) * keep
+    return [(n, np.arange(out), keep, W[:, :K])], W[:, :K]
 
 
 def write_cases(d: Path, seed: int = 0, tokens: int = 21) -> list[Path]:
@@ -118,9 +134,14 @@ def write_cases(d: Path, seed: int = 0, tokens: int = 21) -> list[Path]:
     rng = np.random.default_rng(seed)
     d.mkdir(parents=True, exist_ok=True)
     paths = []
-    for K, out in SHAPES + STREAM_SHAPES:
+    shapes = [(K, out, None) for K, out in SHAPES + STREAM_SHAPES]
+    shapes += [(K, out, n) for K, out in UNIFORM_SHAPES for n in range(4)]
+    for K, out, n in shapes:
         for dtype, dt in DTYPES.items():
-            classes, _ = random_classes(rng, out, K)
+            if n is None:
+                classes, _ = random_classes(rng, out, K)
+            else:
+                classes, _ = uniform_classes(rng, out, K, n)
             blob = pack_matrix(out, K, classes, dtype)
             W = dense_of(unpack_matrix(blob)).astype(np.float64)
             x = rng.standard_normal((tokens, K)).astype(np.float32)
@@ -130,7 +151,7 @@ def write_cases(d: Path, seed: int = 0, tokens: int = 21) -> list[Path]:
             xm[:, :K] = np.abs(x)
             xm = np.repeat(xm.reshape(tokens, -1, CHUNK).max(-1), CHUNK, 1)[:, :K]
             mag = (xm.astype(np.float64) @ np.abs(W).T).astype(np.float32)
-            p = d / f"case-{K}-{out}-{dtype}.bin"
+            p = d / f"case-{K}-{out}{'' if n is None else f'-n{n}'}-{dtype}.bin"
             p.write_bytes(
                 struct.pack("<4IQ", K, out, dt, tokens, len(blob))
                 + x.tobytes()

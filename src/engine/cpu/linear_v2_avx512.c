@@ -7,11 +7,17 @@
  *   values of the slot are one load (f16: 32 bytes, widened), and one FMA accumulates.
  * int8: integer dot products on int16 activations (see sb_v2_act_set). A pair of slots is one
  *   vpdpwssd (vpmaddwd + vpaddd without VNNI): the 16 rows' (w_a, w_b) int8 pairs, widened to int16,
- *   times each lane's (x[pos_a], x[pos_b]), picked from the chunk's 64 int16 inputs by one
- *   two-register word permute (vpermt2w, 6-bit index per word). The per-word index is built from
- *   the code word with one variable word shift and one ternary-logic (mask | group offset).
- *   The int32 sums of a chunk (|sum| < 64 * 127 * 32767 < 2^31) are flushed to fp32 with the
- *   chunk's activation scale. */
+ *   times each lane's (x[pos_a], x[pos_b]) as one dword, picked by one vpermd from a 16-dword table
+ *   of the chunk's inputs: the pair's two 2-bit position fields (n = 1: the two removed positions of
+ *   a group pair, which fix its three pairs) sit side by side in the code word, so the lane's code
+ *   shifted by 4 j is the index as it is (vpermd reads bits [3:0]). The tables, 8 / 16 / 24 zmm for
+ *   n = 3 / 2 / 1, are vpermw's of the chunk's inputs by constant indices, built once per chunk for
+ *   the blocks read side by side (once per panel where the panel is one chunk). Per pair: shift,
+ *   vpermd, vpmovsxbw, vpdpwssd, half the uops of the index built per word for a vpermt2w that this
+ *   replaced; on both models' in_proj / out_proj the sparse classes ran 1.08-1.28x as fast, most at
+ *   93-98% of the read probe (was 62-89%; 1 thread, cold weights, AVX-512 VNNI Xeon at 2.1 GHz). The
+ *   int32 sums of a chunk (|sum| < 64 * 127 * 32767 < 2^31) are flushed to fp32 with the chunk's
+ *   activation scale. */
 #include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,24 +99,45 @@ INLINE void chunk_fp(int n, int dt, const uint8_t *const *rec, int S, const floa
 
 /* ---- int8 ---- */
 
-/* per pair u of slots (2u, 2u+1) of a chunk: which half-word of codes holds its two fields (sel:
- * word * 2 + half), the word shifts bringing them to bit 0 of the low / high int16 of each lane, the
- * rotation for n = 1, and the group offsets 4g (bits 2..5 of the 6-bit vpermt2w index). A pure
- * function of (n, u): inside the unrolled pair loop every field is a constant. */
-typedef struct {
-    int32_t sel, shift, add, group;
-} pair_op;
+/* Per pair u of kept slots (2u, 2u+1) of a chunk, each lane's (x[pos_a], x[pos_b]) is entry
+ * (c >> 4 j) & 15 of a 16-dword table T_u, where c is the lane's code word and j = u (n = 3: slots 2u,
+ * 2u+1 are groups 2u, 2u+1 and their fields bits 4u..4u+3), u % 8 (n = 2: the pair is group u, its two
+ * fields bits 4(u % 8).. of word u / 8), u / 3 (n = 1: groups 2m, 2m+1 hold pairs 3m..3m+2, and their
+ * two removed positions, bits 4m..4m+3, fix all three). vpermd reads only bits [3:0] of each index, so
+ * the per-pair cost is one shift (shared by three pairs for n = 1), one vpermd with T_u as its memory
+ * operand, the weights' widening and the dot product. T_u[i], i = a | b << 2, holds int16 x[lo] low and
+ * x[hi] high; lo and hi are each base + ((a or b) + rot) & 3, all inputs of a table in one half of the
+ * chunk's 64, so a table is one vpermw of that half by a constant word index (TIX below). */
+#define TE(bs, f, r, i) ((bs) + ((((f) ? (i) >> 2 : (i) & 3) + (r)) & 3))
+#define TW(bl, fl, rl, bh, fh, rh, i) TE(bl, fl, rl, i), TE(bh, fh, rh, i)
+#define TIX(bl, fl, rl, bh, fh, rh)                                                                              \
+    {TW(bl, fl, rl, bh, fh, rh, 0),  TW(bl, fl, rl, bh, fh, rh, 1),  TW(bl, fl, rl, bh, fh, rh, 2),             \
+     TW(bl, fl, rl, bh, fh, rh, 3),  TW(bl, fl, rl, bh, fh, rh, 4),  TW(bl, fl, rl, bh, fh, rh, 5),             \
+     TW(bl, fl, rl, bh, fh, rh, 6),  TW(bl, fl, rl, bh, fh, rh, 7),  TW(bl, fl, rl, bh, fh, rh, 8),             \
+     TW(bl, fl, rl, bh, fh, rh, 9),  TW(bl, fl, rl, bh, fh, rh, 10), TW(bl, fl, rl, bh, fh, rh, 11),            \
+     TW(bl, fl, rl, bh, fh, rh, 12), TW(bl, fl, rl, bh, fh, rh, 13), TW(bl, fl, rl, bh, fh, rh, 14),            \
+     TW(bl, fl, rl, bh, fh, rh, 15)}
+#define TIX1(m) TIX(8 * (m), 0, 1, 8 * (m), 0, 2), TIX(8 * (m), 0, 3, 8 * (m) + 4, 1, 1), TIX(8 * (m) + 4, 1, 2, 8 * (m) + 4, 1, 3)
 
-INLINE pair_op pair_of(int n, int u) {
-    int sh[2], ad[2], gr[2], sel = 0;
-    for (int h = 0; h < 2; h++) {
-        int t = 2 * u + h, f, g, k = 0;
-        if (n == 1) f = g = t / 3, k = t % 3;
-        else f = t, g = n == 2 ? t / 2 : t;
-        sel = (f / 16) * 2 + (f % 16) / 8; /* both fields of a pair lie in the same half-word */
-        sh[h] = 2 * (f % 8), ad[h] = n == 1 ? k + 1 : 0, gr[h] = 4 * (g % 16);
+/* word indices into one half (32 inputs) of the chunk: n = 3 tables u % 4, then n = 2 tables u % 8,
+ * then n = 1 tables 3 (m % 4) + k (k = u % 3: pairs (k0, k1) of group 2m, (k2 of 2m, k0 of 2m + 1),
+ * (k1, k2) of 2m + 1, a group's kept positions p+1, p+2, p+3 after its removed p) */
+static _Alignas(64) const int16_t tix[24][32] = {
+    TIX(0, 0, 0, 4, 1, 0),  TIX(8, 0, 0, 12, 1, 0),  TIX(16, 0, 0, 20, 1, 0),  TIX(24, 0, 0, 28, 1, 0),
+    TIX(0, 0, 0, 0, 1, 0),  TIX(4, 0, 0, 4, 1, 0),   TIX(8, 0, 0, 8, 1, 0),    TIX(12, 0, 0, 12, 1, 0),
+    TIX(16, 0, 0, 16, 1, 0), TIX(20, 0, 0, 20, 1, 0), TIX(24, 0, 0, 24, 1, 0), TIX(28, 0, 0, 28, 1, 0),
+    TIX1(0),                TIX1(1),                 TIX1(2),                  TIX1(3)};
+
+/* the tables T_0..T_{np-1} of one chunk's int16 inputs xq[0..63] (n = 1..3); built once per chunk and
+ * read by every block whose chunk record pairs with these inputs (run() shares them across blocks) */
+INLINE void tables_i8(int n, const int16_t *xq, int np, __m512i *tab) {
+    __m512i xlo = _mm512_loadu_si512(xq), xhi = _mm512_loadu_si512(xq + 32);
+#pragma GCC unroll 24
+    for (int u = 0; u < np; u++) {
+        int t = n == 3 ? u % 4 : n == 2 ? 4 + u % 8 : 12 + 3 * (u / 3 % 4) + u % 3;
+        int hi = n == 3 ? u >= 4 : n == 2 ? u >= 8 : u >= 12;
+        _mm512_store_si512(tab + u, _mm512_permutexvar_epi16(_mm512_load_si512(tix[t]), hi ? xhi : xlo));
     }
-    return (pair_op){sel, sh[0] | sh[1] << 16, ad[0] | ad[1] << 16, gr[0] | gr[1] << 16};
 }
 
 /* acc += w.lo * x.lo + w.hi * x.hi per int32 lane. The VNNI instruction is written as inline asm so
@@ -122,8 +149,10 @@ INLINE __m512i dot_pairs(__m512i acc, __m512i w, __m512i x, int vnni) {
     return acc;
 }
 
-/* int32 sums of one chunk record (npairs pairs) against the chunk's int16 inputs xq[0..63] */
-INLINE __m512i chunk_i8(int n, const uint8_t *rec, const int16_t *xq, int npairs, int vnni, size_t pf) {
+/* int32 sums of one chunk record (npairs pairs) against the chunk's int16 inputs xq[0..63] (n = 0) or
+ * its tables tab (n = 1..3, tables_i8) */
+INLINE __m512i chunk_i8(int n, const uint8_t *rec, const int16_t *xq, const __m512i *tab, int npairs, int vnni,
+                        size_t pf) {
     const uint8_t *v = rec + sb_v2_code_bytes(n);
     __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
     if (n == 0) { /* fixed positions: the pair's inputs are one dword of xq */
@@ -144,22 +173,13 @@ INLINE __m512i chunk_i8(int n, const uint8_t *rec, const int16_t *xq, int npairs
     }
     pf_line(rec, pf);
     if (n == 2) pf_line(rec + 64, pf);
-    __m512i xlo = _mm512_loadu_si512(xq), xhi = _mm512_loadu_si512(xq + 32);
-    /* each code word's low and high 16 bits copied into both int16 halves of its lane, so that one
-     * vpsrlvw brings a different field to bit 0 of each half */
-    __m512i H[4], lo16 = _mm512_set1_epi32(0xffff), mask = _mm512_set1_epi32(0x00030003);
-    for (int w = 0; w < (n == 2 ? 2 : 1); w++) {
-        __m512i c = _mm512_load_si512(rec + 64 * w);
-        H[2 * w] = _mm512_or_si512(_mm512_and_si512(c, lo16), _mm512_slli_epi32(c, 16));
-        H[2 * w + 1] = _mm512_or_si512(_mm512_srli_epi32(c, 16), _mm512_andnot_si512(lo16, c));
-    }
-#pragma GCC unroll 24
+    __m512i c0 = _mm512_load_si512(rec), c1 = n == 2 ? _mm512_load_si512(rec + 64) : c0;
+#pragma GCC unroll 32 /* n = 2 has 32 pairs: every field below a constant */
     for (int u = 0; u < npairs; u++) {
-        pair_op op = pair_of(n, u);
-        __m512i s = _mm512_srlv_epi16(H[op.sel], _mm512_set1_epi32(op.shift));
-        if (n == 1) s = _mm512_add_epi16(s, _mm512_set1_epi32(op.add));
-        __m512i idx = _mm512_ternarylogic_epi32(s, mask, _mm512_set1_epi32(op.group), 0xea); /* (s & mask) | group */
-        __m512i xp = _mm512_permutex2var_epi16(xlo, idx, xhi);
+        int j = n == 3 ? u : n == 2 ? u % 8 : u / 3;
+        __m512i c = n == 2 && u >= 8 ? c1 : c0;
+        __m512i idx = j ? _mm512_srli_epi32(c, 4 * j) : c;
+        __m512i xp = _mm512_permutexvar_epi32(idx, _mm512_load_si512(tab + u));
         if (u % 2 == 0) pf_line(v + 32 * u, pf);
         __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(v + 32 * u)));
         switch (u & 3) { /* four independent sums: vpdpwssd's latency is not the limit */
@@ -174,18 +194,27 @@ INLINE __m512i chunk_i8(int n, const uint8_t *rec, const int16_t *xq, int npairs
 
 /* ---- one class ---- */
 
-INLINE __m512 block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int dt, int vnni, size_t pf) {
+/* tab1: the tables of a panel that is one chunk, built once by run() for all its blocks, else NULL */
+INLINE __m512 block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int len, int n, int dt, int vnni, size_t pf,
+                          const __m512i *tab1) {
     int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK, Gt = (rest + 3) / 4, ch0 = j0 / SB_V2_CHUNK;
     size_t rb = sb_v2_record_bytes(n, dt, 16);
     if (dt == SB_V2_I8) {
+        _Alignas(64) __m512i tab[24];
         __m512 acc = _mm512_setzero_ps();
-        for (int ch = 0; ch < full; ch++, rec += rb) {
-            __m512i s = chunk_i8(n, rec, a->xq + SB_V2_CHUNK * (ch0 + ch), 8 * (4 - n), vnni, pf);
+        for (int ch = 0; ch <= full; ch++, rec += rb) {
+            if (ch == full && !rest) break;
+            const int16_t *xq = a->xq + SB_V2_CHUNK * (ch0 + ch);
+            __m512i s;
+            if (ch < full) {
+                if (n && !tab1) tables_i8(n, xq, 8 * (4 - n), tab);
+                s = chunk_i8(n, rec, xq, tab1 ? tab1 : tab, 8 * (4 - n), vnni, pf);
+            } else {
+                int np = (Gt * (4 - n) + 1) / 2;
+                if (n && !tab1) tables_i8(n, xq, np, tab);
+                s = chunk_i8(n, rec, xq, tab1 ? tab1 : tab, np, vnni, pf);
+            }
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a->xs[ch0 + ch]), acc);
-        }
-        if (rest) {
-            __m512i s = chunk_i8(n, rec, a->xq + SB_V2_CHUNK * (ch0 + full), (Gt * (4 - n) + 1) / 2, vnni, pf);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a->xs[ch0 + full]), acc);
         }
         return acc;
     }
@@ -199,12 +228,13 @@ INLINE __m512 block_panel(const sb_v2_act *a, const uint8_t *rec, int j0, int le
 /* S blocks' streams over one panel side by side, rec0[s] the start of block s's: one chunk record of
  * each in turn (the tail chunk too); the panel sums into out[s] */
 INLINE void blocks_panel(const sb_v2_act *a, const uint8_t *const *rec0, int S, int j0, int len, int n, int dt,
-                         int vnni, size_t pf, __m512 *out) {
+                         int vnni, size_t pf, const __m512i *tab1, __m512 *out) {
     int full = len / SB_V2_CHUNK, rest = len % SB_V2_CHUNK, Gt = (rest + 3) / 4, ch0 = j0 / SB_V2_CHUNK;
     size_t rb = sb_v2_record_bytes(n, dt, 16);
     const uint8_t *rec[4];
     for (int s = 0; s < S; s++) rec[s] = rec0[s];
     if (dt == SB_V2_I8) {
+        _Alignas(64) __m512i tab[24];
         __m512 acc[4];
         for (int s = 0; s < S; s++) acc[s] = _mm512_setzero_ps();
         for (int ch = 0; ch <= full; ch++) {
@@ -212,8 +242,13 @@ INLINE void blocks_panel(const sb_v2_act *a, const uint8_t *const *rec0, int S, 
             int np = ch < full ? 8 * (4 - n) : (Gt * (4 - n) + 1) / 2;
             const int16_t *xq = a->xq + SB_V2_CHUNK * (ch0 + ch);
             __m512 xs = _mm512_set1_ps(a->xs[ch0 + ch]);
+            if (n && !tab1) { /* one set of tables for the S blocks */
+                if (ch < full) tables_i8(n, xq, 8 * (4 - n), tab);
+                else tables_i8(n, xq, np, tab);
+            }
+            const __m512i *t = tab1 ? tab1 : tab;
             for (int s = 0; s < S; s++) {
-                __m512i v = ch < full ? chunk_i8(n, rec[s], xq, 8 * (4 - n), vnni, pf) : chunk_i8(n, rec[s], xq, np, vnni, pf);
+                __m512i v = ch < full ? chunk_i8(n, rec[s], xq, t, 8 * (4 - n), vnni, pf) : chunk_i8(n, rec[s], xq, t, np, vnni, pf);
                 acc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), xs, acc[s]);
                 rec[s] += rb;
             }
@@ -334,8 +369,16 @@ INLINE void run_cm(const sb_v2_class *c, const sb_v2_act *a0, int T, float *Y, i
 INLINE void scatter(const sb_v2_class *c, int b, __m512 acc, float *y, size_t ldy) {
     float out[SB_V2_B];
     if (c->scale) acc = _mm512_mul_ps(acc, _mm512_loadu_ps(c->scale + SB_V2_B * b));
-    _mm512_storeu_ps(out, acc);
     const int32_t *idx = c->index + SB_V2_B * b;
+    /* rows idx[0]..idx[0]+15 (a class of one n over whole blocks, as a uniform recipe packs every row):
+     * one vector add; dt_proj's blocks of one chunk spent as long here as in the product (int8 1.1-1.3x) */
+    __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    if (ldy == 1 && idx[0] >= 0 &&
+        _mm512_cmpeq_epi32_mask(_mm512_loadu_si512(idx), _mm512_add_epi32(_mm512_set1_epi32(idx[0]), iota)) == 0xffff) {
+        _mm512_storeu_ps(y + idx[0], _mm512_add_ps(_mm512_loadu_ps(y + idx[0]), acc));
+        return;
+    }
+    _mm512_storeu_ps(out, acc);
     for (int r = 0; r < SB_V2_B; r++)
         if (idx[r] >= 0) y[(size_t)idx[r] * ldy] += out[r];
 }
@@ -357,6 +400,14 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
     for (int p = 0; p < sb_v2_npanels(c->K, c->panel); p++) {
         int len = sb_v2_panel_len(c->K, c->panel, p), j0 = p * c->panel, b = b0;
         size_t bpb = sb_v2_block_panel_bytes(n, dt, c->K, c->panel, p);
+        /* a panel of one chunk (dt_proj's K = 48 / 64, a last panel's tail): its int8 tables once for all
+         * blocks, not once per block */
+        _Alignas(64) __m512i tab1[24];
+        const __m512i *t1 = NULL;
+        if (dt == SB_V2_I8 && n && T == 1 && len <= SB_V2_CHUNK) {
+            tables_i8(n, act[0].xq + j0, ((len + 3) / 4 * (4 - n) + 1) / 2, tab1);
+            t1 = tab1;
+        }
         if (T == 1 && b1 - b0 >= STREAMS && (dt != SB_V2_I8 || bpb >= 1024)) {
             /* decode: the blocks as STREAMS contiguous runs read side by side (several sequential streams
              * read memory faster than one: bench/README.md, the read probe), then the leftover blocks. Not
@@ -367,14 +418,15 @@ INLINE void run(const sb_v2_class *c, const sb_v2_act *act, int T, float *Y, int
                 const uint8_t *rec[STREAMS];
                 __m512 out[STREAMS];
                 for (int s = 0; s < STREAMS; s++) rec[s] = panel + (size_t)(b0 + s * q + i) * bpb;
-                blocks_panel(&act[0], rec, STREAMS, j0, len, n, dt, vnni, pf, out);
+                blocks_panel(&act[0], rec, STREAMS, j0, len, n, dt, vnni, pf, t1, out);
                 for (int s = 0; s < STREAMS; s++) scatter(c, b0 + s * q + i, out[s], Y, (size_t)ldy);
             }
             b = b0 + STREAMS * q;
         }
         for (; b < b1; b++)
             for (int t = 0; t < T; t++)
-                scatter(c, b, block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, vnni, pf), Y + t, (size_t)ldy);
+                scatter(c, b, block_panel(&act[t], panel + (size_t)b * bpb, j0, len, n, dt, vnni, pf, t1), Y + t,
+                        (size_t)ldy);
         panel += bpb * (size_t)c->nblocks;
     }
 }
