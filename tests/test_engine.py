@@ -86,6 +86,46 @@ def test_logits_match_the_references(compiled, name, dtype, isa):
     assert max_rel(got, source) <= VS_SOURCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", ["f32", "int8"])
+def test_a_layer_with_every_row_removed_is_not_read(tmp_path, dtype):
+    """A layer pruned whole (every row n = 4) packs to the header alone, no class: the engine reads
+    nothing for it and its output stays zero, as in plan_forward and the source model. Before, such a
+    layer was stored dense and cost a whole dense read (found by the latency round trip, where a latency
+    target removed x_proj and dt_proj of a random model entirely)."""
+    from conftest import random_pruned
+
+    from sparsamba.model.hf import save_model
+
+    m = load_model(random_pruned(tmp_path / "r", seed=21, **CONFIGS["d40"]))
+    mixers = [layer.mixer for layer in m.backbone.layers]
+    with torch.no_grad():
+        mixers[0].x_proj.weight.zero_()
+        mixers[1].dt_proj.weight.zero_()
+        mixers[1].in_proj.weight.zero_()  # ssm_in decides the channel order (fold): none left to order
+    src = save_model(m, tmp_path / "m")
+    path = compile_model(src, tmp_path / "m.gguf", dtype=dtype).path
+    plan = read_packed(path)
+    blobs = dict(plan.linears())
+    for name in ("blk.0.ssm_x", "blk.1.ssm_dt", "blk.1.ssm_in"):
+        assert blobs[name].classes == [] and blobs[name].blob.nbytes == 64, name
+    assert blobs["blk.0.ssm_in"].blob.nbytes > 64
+    ids = ids_for(m.config.vocab_size)
+    same = plan_forward(plan, torch.tensor(ids)).numpy()
+    with torch.no_grad():
+        ref = m(torch.tensor([ids]))[0].numpy()
+    assert max_rel(same, ref) < VS_SOURCE[dtype]
+    for isa in [i for i in ISAS if i != "avx512-novnni"]:
+        assert set_isa(isa).startswith(isa)
+        eng = Engine(path, threads=1)
+        assert max_rel(eng.logits(ids), same) < SAME_WEIGHTS, isa
+        one = eng.generate(ids[:5], 4)
+        assert Engine(path, threads=2).generate(ids[:5], 4) == one, isa
+    from sparsamba.runtime.engine import opencl_devices
+
+    if opencl_devices():  # the OpenCL backend reads the same blobs (tests/test_engine_opencl.py)
+        assert max_rel(Engine(path, device="opencl").logits(ids), same) < SAME_WEIGHTS
+
+
 def test_families_this_cpu_lacks_are_named():
     if SKIPPED_ISAS:
         pytest.skip(

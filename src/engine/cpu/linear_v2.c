@@ -229,7 +229,6 @@ int sb_v2_check(const void *blob, size_t size, int out, int in, int dtype, sb_v2
                            .scale = dtype == SB_V2_I8 ? (const float *)(b + o + ch.off_scale) : NULL,
                            .stream = b + o + ch.off_stream};
     }
-    if (m->nclass == 0) return fail(err, errlen, "no class: every row removed (a layer of zeros is stored dense)");
     if (end_prev != size) return fail(err, errlen, "%zu bytes, the classes end at %llu", size, (unsigned long long)end_prev);
     if (rows_total > (uint64_t)out) return fail(err, errlen, "%llu rows in the classes, more than out = %d", (unsigned long long)rows_total, out);
     unsigned char *seen = calloc((size_t)out, 1);

@@ -184,8 +184,7 @@ def read_packed(path: str | Path) -> Plan:
             raise SparsambaError(f"{path}: tensor {name}.v2: {e}") from None
         if (m.out, m.in_) != (out, n_in):
             raise SparsambaError(f"{path}: tensor {name}.v2 is ({m.out}, {m.in_}), expected ({out}, {n_in})")
-        c0 = m.classes[0]
-        if len(m.classes) == 1 and c0.n == 0 and np.array_equal(c0.rows, np.arange(out)):
+        if len(m.classes) == 1 and m.classes[0].n == 0 and np.array_equal(m.classes[0].rows, np.arange(out)):
             return LinearPlan(out, n_in, blob=blob)
         classes = [RowClass(c.n, torch.from_numpy(c.rows), torch.from_numpy(c.keep)) for c in m.classes]
         return LinearPlan(out, n_in, classes=classes, blob=blob)

@@ -30,12 +30,13 @@ PASSES = ("reorder", "fold", "fuse", "pack")
 def classes_of(W: Tensor) -> list[RowClass] | None:
     """W (out, in) fp32 -> its row classes, n ascending, rows ascending; None when the layer stays dense.
 
-    Dense: no row removes a real weight (every n is what the padding alone gives, 0 when in >= 4), or
-    every row is zero (a packed layer with no class would look like a missing tensor to the engine).
+    Dense: no row removes a real weight (every n is what the padding alone gives, 0 when in >= 4). A
+    layer whose every row is zero has no class (``[]``): its blob is the header alone, and the engine
+    reads nothing for it (it was stored dense once, a whole dense read for a layer pruned away).
     """
     n, keep = classify_rows(W)
     n_pad = max(0, 4 - W.shape[1])  # a dense row of in < 4 reads as n = 4 - in
-    if bool((n == n_pad).all()) or bool((n == 4).all()):
+    if bool((n == n_pad).all()):
         return None
     classes = []
     for c in range(4):
@@ -77,7 +78,7 @@ def _class_order(lp: LinearPlan, di: int) -> Tensor | None:
     if lp.dense:
         return None
     seen = [c.rows.long()[c.rows < di] for c in lp.classes]
-    order = torch.cat(seen)
+    order = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long)
     rest = torch.ones(di, dtype=torch.bool)
     rest[order] = False
     return torch.cat([order, rest.nonzero().flatten()])
@@ -217,7 +218,7 @@ def pack(plan: Plan, dtype: str = "f16") -> Plan:
             b.linears[k] = _pack_linear(lp, dtype, f"blk.{i}.{k}")
     p.dtype = dtype
     fmt = {
-        f"blk.{i}.{k}": "dense" if lp.dense else "+".join(f"c4n{c.n}_{dtype}" for c in lp.classes)
+        f"blk.{i}.{k}": "dense" if lp.dense else "+".join(f"c4n{c.n}_{dtype}" for c in lp.classes) or "removed"
         for i, b in enumerate(p.blocks)
         for k, lp in b.linears.items()
     }
