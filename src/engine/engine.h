@@ -22,6 +22,7 @@ typedef struct {
     const float *norm;    /* attn_norm (d,), NULL when folded into in_proj */
     sb_linear in, x, dt, out;
     const float *conv_w, *conv_b, *A, *D, *dt_bias;
+    const float *conv_wt; /* conv_w tap-major (K, di), as the decode conv reads it: a view into sb_model.conv_wt */
 } sb_layer;
 
 struct sb_model {
@@ -34,6 +35,7 @@ struct sb_model {
     sb_linear head;       /* the LM head (a copy of embd's description when tied) */
     const float *out_norm;
     sb_layer *layers;     /* Mamba-1 blocks; NULL for Mamba-2 */
+    float *conv_wt;       /* every layer's conv_w transposed (owned; Mamba-1) */
     struct sb_m2 *m2;     /* Mamba-2 dims and blocks (mamba2.h); NULL for Mamba-1 */
 };
 
@@ -57,6 +59,13 @@ typedef struct {
      * family without one: the forward runs scan_step token by token. */
     void (*scan_chunk)(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
                        const float *B, const float *C, float *s, float *y, int c0, int c1);
+    /* Decode scan (Mamba-1, one token) of channels [c0, c1), Δ already through softplus:
+     *     s_c = exp(Δ_c A_c) * s_c + Δ_c x_c B,   y_c = s_c . C + D_c x_c
+     * A, s (d_inner, N); dt, x, D, y by channel. The SIMD families take a group of channels at once and
+     * sum their dot products with one transposed reduction; sb_scan_decode_steps is the same per channel
+     * with a family's scan_step. */
+    void (*scan_decode)(int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
+                        const float *C, float *s, float *y, int c0, int c1);
 } sb_kernels;
 
 extern const sb_kernels sb_kernels_ref;
@@ -66,6 +75,12 @@ void sb_scan_chunk_steps(void (*step)(int N, const float *A, float dt, float dtx
                                       float *s, float *yc),
                          int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
                          const float *B, const float *C, float *s, float *y, int c0, int c1);
+/* scan_decode's meaning channel by channel with a family's scan_step (kernels_ref.c): the reference, and
+ * the families' fallback for an N their group kernels do not take */
+void sb_scan_decode_steps(void (*step)(int N, const float *A, float dt, float dtx, const float *B, const float *C,
+                                       float *s, float *yc),
+                          int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
+                          const float *C, float *s, float *y, int c0, int c1);
 #if defined(__x86_64__) || defined(_M_X64)
 extern const sb_kernels sb_kernels_avx2;
 extern const sb_kernels sb_kernels_avx512; /* AVX-512 products (VNNI at run time) and scan step, AVX2's other ops */
@@ -74,6 +89,8 @@ void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float
                          float *yc); /* kernels_avx512.c */
 void sb_scan_chunk_avx512(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
                           const float *B, const float *C, float *s, float *y, int c0, int c1);
+void sb_scan_decode_avx512(int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
+                           const float *C, float *s, float *y, int c0, int c1);
 #endif
 #if defined(__aarch64__)
 extern const sb_kernels sb_kernels_neon;

@@ -205,6 +205,18 @@ static int load_model(loader *L) {
         ly->dt.bias = ly->dt_bias;
     }
 #undef VEC
+    /* the conv weights tap-major: one token's conv then reads each tap as a run of channels, as it reads the
+     * window (forward.c) */
+    if (!(m->conv_wt = malloc(sizeof(float) * (size_t)I->n_layer * K * di))) {
+        snprintf(err, el, "out of memory");
+        return SB_ERR_NOMEM;
+    }
+    for (int i = 0; i < I->n_layer; i++) {
+        float *wt = m->conv_wt + (size_t)i * K * di;
+        for (int c = 0; c < di; c++)
+            for (int j = 0; j < K; j++) wt[(size_t)j * di + c] = m->layers[i].conv_w[(size_t)c * K + j];
+        m->layers[i].conv_wt = wt;
+    }
     for (uint64_t t = 0; t < f->n_tensors; t++)
         if (!L->used[t])
             return ferr(L, "tensor '%.*s' is not part of a sparsamba.mamba model (misnamed?)",
@@ -302,6 +314,7 @@ void sb_model_free(sb_model *m) {
     if (!m) return;
     gg_free(&m->gf);
     free(m->layers);
+    free(m->conv_wt);
     sb_m2_free(m->m2);
     if (m->map) munmap(m->map, m->map_size);
     free(m);

@@ -1,7 +1,7 @@
 /* Every kernel of one family against the scalar reference and numpy: the matrix products of packed
  * format v2 (gemv and gemm, every class n = 0..3 in f32, f16 and int8, on the case files that
  * tests/test_kernels.py writes with the numpy packer: K below a group, K not a multiple of a chunk,
- * several panels, rows not a multiple of a block), then silu, softplus, mul_silu, scan_step and
+ * several panels, rows not a multiple of a block), then silu, softplus, mul_silu, scan_step, scan_decode and
  * read_sum on odd lengths.
  *
  *   sparsamba-test-kernels FAMILY [CASE...]   FAMILY: scalar, avx2, avx512, neon
@@ -227,6 +227,41 @@ static void test_scan_step(int N) {
     free(A), free(B), free(C), free(s0), free(sr), free(sk);
 }
 
+/* the decode scan of channels [c0, c1) against the reference's scan_step channel by channel: groups whole
+ * and cut at either end, N at, below and past a SIMD width; channels outside the range left untouched */
+static void test_scan_decode(int N, int c0, int c1) {
+    int di = c1 + 3;
+    float *A = malloc(sizeof(float) * (size_t)di * N), *D = malloc(sizeof(float) * (size_t)di),
+          *dt = malloc(sizeof(float) * (size_t)di), *x = malloc(sizeof(float) * (size_t)di),
+          *B = malloc(sizeof(float) * (size_t)N), *C = malloc(sizeof(float) * (size_t)N),
+          *s0 = malloc(sizeof(float) * (size_t)di * N), *sk = malloc(sizeof(float) * (size_t)di * N),
+          *yk = malloc(sizeof(float) * (size_t)di);
+    for (int i = 0; i < di * N; i++) A[i] = -expf(uniform(-2.0f, 2.5f)), s0[i] = sk[i] = uniform(-2.0f, 2.0f);
+    for (int i = 0; i < di; i++) D[i] = uniform(-1.0f, 1.0f), dt[i] = uniform(0.001f, 0.5f), x[i] = uniform(-2.0f, 2.0f);
+    for (int i = 0; i < N; i++) B[i] = uniform(-1.0f, 1.0f), C[i] = uniform(-1.0f, 1.0f);
+    for (int i = 0; i < di; i++) yk[i] = -7.0f;
+    K->scan_decode(N, A, D, dt, x, B, C, sk, yk, c0, c1);
+    char what[96];
+    float *sr = malloc(sizeof(float) * (size_t)N);
+    for (int c = 0; c < di; c++) {
+        int in = c >= c0 && c < c1;
+        float yr = -7.0f, mag = 1e-6f;
+        memcpy(sr, s0 + (size_t)c * N, sizeof(float) * (size_t)N);
+        if (in) {
+            sb_kernels_ref.scan_step(N, A + (size_t)c * N, dt[c], dt[c] * x[c], B, C, sr, &yr);
+            for (int n = 0; n < N; n++) mag += fabsf(sr[n] * C[n]);
+            yr += D[c] * x[c], mag += fabsf(D[c] * x[c]);
+        }
+        snprintf(what, sizeof what, "scan_decode N=%d channels [%d, %d): channel %d output", N, c0, c1, c);
+        check(what, yk[c], yr, in ? 1e-5 : 0.0, mag);
+        for (int n = 0; n < N; n++) {
+            snprintf(what, sizeof what, "scan_decode N=%d channels [%d, %d): channel %d state %d", N, c0, c1, c, n);
+            check(what, sk[(size_t)c * N + n], sr[n], in ? 1e-5 : 0.0, fabsf(sr[n]) + 0.1f);
+        }
+    }
+    free(A), free(D), free(dt), free(x), free(B), free(C), free(s0), free(sk), free(yk), free(sr);
+}
+
 /* the prefill scan of channels [c0, c1) over T tokens against the reference's scan_step, token by token:
  * channel counts below and at a SIMD width, N below, at and past the register-held 16 */
 static void test_scan_chunk(int N, int T, int c0, int c1) {
@@ -368,6 +403,9 @@ int main(int argc, char **argv) {
     }
     static const int NS[] = {1, 4, 7, 16, 17, 33, 64};
     for (size_t i = 0; i < sizeof NS / sizeof *NS; i++) test_scan_step(NS[i]);
+    static const int DEC[][3] = {{16, 0, 16}, {16, 0, 64}, {16, 5, 37}, {16, 3, 4}, {32, 1, 30}, {8, 0, 24},
+                                 {4, 2, 11}, {5, 0, 19}, {17, 4, 21}, {48, 0, 17}};
+    for (size_t i = 0; i < sizeof DEC / sizeof *DEC; i++) test_scan_decode(DEC[i][0], DEC[i][1], DEC[i][2]);
     test_scan_chunk(16, 21, 0, 16), test_scan_chunk(16, 3, 5, 8), test_scan_chunk(5, 21, 3, 17);
     test_scan_chunk(33, 9, 0, 11), test_scan_chunk(70, 4, 1, 3);
     test_ssd_chunk(16, 16, 5), test_ssd_chunk(32, 48, 21), test_ssd_chunk(16, 32, 300), test_ssd_chunk(8, 24, 9);

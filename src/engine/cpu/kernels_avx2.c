@@ -24,6 +24,52 @@ static void scan_step_avx2(int N, const float *A, float dt, float dtx, const flo
     *yc = v_hsum(acc) + tail;
 }
 
+/* Lane l of the result: the sum of v[l]'s 8 lanes (a transposed reduction: 6 hadds, 2 lane permutes) */
+static inline f32x8 sum8x8(const f32x8 v[8]) {
+    f32x8 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+    f32x8 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+    f32x8 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* halves: v[0..3] (u0), v[4..7] (u1) */
+    return v_add(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* The decode scan (engine.h, scan_decode) 8 channels at a time, their 8 dot products summed by one
+ * transposed reduction (kernels_avx512.c has the reasoning); N not a multiple of 8: scan_step per channel */
+static void scan_decode_avx2(int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
+                             const float *C, float *s, float *y, int c0, int c1) {
+    if (N % 8) {
+        sb_scan_decode_steps(scan_step_avx2, N, A, D, dt, x, B, C, s, y, c0, c1);
+        return;
+    }
+    size_t pf = sb_v2_prefetch_bytes();
+    for (int g = c0; g < c1; g += 8) {
+        int mc = c1 - g < 8 ? c1 - g : 8;
+        f32x8 acc[8];
+#pragma GCC unroll 8
+        for (int l = 0; l < 8; l++) {
+            f32x8 dot = v_zero();
+            if (l < mc) {
+                int c = g + l;
+                const float *a = A + (size_t)c * N;
+                float *h = s + (size_t)c * N;
+                f32x8 vdt = v_set1(dt[c]), vdtx = v_set1(dt[c] * x[c]);
+                for (int n = 0; n < N; n += 8) {
+                    if (!(n & 15)) {
+                        _mm_prefetch((const char *)(a + n) + pf, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(h + n) + pf, _MM_HINT_T0);
+                    }
+                    f32x8 hn = v_fma(v_exp_neg(v_mul(vdt, v_load(a + n))), v_load(h + n), v_mul(vdtx, v_load(B + n)));
+                    v_store(h + n, hn);
+                    dot = v_fma(hn, v_load(C + n), dot);
+                }
+            }
+            acc[l] = dot;
+        }
+        float out[8];
+        v_store(out, sum8x8(acc));
+        for (int l = 0; l < mc; l++) y[g + l] = out[l] + D[g + l] * x[g + l];
+    }
+}
+
 static void silu_avx2(float *x, int n) {
     int i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -126,6 +172,8 @@ static void scan_chunk_avx2(int N, int T, const float *A, const float *D, const 
 }
 
 const sb_kernels sb_kernels_avx2 = {"avx2",        sb_v2_gemv_avx2, sb_v2_gemm_avx2, scan_step_avx2, silu_avx2,
-                                    softplus_avx2, mul_silu_avx2,   read_sum_avx2,   scan_chunk_avx2};
+                                    softplus_avx2, mul_silu_avx2,   read_sum_avx2,   scan_chunk_avx2,
+                                    scan_decode_avx2};
 const sb_kernels sb_kernels_avx512 = {"avx512",      sb_v2_gemv_avx512, sb_v2_gemm_avx512, sb_scan_step_avx512, silu_avx2,
-                                      softplus_avx2, mul_silu_avx2,     sb_read_sum_avx512, sb_scan_chunk_avx512};
+                                      softplus_avx2, mul_silu_avx2,     sb_read_sum_avx512, sb_scan_chunk_avx512,
+                                      sb_scan_decode_avx512};

@@ -47,6 +47,63 @@ void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float
     *yc = _mm512_reduce_add_ps(acc);
 }
 
+/* Lane l of the result: the sum of the 16 lanes of v[4 (l % 4) + l / 4]. A transposed reduction, 16 sums
+ * in 30 shuffles and 15 adds where 16 separate reductions take 64 and 64; the slots are permuted so that
+ * the last step leaves the sums in order without a final permute. */
+static inline __m512 sum16x16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* 128-bit blocks: v[2i]'s halves folded in 0-1, v[2i+1]'s in 2-3 */
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int j = 0; j < 4; j++) /* block k: 4 partial sums of v[4j + k] */
+        b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xDD));
+    for (int m = 0; m < 2; m++) /* block k: 2 partials of v[8m + k], 2 of v[8m + 4 + k] */
+        c[m] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * m], b[2 * m + 1], 0x44), _mm512_shuffle_ps(b[2 * m], b[2 * m + 1], 0xEE));
+    /* block k: the sums of v[k], v[4 + k], v[8 + k], v[12 + k] */
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+/* The decode scan (engine.h, scan_decode) 16 channels at a time: per channel and 16 states one exp, one
+ * FMA and the dot product with C kept as a vector; the group's 16 dot products then sum in one transposed
+ * reduction (sum16x16). A and the state stream from memory (a layer's are 2 x d_inner x N floats), one
+ * line each per channel for N = 16, prefetched as the products prefetch their streams. N not a multiple
+ * of 16: scan_step per channel. */
+void sb_scan_decode_avx512(int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
+                           const float *C, float *s, float *y, int c0, int c1) {
+    if (N % 16) {
+        sb_scan_decode_steps(sb_scan_step_avx512, N, A, D, dt, x, B, C, s, y, c0, c1);
+        return;
+    }
+    size_t pf = sb_v2_prefetch_bytes();
+    for (int g = c0; g < c1; g += 16) {
+        int mc = c1 - g < 16 ? c1 - g : 16;
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int l = 0; l < 16; l++) {
+            __m512 dot = _mm512_setzero_ps();
+            if (l < mc) {
+                int c = g + l;
+                const float *a = A + (size_t)c * N;
+                float *h = s + (size_t)c * N;
+                __m512 vdt = _mm512_set1_ps(dt[c]), vdtx = _mm512_set1_ps(dt[c] * x[c]);
+                for (int n = 0; n < N; n += 16) {
+                    _mm_prefetch((const char *)(a + n) + pf, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(h + n) + pf, _MM_HINT_T0);
+                    __m512 hn = _mm512_fmadd_ps(exp_neg16(_mm512_mul_ps(vdt, _mm512_loadu_ps(a + n))), _mm512_loadu_ps(h + n),
+                                                _mm512_mul_ps(vdtx, _mm512_loadu_ps(B + n)));
+                    _mm512_storeu_ps(h + n, hn);
+                    dot = _mm512_fmadd_ps(hn, _mm512_loadu_ps(C + n), dot);
+                }
+            }
+            acc[4 * (l % 4) + l / 4] = dot;
+        }
+        __mmask16 m = (__mmask16)((1u << mc) - 1);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + g);
+        _mm512_mask_storeu_ps(y + g, m, _mm512_add_ps(sum16x16(acc), _mm512_mul_ps(_mm512_maskz_loadu_ps(m, D + g), xv)));
+    }
+}
+
 /* The prefill scan with 16 channels in lanes (engine.h, scan_chunk): per token and state n one exp of the
  * 16 channels' Δ A, the state update and the output's FMA with B and C broadcast, no horizontal sum.
  * N = 16 (every Mamba-1) keeps the 16 states in registers; other N keep them in a small array. */

@@ -81,6 +81,39 @@ static void scan_step_neon(int N, const float *A, float dt, float dtx, const flo
     *yc = vaddvq_f32(acc) + tail;
 }
 
+/* The decode scan (engine.h, scan_decode) 4 channels at a time, their 4 dot products summed by two
+ * pairwise adds (vpaddq) into one vector; N not a multiple of 4: scan_step per channel */
+static void scan_decode_neon(int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
+                             const float *C, float *s, float *y, int c0, int c1) {
+    if (N % 4) {
+        sb_scan_decode_steps(scan_step_neon, N, A, D, dt, x, B, C, s, y, c0, c1);
+        return;
+    }
+    for (int g = c0; g < c1; g += 4) {
+        int mc = c1 - g < 4 ? c1 - g : 4;
+        f32x4 acc[4];
+        for (int l = 0; l < 4; l++) {
+            f32x4 dot = vdupq_n_f32(0.0f);
+            if (l < mc) {
+                int c = g + l;
+                const float *a = A + (size_t)c * N;
+                float *h = s + (size_t)c * N;
+                float d = dt[c], dtx = d * x[c];
+                for (int n = 0; n < N; n += 4) {
+                    f32x4 hn = vfmaq_f32(vmulq_n_f32(vld1q_f32(B + n), dtx), v_exp_neg(vmulq_n_f32(vld1q_f32(a + n), d)),
+                                         vld1q_f32(h + n));
+                    vst1q_f32(h + n, hn);
+                    dot = vfmaq_f32(dot, hn, vld1q_f32(C + n));
+                }
+            }
+            acc[l] = dot;
+        }
+        float out[4];
+        vst1q_f32(out, vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3])));
+        for (int l = 0; l < mc; l++) y[g + l] = out[l] + D[g + l] * x[g + l];
+    }
+}
+
 static void silu_neon(float *x, int n) {
     int i = 0;
     for (; i + 4 <= n; i += 4) vst1q_f32(x + i, v_silu(vld1q_f32(x + i)));
@@ -118,4 +151,5 @@ static float read_sum_neon(const float *x, size_t n, int streams) {
 }
 
 const sb_kernels sb_kernels_neon = {"neon",    sb_v2_gemv_neon, sb_v2_gemm_neon, scan_step_neon,
-                                    silu_neon, softplus_neon,   mul_silu_neon,   read_sum_neon};
+                                    silu_neon, softplus_neon,   mul_silu_neon,   read_sum_neon,
+                                    NULL,      scan_decode_neon};

@@ -47,10 +47,27 @@ void sb_scan_chunk_steps(void (*step)(int N, const float *A, float dt, float dtx
         }
 }
 
+void sb_scan_decode_steps(void (*step)(int N, const float *A, float dt, float dtx, const float *B, const float *C,
+                                       float *s, float *yc),
+                          int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
+                          const float *C, float *s, float *y, int c0, int c1) {
+    for (int c = c0; c < c1; c++) {
+        float yc;
+        step(N, A + (size_t)c * N, dt[c], dt[c] * x[c], B, C, s + (size_t)c * N, &yc);
+        y[c] = yc + D[c] * x[c];
+    }
+}
+
+static void scan_decode_ref(int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
+                            const float *C, float *s, float *y, int c0, int c1) {
+    sb_scan_decode_steps(scan_step_ref, N, A, D, dt, x, B, C, s, y, c0, c1);
+}
+
 static void scan_chunk_ref(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
                            const float *B, const float *C, float *s, float *y, int c0, int c1) {
     sb_scan_chunk_steps(scan_step_ref, N, T, A, D, dt, x, ld, B, C, s, y, c0, c1);
 }
 
 const sb_kernels sb_kernels_ref = {"scalar", sb_v2_gemv_ref, sb_v2_gemm_ref, scan_step_ref,  silu_ref,
-                                   softplus_ref, mul_silu_ref, read_sum_ref, scan_chunk_ref};
+                                   softplus_ref, mul_silu_ref, read_sum_ref, scan_chunk_ref,
+                                   scan_decode_ref};
