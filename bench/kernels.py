@@ -14,8 +14,8 @@ weights, laid out as a packed file lays it out, copied round robin over the prof
 memory, timed per call through the decode path (``sb_linear_vec``), median of the calls. GB/s = the
 bytes one call streams (``streamed_bytes``: values + codes + row indices + scales of the layout the
 engine reads) / that median. The read probe is the engine's ``sb_read_bandwidth`` (SIMD sums over a
-``--probe-mib`` buffer in whole passes, one stream with the kernels' prefetch and 8 streams side by
-side, each pass timed by the thread's CPU clock, the best of 3 passes of each), measured right before
+``--probe-mib`` buffer in whole passes, one stream with the kernels' prefetch, 8 streams side by
+side and 4 streams with the kernels' prefetch, each pass timed by the thread's CPU clock, the best of 3 passes of each), measured right before
 every group of entries (one model's products in one dtype) at that group's thread count, and beside it
 (1 thread) numpy's max over the same size, the check that the probe is the ceiling; % of the probe is
 against the median of the run's probes.
@@ -291,7 +291,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"{meta['working_set_mib']:.0f} MiB working set), median of the calls, median of {meta['rounds']} "
         f"interleaved round(s). GB/s = bytes streamed per call (values + codes + row indices + scales) ÷ "
         f"time. Read probe (the engine's SIMD sum over {meta['probe_mib']} MiB in whole passes, one stream with the "
-        f"kernels' prefetch and 8 streams side by side, timed by the thread's CPU clock, best of 3 passes of "
+        f"kernels' prefetch, 8 streams side by side and 4 prefetched streams, timed by the thread's CPU clock, best of 3 passes of "
         f"each, taken before each model × dtype group; the median of the run's probes): **1 thread {p1:.1f} GB/s**"
         + (f", 2 threads {meta['probe_gbs']['2']:.1f} GB/s" if "2" in meta["probe_gbs"] else "")
         + f". Load average at the end: {' '.join(f'{x:.2f}' for x in meta['load_average'])}.",

@@ -51,8 +51,9 @@ typedef struct {
     void (*softplus)(float *x, int n);               /* x = log(1 + e^x) (x above 20 stays x) */
     void (*mul_silu)(float *y, const float *z, int n); /* y = y * silu(z): the gate */
     /* the read probe's reader: the sum of x[0..n) read as `streams` equal contiguous parts side by side
-     * (n a multiple of 64 * streams); 1 stream with the decode kernels' prefetch, else none */
-    float (*read_sum)(const float *x, size_t n, int streams);
+     * (n a multiple of 64 * streams), each line prefetched as the decode kernels prefetch their streams
+     * where `prefetch` is set (sb_v2_prefetch_bytes ahead; the scalar family ignores it) */
+    float (*read_sum)(const float *x, size_t n, int streams, int prefetch);
     /* Prefill scan (Mamba-1) of channels [c0, c1) (at most 16) over T tokens, the state carried in s:
      *     s_c = exp(Δ A_c) * s_c + Δ x B_t,   y = s_c . C_t + D_c x     (Δ = dt[c][t], x = x[c][t])
      * dt, x, y channel-major rows of stride ld; B, C token-major (T, N); A, s (d_inner, N). NULL in a
@@ -75,6 +76,16 @@ void sb_scan_chunk_steps(void (*step)(int N, const float *A, float dt, float dtx
                                       float *s, float *yc),
                          int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
                          const float *B, const float *C, float *s, float *y, int c0, int c1);
+/* One token's conv1d (forward.c) of the channels [c0, c1) of cd: xc = b + the K taps over the window (K-1
+ * inputs, oldest first) and x, the window then shifted in place. The window and the weights are tap-major,
+ * (K-1, cd) and (K, cd), so that every step is a loop over contiguous channels that the compiler
+ * vectorises (per channel, scalar, it cost ~5% of a sparse 130M token). The sum runs in the order of the
+ * prefill's first outputs: bias, newest tap, then the window oldest to newest. sb_conv_tap_major writes
+ * the (cd, K) weights of a file tap-major. */
+void sb_conv_decode(const float *wt, const float *b, float *win, int cd, int K, const float *x, float *xc, int c0,
+                    int c1);
+void sb_conv_tap_major(float *wt, const float *w, int cd, int K);
+
 /* scan_decode's meaning channel by channel with a family's scan_step (kernels_ref.c): the reference, and
  * the families' fallback for an N their group kernels do not take */
 void sb_scan_decode_steps(void (*step)(int N, const float *A, float dt, float dtx, const float *B, const float *C,
@@ -84,7 +95,7 @@ void sb_scan_decode_steps(void (*step)(int N, const float *A, float dt, float dt
 #if defined(__x86_64__) || defined(_M_X64)
 extern const sb_kernels sb_kernels_avx2;
 extern const sb_kernels sb_kernels_avx512; /* AVX-512 products (VNNI at run time) and scan step, AVX2's other ops */
-float sb_read_sum_avx512(const float *x, size_t n, int streams); /* n a multiple of 64 * streams */
+float sb_read_sum_avx512(const float *x, size_t n, int streams, int prefetch); /* n a multiple of 64 * streams */
 void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float *B, const float *C, float *s,
                          float *yc); /* kernels_avx512.c */
 void sb_scan_chunk_avx512(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,

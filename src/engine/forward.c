@@ -215,13 +215,13 @@ static void act_chunks(sb_v2_act *a, const float *x, int q, int ch0, int ch1) {
     sb_v2_act_set(&v, x + j0, 1, q); /* past K the chunk's padding stays zero (sb_v2_act_bind) */
 }
 
-/* One token's conv1d of the channels [c0, c1), the window (K-1 inputs, oldest first) shifted in place. The
- * window and the weights are tap-major, (K-1, di) and (K, di) (wt: sb_layer.conv_wt), so that every step is
- * a loop over contiguous channels that the compiler vectorises: per channel, scalar, it cost ~5% of a
- * sparse 130M token. The sum runs in the order of the prefill's first outputs (bias, newest tap, then
- * oldest to newest of the window). */
-static void conv_decode(const float *wt, const float *b, float *win, int di, int K, const float *x, float *xc, int c0,
-                        int c1) {
+void sb_conv_tap_major(float *wt, const float *w, int cd, int K) {
+    for (int c = 0; c < cd; c++)
+        for (int j = 0; j < K; j++) wt[(size_t)j * cd + c] = w[(size_t)c * K + j];
+}
+
+void sb_conv_decode(const float *wt, const float *b, float *win, int di, int K, const float *x, float *xc, int c0,
+                    int c1) {
     const float *wx = wt + (size_t)(K - 1) * di;
     for (int c = c0; c < c1; c++) xc[c] = b[c] + wx[c] * x[c];
     for (int j = 0; j < K - 1; j++) {
@@ -262,7 +262,7 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
 #pragma omp for schedule(static)
     for (int ch = 0; ch < nch; ch++) { /* conv1d + SiLU (window shifted in place), x_proj's activations */
         int c0 = ch * SB_V2_CHUNK, c1 = c0 + SB_V2_CHUNK < di ? c0 + SB_V2_CHUNK : di;
-        conv_decode(ly->conv_wt, ly->conv_b, cst, di, K, s->xz, s->xc, c0, c1);
+        sb_conv_decode(ly->conv_wt, ly->conv_b, cst, di, K, s->xz, s->xc, c0, c1);
         k->silu(s->xc + c0, c1 - c0);
         act_chunks(s->adi, s->xc, q, ch, ch + 1);
     }

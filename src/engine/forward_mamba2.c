@@ -25,7 +25,7 @@ static int pad16(int n) { return (n + 15) / 16 * 16 + 16; }
 struct sb_m2_state {
     const sb_model *m;
     int quantise;
-    float *conv, *ssm;                 /* (L, cd, K-1) and (L, h, p, N) */
+    float *conv, *ssm;                 /* (L, K-1, cd): the windows tap-major; (L, h, p, N) */
     float *h, *un, *zxd, *xbc, *y, *dtx; /* decode scratch: (d) (d) (n_in) (cd) (di) (di) */
     sb_v2_act *ad, *adi;
     int cap;                           /* prefill: columns (ldx) of the buffers below */
@@ -200,14 +200,7 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
 #pragma omp for schedule(static)
     for (int c0 = 0; c0 < cd; c0 += 64) { /* conv1d over x, B, C + SiLU, window shifted in place */
         int c1 = c0 + 64 < cd ? c0 + 64 : cd;
-        for (int c = c0; c < c1; c++) {
-            const float *w = ly->conv_w + (size_t)c * K;
-            float *cs = cst + (size_t)c * (K - 1), x = s->zxd[di + c], acc = ly->conv_b[c] + w[K - 1] * x;
-            for (int j = 0; j < K - 1; j++) acc += w[j] * cs[j];
-            for (int j = 0; j + 1 < K - 1; j++) cs[j] = cs[j + 1];
-            if (K > 1) cs[K - 2] = x;
-            s->xbc[c] = acc;
-        }
+        sb_conv_decode(ly->conv_wt, ly->conv_b, cst, cd, K, s->zxd + di, s->xbc, c0, c1);
         k->silu(s->xbc + c0, c1 - c0);
     }
     SB_STAGE(st, SB_ST_CONV);
@@ -323,12 +316,12 @@ static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const
 #pragma omp for schedule(static)
     for (int c = 0; c < cd; c++) { /* conv1d + SiLU over the chunk, the carried window first */
         const float *w = ly->conv_w + (size_t)c * K, *x = s->ZXD + (size_t)(di + c) * ldx;
-        float *st = cst + (size_t)c * (K - 1), *xc = s->XBC + (size_t)c * ldx;
+        float *st = cst + c, *xc = s->XBC + (size_t)c * ldx; /* the window tap-major: tap j at st[j * cd] */
         for (int t = 0; t < T && t < K - 1; t++) { /* the first K-1 outputs reach into the carried window */
             float acc = ly->conv_b[c];
             for (int j = 0; j < K; j++) {
                 int src = t - (K - 1) + j; /* < 0: from the carried window */
-                acc += w[j] * (src >= 0 ? x[src] : st[K - 1 + src]);
+                acc += w[j] * (src >= 0 ? x[src] : st[(size_t)(K - 1 + src) * cd]);
             }
             xc[t] = acc;
         }
@@ -338,7 +331,7 @@ static void prefill_layer(const sb_model *m, sb_m2_state *s, int i, int T, const
         k->silu(xc, T);
         for (int j = 0; j < K - 1; j++) {
             int src = T - (K - 1) + j;
-            st[j] = src >= 0 ? x[src] : st[K - 1 + src];
+            st[(size_t)j * cd] = src >= 0 ? x[src] : st[(size_t)(K - 1 + src) * cd];
         }
     }
 #pragma omp for schedule(static) nowait

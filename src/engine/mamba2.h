@@ -12,6 +12,7 @@ typedef struct {
     const float *norm;      /* attn_norm (d,), NULL when folded into ssm_in */
     sb_linear in, out;      /* ssm_in (di + cd + h, d): rows [z | x | B | C | dt]; ssm_out (d, di) */
     const float *conv_w;    /* (cd, K) */
+    const float *conv_wt;   /* conv_w tap-major (K, cd), as the decode conv reads it: a view into sb_m2.conv_wt */
     const float *conv_b;    /* (cd,) */
     const float *dt_bias;   /* (h,) */
     const float *A, *D;     /* (h,): A = -exp(A_log) */
@@ -22,6 +23,7 @@ typedef struct sb_m2 {
     int d, di, N, K, h, p, g, cd, n_in; /* n_in = di + cd + h, ssm_in's rows */
     float dt_min, dt_max;               /* Δ clamped into [dt_min, dt_max] (dt_max may be +inf) */
     sb_m2_layer *layers;                /* (L,) */
+    float *conv_wt;                     /* every layer's conv_w tap-major (owned) */
 } sb_m2;
 
 /* The loader's checked accessors (model.c), for an architecture's own loader */

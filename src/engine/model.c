@@ -212,10 +212,8 @@ static int load_model(loader *L) {
         return SB_ERR_NOMEM;
     }
     for (int i = 0; i < I->n_layer; i++) {
-        float *wt = m->conv_wt + (size_t)i * K * di;
-        for (int c = 0; c < di; c++)
-            for (int j = 0; j < K; j++) wt[(size_t)j * di + c] = m->layers[i].conv_w[(size_t)c * K + j];
-        m->layers[i].conv_wt = wt;
+        m->layers[i].conv_wt = m->conv_wt + (size_t)i * K * di;
+        sb_conv_tap_major(m->conv_wt + (size_t)i * K * di, m->layers[i].conv_w, di, K);
     }
     for (uint64_t t = 0; t < f->n_tensors; t++)
         if (!L->used[t])

@@ -118,6 +118,11 @@ int sb_m2_load(sb_loader *L) {
         }
     }
 #undef VEC
+    if (!(M->conv_wt = malloc(sizeof(float) * (size_t)nl * K * M->cd))) return sb_load_err(L, "out of memory");
+    for (int i = 0; i < nl; i++) {
+        M->layers[i].conv_wt = M->conv_wt + (size_t)i * K * M->cd;
+        sb_conv_tap_major(M->conv_wt + (size_t)i * K * M->cd, M->layers[i].conv_w, M->cd, K);
+    }
     if ((rc = sb_load_no_leftovers(L, "sparsamba.mamba2"))) return rc;
     I->weight_bytes = bytes;
     return SB_OK;
@@ -132,5 +137,6 @@ int32_t sb_model_arch(const sb_model *m, int32_t *n_head, int32_t *n_group) {
 void sb_m2_free(sb_m2 *M) {
     if (!M) return;
     free(M->layers);
+    free(M->conv_wt);
     free(M);
 }

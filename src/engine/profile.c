@@ -268,7 +268,7 @@ int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err
     volatile float sink = 0.0f;
     int warm = reps / 10 + 2;
     for (int r = -warm; r < reps; r++) {
-        sink = k->read_sum(flush, nf, 1);
+        sink = k->read_sum(flush, nf, 1, 1);
         for (int i = 0; i < L; i++) {
             const sb_layer *ly = &m->layers[i];
             const sb_linear *lin[4] = {&ly->in, &ly->x, &ly->dt, &ly->out};

@@ -326,14 +326,14 @@ static void test_ssd_chunk(int p, int N, int T) {
     free(dec), free(dtx), free(B), free(C), free(sr), free(sk), free(yr), free(yk);
 }
 
-static void test_read_sum(size_t n, int streams) {
+static void test_read_sum(size_t n, int streams, int prefetch) {
     float *x = aligned_alloc(64, sizeof(float) * n);
     double want = 0.0, mag = 0.0;
     for (size_t i = 0; i < n; i++) x[i] = uniform(-1.0f, 1.0f), want += x[i], mag += fabs(x[i]);
     char what[64];
-    snprintf(what, sizeof what, "read_sum n=%zu streams=%d", n, streams);
-    check(what, K->read_sum(x, n, streams), sb_kernels_ref.read_sum(x, n, streams), 1e-5, mag);
-    check(what, sb_kernels_ref.read_sum(x, n, streams), want, 1e-5, mag);
+    snprintf(what, sizeof what, "read_sum n=%zu streams=%d prefetch=%d", n, streams, prefetch);
+    check(what, K->read_sum(x, n, streams, prefetch), sb_kernels_ref.read_sum(x, n, streams, prefetch), 1e-5, mag);
+    check(what, sb_kernels_ref.read_sum(x, n, streams, prefetch), want, 1e-5, mag);
     free(x);
 }
 
@@ -409,8 +409,11 @@ int main(int argc, char **argv) {
     test_scan_chunk(16, 21, 0, 16), test_scan_chunk(16, 3, 5, 8), test_scan_chunk(5, 21, 3, 17);
     test_scan_chunk(33, 9, 0, 11), test_scan_chunk(70, 4, 1, 3);
     test_ssd_chunk(16, 16, 5), test_ssd_chunk(32, 48, 21), test_ssd_chunk(16, 32, 300), test_ssd_chunk(8, 24, 9);
-    test_read_sum(64, 1), test_read_sum(640, 1), test_read_sum(64 * 1001, 1);
-    test_read_sum(64 * 3, 3), test_read_sum(64 * 8, 8), test_read_sum(64 * 8 * 125, 8); /* every part counted */
+    for (int pf = 0; pf < 2; pf++) {
+        test_read_sum(64, 1, pf), test_read_sum(640, 1, pf), test_read_sum(64 * 1001, 1, pf);
+        test_read_sum(64 * 3, 3, pf), test_read_sum(64 * 4 * 7, 4, pf), test_read_sum(64 * 8, 8, pf);
+        test_read_sum(64 * 8 * 125, 8, pf); /* every part counted */
+    }
     static const int QK[] = {1, 5, 64, 200, 1536};
     for (size_t i = 0; i < sizeof QK / sizeof *QK; i++) test_quantise(QK[i]);
     printf("products of %d cases, max error / sum|w||x|: f32 %.2e, f16 %.2e, int8 %.2e\n", argc - 2, g_worst_dt[0],

@@ -102,28 +102,30 @@ static void mul_silu_avx2(float *y, const float *z, int n) {
 }
 
 /* the read probe of the AVX2 family streams as its decode kernels do: the same prefetch distance and
- * hint (sb_v2_prefetch_bytes, into L2: 5% faster than into L1 with 32-byte loads, bench/README.md),
- * so that "% of the probe" compares like with like */
-/* S parts side by side, one 64-byte line of each in turn (a[] by line: any S); S a constant where
- * inlined, so that a[] stays in registers */
-static inline __attribute__((always_inline)) void read_parts(const float *x, size_t part, int S, f32x8 a[8]) {
+ * hint (sb_v2_prefetch_bytes; one stream into L2: 5% faster than into L1 with 32-byte loads,
+ * bench/README.md; streams side by side into L1, as the kernels' 4 block streams), so that "% of the
+ * probe" compares like with like */
+/* S parts side by side, one 64-byte line of each in turn (a[] by line: any S), each line prefetched pf
+ * bytes ahead where pf is not 0; S a constant where inlined, so that a[] stays in registers */
+static inline __attribute__((always_inline)) void read_parts(const float *x, size_t part, int S, f32x8 a[8], size_t pf) {
     for (size_t i = 0; i < part; i += 16)
         for (int s = 0; s < S; s++) {
             const float *p = x + (size_t)s * part + i;
+            if (pf) _mm_prefetch((const char *)p + pf, _MM_HINT_T0);
             a[2 * s & 7] = v_add(a[2 * s & 7], v_load(p));
             a[(2 * s + 1) & 7] = v_add(a[(2 * s + 1) & 7], v_load(p + 8));
         }
 }
 
-static float read_sum_avx2(const float *x, size_t n, int streams) {
+static float read_sum_avx2(const float *x, size_t n, int streams, int prefetch) {
     f32x8 a[8];
     for (int l = 0; l < 8; l++) a[l] = v_zero();
-    size_t part = n / (size_t)(streams > 0 ? streams : 1);
-    if (streams == 8) read_parts(x, part, 8, a);
-    else if (streams == 4) read_parts(x, part, 4, a);
-    else if (streams > 1) read_parts(x, part, streams, a);
+    size_t part = n / (size_t)(streams > 0 ? streams : 1), pfb = prefetch ? sb_v2_prefetch_bytes() : 0;
+    if (streams == 8) read_parts(x, part, 8, a, pfb);
+    else if (streams == 4) read_parts(x, part, 4, a, pfb);
+    else if (streams > 1) read_parts(x, part, streams, a, pfb);
     else {
-        size_t pf = sb_v2_prefetch_bytes() / sizeof(float);
+        size_t pf = pfb / sizeof(float);
         for (size_t i = 0; i < n; i += 64) {
             for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(x + i + pf + 16 * l), _MM_HINT_T1);
             for (int l = 0; l < 8; l++) a[l] = v_add(a[l], v_load(x + i + 8 * l));

@@ -203,29 +203,34 @@ void sb_ssd_chunk_avx512(int p, int N, int T, const float *decay, const float *d
 /* The read probe's reader (sb_read_bandwidth): one 64-byte load per line (with 32-byte loads the same
  * sum reads ~7% slower on Intel: two load uops per line fill the out-of-order window with half as many
  * lines in flight). One stream: each line prefetched sb_v2_prefetch_bytes ahead into L1, as the decode
- * kernels prefetch their streams. Several streams: one line of each part in turn, no prefetch; on the
- * Intel Xeon here 4-8 streams read ~18% faster than one (more hardware prefetch streams in flight).
- * bench/README.md has the figures. */
-/* S parts side by side, two lines of each in turn (a[] by line: any S); S a constant where inlined, so
- * that a[] stays in registers */
-static inline __attribute__((always_inline)) void read_parts(const float *x, size_t part, int S, __m512 a[8]) {
+ * kernels prefetch their streams. Several streams: one line of each part in turn, with that prefetch
+ * or none; on the Intel Xeon here 4-8 streams read ~18% faster than one (more hardware prefetch streams
+ * in flight), and 4 prefetched streams are what the decode kernels read. bench/README.md has the
+ * figures. */
+/* S parts side by side, two lines of each in turn (a[] by line: any S), each line prefetched pf bytes
+ * ahead where pf is not 0; S a constant where inlined, so that a[] stays in registers */
+static inline __attribute__((always_inline)) void read_parts(const float *x, size_t part, int S, __m512 a[8], size_t pf) {
     for (size_t i = 0; i < part; i += 32)
         for (int s = 0; s < S; s++) {
             const float *p = x + (size_t)s * part + i;
+            if (pf) {
+                _mm_prefetch((const char *)p + pf, _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + 16) + pf, _MM_HINT_T0);
+            }
             a[2 * s & 7] = _mm512_add_ps(a[2 * s & 7], _mm512_loadu_ps(p));
             a[(2 * s + 1) & 7] = _mm512_add_ps(a[(2 * s + 1) & 7], _mm512_loadu_ps(p + 16));
         }
 }
 
-float sb_read_sum_avx512(const float *x, size_t n, int streams) {
+float sb_read_sum_avx512(const float *x, size_t n, int streams, int prefetch) {
     __m512 a[8];
     for (int l = 0; l < 8; l++) a[l] = _mm512_setzero_ps();
-    size_t part = n / (size_t)(streams > 0 ? streams : 1);
-    if (streams == 8) read_parts(x, part, 8, a);
-    else if (streams == 4) read_parts(x, part, 4, a);
-    else if (streams > 1) read_parts(x, part, streams, a);
+    size_t part = n / (size_t)(streams > 0 ? streams : 1), pfb = prefetch ? sb_v2_prefetch_bytes() : 0;
+    if (streams == 8) read_parts(x, part, 8, a, pfb);
+    else if (streams == 4) read_parts(x, part, 4, a, pfb);
+    else if (streams > 1) read_parts(x, part, streams, a, pfb);
     else {
-        size_t pf = sb_v2_prefetch_bytes(), i = 0;
+        size_t pf = pfb, i = 0;
         for (; i + 128 <= n; i += 128) {
             for (int l = 0; l < 8; l++) {
                 _mm_prefetch((const char *)(x + i + 16 * l) + pf, _MM_HINT_T0);

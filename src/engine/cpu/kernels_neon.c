@@ -139,7 +139,8 @@ static void mul_silu_neon(float *y, const float *z, int n) {
     for (; i < n; i++) y[i] *= z[i] / (1.0f + expf(-z[i]));
 }
 
-static float read_sum_neon(const float *x, size_t n, int streams) {
+static float read_sum_neon(const float *x, size_t n, int streams, int prefetch) {
+    (void)prefetch; /* the NEON decode kernels leave prefetch to the hardware */
     float32x4_t a[8];
     size_t part = n / (size_t)streams;
     for (int l = 0; l < 8; l++) a[l] = vdupq_n_f32(0.0f);

@@ -26,7 +26,8 @@ static void mul_silu_ref(float *y, const float *z, int n) {
     for (int i = 0; i < n; i++) y[i] *= z[i] / (1.0f + expf(-z[i]));
 }
 
-static float read_sum_ref(const float *x, size_t n, int streams) {
+static float read_sum_ref(const float *x, size_t n, int streams, int prefetch) {
+    (void)prefetch;
     float acc[8] = {0};
     size_t part = n / (size_t)streams;
     for (size_t i = 0; i < part; i += 8)
