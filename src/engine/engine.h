@@ -100,6 +100,9 @@ void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float
                          float *yc); /* kernels_avx512.c */
 void sb_scan_chunk_avx512(int N, int T, const float *A, const float *D, const float *dt, const float *x, int ld,
                           const float *B, const float *C, float *s, float *y, int c0, int c1);
+void sb_silu_avx512(float *x, int n);
+void sb_softplus_avx512(float *x, int n);
+void sb_mul_silu_avx512(float *y, const float *z, int n);
 void sb_scan_decode_avx512(int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
                            const float *C, float *s, float *y, int c0, int c1);
 #endif

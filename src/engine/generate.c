@@ -61,13 +61,23 @@ static void top_k_sorted(cand *c, int32_t n, int32_t k) {
     qsort(c, (size_t)k, sizeof *c, cand_cmp);
 }
 
+/* the first index of the largest logit (a NaN never, unless every logit is one: then 0). The maximum in 8
+ * lanes first: one compare chain through all V logits took ~1% of a 130M model's greedy token. */
+static int32_t argmax(const float *logits, int32_t V) {
+    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int32_t v = 0;
+    for (; v + 8 <= V; v += 8)
+        for (int l = 0; l < 8; l++) m[l] = logits[v + l] > m[l] ? logits[v + l] : m[l];
+    for (; v < V; v++) m[0] = logits[v] > m[0] ? logits[v] : m[0];
+    float mx = m[0];
+    for (int l = 1; l < 8; l++) mx = m[l] > mx ? m[l] : mx;
+    for (v = 0; v < V; v++)
+        if (logits[v] == mx) return v;
+    return 0;
+}
+
 static int32_t pick(const float *logits, int32_t V, const sb_gen_params *p, cand *c, uint64_t *rng) {
-    if (p->temperature <= 0) {
-        int32_t best = 0;
-        for (int32_t v = 1; v < V; v++)
-            if (logits[v] > logits[best]) best = v;
-        return best;
-    }
+    if (p->temperature <= 0) return argmax(logits, V);
     int32_t n = V;
     for (int32_t v = 0; v < V; v++) c[v] = (cand){logits[v] / p->temperature, v};
     if (p->top_k > 0 && p->top_k < V) {

@@ -1,7 +1,7 @@
 /* AVX2 + FMA + F16C per-channel kernels (compiled with those flags for this file only; chosen at run
  * time): scan step, silu, softplus, gate, the bandwidth probe. The matrix products are
- * linear_v2_avx2.c's; the AVX-512 family shares these per-channel ops and takes linear_v2_avx512.c's
- * products (VNNI for int8 where the CPU has it). */
+ * linear_v2_avx2.c's. The AVX-512 family (its table at the end of this file) takes kernels_avx512.c's
+ * per-channel ops and linear_v2_avx512.c's products (VNNI for int8 where the CPU has it). */
 #include <math.h>
 
 #include "engine.h"
@@ -176,6 +176,6 @@ static void scan_chunk_avx2(int N, int T, const float *A, const float *D, const 
 const sb_kernels sb_kernels_avx2 = {"avx2",        sb_v2_gemv_avx2, sb_v2_gemm_avx2, scan_step_avx2, silu_avx2,
                                     softplus_avx2, mul_silu_avx2,   read_sum_avx2,   scan_chunk_avx2,
                                     scan_decode_avx2};
-const sb_kernels sb_kernels_avx512 = {"avx512",      sb_v2_gemv_avx512, sb_v2_gemm_avx512, sb_scan_step_avx512, silu_avx2,
-                                      softplus_avx2, mul_silu_avx2,     sb_read_sum_avx512, sb_scan_chunk_avx512,
+const sb_kernels sb_kernels_avx512 = {"avx512",      sb_v2_gemv_avx512, sb_v2_gemm_avx512, sb_scan_step_avx512, sb_silu_avx512,
+                                      sb_softplus_avx512, sb_mul_silu_avx512,     sb_read_sum_avx512, sb_scan_chunk_avx512,
                                       sb_scan_decode_avx512};

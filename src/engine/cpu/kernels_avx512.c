@@ -1,6 +1,6 @@
 /* AVX-512 F per-channel kernels (this file only is built with AVX-512 flags; chosen at run time): the
  * scan step with one zmm per 16 states, so that a Mamba channel (d_state 16) is one exp, one FMA and
- * one reduction. The other per-channel ops of the AVX-512 family are kernels_avx2.c's. */
+ * one reduction; the decode scan 16 channels at a time; silu, softplus and the gate in 16 lanes. */
 #include <immintrin.h>
 #include <math.h>
 
@@ -26,6 +26,64 @@ static inline __m512 exp_neg16(__m512 x) {
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
     return _mm512_maskz_mul_ps((__mmask16)~under, p, _mm512_castsi512_ps(e));
+}
+
+/* expf on the whole float range: clamped to [-87, 88] as simd.h's v_exp */
+static inline __m512 exp16(__m512 x) { return exp_neg16(_mm512_min_ps(x, _mm512_set1_ps(88.0f))); }
+
+/* natural log for x > 0: simd.h's v_log (Cephes logf) in 16 lanes */
+static inline __m512 log16(__m512 x) {
+    __m512i xi = _mm512_castps_si512(x);
+    __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(xi, 23), _mm512_set1_epi32(126)));
+    __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(xi, _mm512_set1_epi32(0x007fffff)),
+                                                   _mm512_set1_epi32(0x3f000000))); /* [0.5, 1) */
+    __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.0f));
+    m = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
+    __m512 z = _mm512_mul_ps(m, m), p = _mm512_set1_ps(7.0376836292e-2f);
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-1.1514610310e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(1.1676998740e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-1.2420140846e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(1.4249322787e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-1.6668057665e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(2.0000714765e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-2.4999993993e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(3.3333331174e-1f));
+    __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, m), z);
+    y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+    y = _mm512_fmadd_ps(z, _mm512_set1_ps(-0.5f), y);
+    return _mm512_add_ps(_mm512_add_ps(m, y), _mm512_mul_ps(e, _mm512_set1_ps(0.693359375f)));
+}
+
+static inline __m512 silu16(__m512 v) {
+    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+
+/* The per-channel ops of kernels_avx2.c in 16 lanes, the tail masked (the same formulas) */
+void sb_silu_avx512(float *x, int n) {
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(x + i, m, silu16(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+void sb_softplus_avx512(float *x, int n) {
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        /* log1p(u) = log(w) * u / (w - 1) with w = 1 + u: exact to float rounding even when u is tiny */
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i), u = exp16(v), w = _mm512_add_ps(_mm512_set1_ps(1.0f), u);
+        __m512 wm1 = _mm512_sub_ps(w, _mm512_set1_ps(1.0f)), r = _mm512_div_ps(_mm512_mul_ps(log16(w), u), wm1);
+        r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(wm1, _mm512_setzero_ps(), _CMP_EQ_OQ), r, u);
+        r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(20.0f), _CMP_GT_OQ), r, v);
+        _mm512_mask_storeu_ps(x + i, m, r);
+    }
+}
+
+void sb_mul_silu_avx512(float *y, const float *z, int n) {
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, y + i), silu16(_mm512_maskz_loadu_ps(m, z + i))));
+    }
 }
 
 /* s = exp(dt*A)*s + dtx*B, *yc = s . C: 16 states per step, the last step masked. Decode walks the
