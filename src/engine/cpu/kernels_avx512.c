@@ -6,6 +6,7 @@
 
 #include "engine.h"
 #include "mamba2.h"
+#include "poly.h"
 
 /* expf for x <= 0: simd.h's v_exp_neg in 16 lanes (same reduction and polynomial, relative error
  * about 2e-7; below -87 the result flushes to 0) */
@@ -13,16 +14,11 @@ static inline __m512 exp_neg16(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-87.0f);
     __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     x = _mm512_max_ps(x, lo);
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(-0.693359375f), x); /* ln2 split in two: an exact reduction */
-    r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(SB_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(-SB_LN2_HI), x); /* ln2 split in two: an exact reduction */
+    r = _mm512_fmadd_ps(k, _mm512_set1_ps(-SB_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(SB_EXP_P[0]);
+    for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SB_EXP_P[i]));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
     return _mm512_maskz_mul_ps((__mmask16)~under, p, _mm512_castsi512_ps(e));
@@ -40,19 +36,12 @@ static inline __m512 log16(__m512 x) {
     __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
     e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.0f));
     m = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
-    __m512 z = _mm512_mul_ps(m, m), p = _mm512_set1_ps(7.0376836292e-2f);
-    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-1.1514610310e-1f));
-    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(1.1676998740e-1f));
-    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-1.2420140846e-1f));
-    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(1.4249322787e-1f));
-    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-1.6668057665e-1f));
-    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(2.0000714765e-1f));
-    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-2.4999993993e-1f));
-    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(3.3333331174e-1f));
+    __m512 z = _mm512_mul_ps(m, m), p = _mm512_set1_ps(SB_LOG_P[0]);
+    for (int i = 1; i < 9; i++) p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(SB_LOG_P[i]));
     __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, m), z);
-    y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+    y = _mm512_fmadd_ps(e, _mm512_set1_ps(SB_LN2_LO), y);
     y = _mm512_fmadd_ps(z, _mm512_set1_ps(-0.5f), y);
-    return _mm512_add_ps(_mm512_add_ps(m, y), _mm512_mul_ps(e, _mm512_set1_ps(0.693359375f)));
+    return _mm512_add_ps(_mm512_add_ps(m, y), _mm512_mul_ps(e, _mm512_set1_ps(SB_LN2_HI)));
 }
 
 static inline __m512 silu16(__m512 v) {

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "poly.h"
 
 typedef float32x4_t f32x4;
 
@@ -17,15 +18,11 @@ static inline f32x4 v_exp_neg(f32x4 x) {
     const f32x4 lo = vdupq_n_f32(-87.0f);
     uint32x4_t under = vcltq_f32(x, lo);
     x = vmaxq_f32(x, lo);
-    f32x4 k = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
-    f32x4 r = vfmaq_n_f32(x, k, -0.693359375f); /* ln2 split in two for an exact reduction */
-    r = vfmaq_n_f32(r, k, 2.12194440e-4f);
-    f32x4 p = vdupq_n_f32(1.9875691500e-4f);
-    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    f32x4 k = vrndnq_f32(vmulq_n_f32(x, SB_LOG2E));
+    f32x4 r = vfmaq_n_f32(x, k, -SB_LN2_HI); /* ln2 split in two for an exact reduction (poly.h) */
+    r = vfmaq_n_f32(r, k, -SB_LN2_LO);
+    f32x4 p = vdupq_n_f32(SB_EXP_P[0]);
+    for (int i = 1; i < 6; i++) p = vfmaq_f32(vdupq_n_f32(SB_EXP_P[i]), p, r);
     p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
     int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127)), 23);
     f32x4 res = vmulq_f32(p, vreinterpretq_f32_s32(e));
@@ -44,19 +41,12 @@ static inline f32x4 v_log(f32x4 x) {
     uint32x4_t small = vcltq_f32(m, vdupq_n_f32(0.707106781186547524f));
     e = vsubq_f32(e, vreinterpretq_f32_u32(vandq_u32(small, vreinterpretq_u32_f32(vdupq_n_f32(1.0f)))));
     m = vsubq_f32(vaddq_f32(m, vreinterpretq_f32_u32(vandq_u32(small, vreinterpretq_u32_f32(m)))), vdupq_n_f32(1.0f));
-    f32x4 z = vmulq_f32(m, m), p = vdupq_n_f32(7.0376836292e-2f);
-    p = vfmaq_f32(vdupq_n_f32(-1.1514610310e-1f), p, m);
-    p = vfmaq_f32(vdupq_n_f32(1.1676998740e-1f), p, m);
-    p = vfmaq_f32(vdupq_n_f32(-1.2420140846e-1f), p, m);
-    p = vfmaq_f32(vdupq_n_f32(1.4249322787e-1f), p, m);
-    p = vfmaq_f32(vdupq_n_f32(-1.6668057665e-1f), p, m);
-    p = vfmaq_f32(vdupq_n_f32(2.0000714765e-1f), p, m);
-    p = vfmaq_f32(vdupq_n_f32(-2.4999993993e-1f), p, m);
-    p = vfmaq_f32(vdupq_n_f32(3.3333331174e-1f), p, m);
+    f32x4 z = vmulq_f32(m, m), p = vdupq_n_f32(SB_LOG_P[0]);
+    for (int i = 1; i < 9; i++) p = vfmaq_f32(vdupq_n_f32(SB_LOG_P[i]), p, m);
     f32x4 y = vmulq_f32(vmulq_f32(p, m), z);
-    y = vfmaq_n_f32(y, e, -2.12194440e-4f);
+    y = vfmaq_n_f32(y, e, SB_LN2_LO);
     y = vfmaq_n_f32(y, z, -0.5f);
-    return vaddq_f32(vaddq_f32(m, y), vmulq_n_f32(e, 0.693359375f));
+    return vaddq_f32(vaddq_f32(m, y), vmulq_n_f32(e, SB_LN2_HI));
 }
 
 static inline f32x4 v_silu(f32x4 v) { return vdivq_f32(v, vaddq_f32(vdupq_n_f32(1.0f), v_exp(vnegq_f32(v)))); }

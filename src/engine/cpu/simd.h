@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "poly.h"
+
 typedef __m256 f32x8;
 
 static inline f32x8 v_zero(void) { return _mm256_setzero_ps(); }
@@ -31,15 +33,11 @@ static inline f32x8 v_exp_neg(f32x8 x) {
     const f32x8 lo = v_set1(-87.0f);
     f32x8 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_max_ps(x, lo);
-    f32x8 k = _mm256_round_ps(v_mul(x, v_set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    f32x8 r = v_fma(k, v_set1(-0.693359375f), x); /* ln2 split in two for an exact reduction */
-    r = v_fma(k, v_set1(2.12194440e-4f), r);
-    f32x8 p = v_set1(1.9875691500e-4f);
-    p = v_fma(p, r, v_set1(1.3981999507e-3f));
-    p = v_fma(p, r, v_set1(8.3334519073e-3f));
-    p = v_fma(p, r, v_set1(4.1665795894e-2f));
-    p = v_fma(p, r, v_set1(1.6666665459e-1f));
-    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    f32x8 k = _mm256_round_ps(v_mul(x, v_set1(SB_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    f32x8 r = v_fma(k, v_set1(-SB_LN2_HI), x); /* ln2 split in two for an exact reduction (poly.h) */
+    r = v_fma(k, v_set1(-SB_LN2_LO), r);
+    f32x8 p = v_set1(SB_EXP_P[0]);
+    for (int i = 1; i < 6; i++) p = v_fma(p, r, v_set1(SB_EXP_P[i]));
     p = v_fma(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     f32x8 res = v_mul(p, _mm256_castsi256_ps(e));
@@ -60,19 +58,12 @@ static inline f32x8 v_log(f32x8 x) {
     f32x8 small = _mm256_cmp_ps(m, v_set1(0.707106781186547524f), _CMP_LT_OQ);
     e = _mm256_sub_ps(e, _mm256_and_ps(small, v_set1(1.0f)));
     m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), v_set1(1.0f));
-    f32x8 z = v_mul(m, m), p = v_set1(7.0376836292e-2f);
-    p = v_fma(p, m, v_set1(-1.1514610310e-1f));
-    p = v_fma(p, m, v_set1(1.1676998740e-1f));
-    p = v_fma(p, m, v_set1(-1.2420140846e-1f));
-    p = v_fma(p, m, v_set1(1.4249322787e-1f));
-    p = v_fma(p, m, v_set1(-1.6668057665e-1f));
-    p = v_fma(p, m, v_set1(2.0000714765e-1f));
-    p = v_fma(p, m, v_set1(-2.4999993993e-1f));
-    p = v_fma(p, m, v_set1(3.3333331174e-1f));
+    f32x8 z = v_mul(m, m), p = v_set1(SB_LOG_P[0]);
+    for (int i = 1; i < 9; i++) p = v_fma(p, m, v_set1(SB_LOG_P[i]));
     f32x8 y = v_mul(v_mul(p, m), z);
-    y = v_fma(e, v_set1(-2.12194440e-4f), y);
+    y = v_fma(e, v_set1(SB_LN2_LO), y);
     y = v_fma(z, v_set1(-0.5f), y);
-    return v_add(v_add(m, y), v_mul(e, v_set1(0.693359375f)));
+    return v_add(v_add(m, y), v_mul(e, v_set1(SB_LN2_HI)));
 }
 
 #endif
