@@ -3,7 +3,7 @@ of 4) and dtype (f16, int8, f32), on the Mamba-130M and -370M layer shapes, 1 th
 against the single-thread memory read probe measured in the same run. Not part of CI; see
 bench/README.md.
 
-    python bench/kernels.py                 # 3 interleaved rounds, ~50 ms of calls per entry (~5 min)
+    python bench/kernels.py                 # 3 interleaved rounds, ~50 ms of calls per entry (~7 min)
     python bench/kernels.py --quick         # 1 round, ~20 ms per entry, to check that it runs
     python bench/kernels.py --isa scalar    # another kernel family (process-wide, as the engine's)
 
@@ -14,11 +14,14 @@ weights, laid out as a packed file lays it out, copied round robin over the prof
 memory, timed per call through the decode path (``sb_linear_vec``), median of the calls. GB/s = the
 bytes one call streams (``streamed_bytes``: values + codes + row indices + scales of the layout the
 engine reads) / that median. The read probe is the engine's ``sb_read_bandwidth`` (SIMD sums over a
-``--probe-mib`` buffer in whole passes, one stream with the kernels' prefetch, 8 streams side by
-side and 4 streams with the kernels' prefetch, each pass timed by the thread's CPU clock, the best of 3 passes of each), measured right before
-every group of entries (one model's products in one dtype) at that group's thread count, and beside it
-(1 thread) numpy's max over the same size, the check that the probe is the ceiling; % of the probe is
-against the median of the run's probes.
+``--probe-mib`` buffer in whole passes, one stream with the kernels' prefetch, 8 streams side by side
+and 4 streams with the kernels' prefetch, each pass timed by the thread's CPU clock, the best of 3
+passes of each), measured right before every entry of every round at the entry's thread count. An
+entry's % of the probe is the median over the rounds of its rate ÷ the probe taken right before it:
+this machine's read rate moves between levels (~14.5 and ~19 GB/s on one thread) in spells of seconds,
+and a probe taken a group of entries earlier, or the median of the run's probes, is often in another
+spell than the kernel it divides. Beside the first probe of every 1-thread group, numpy's max over the
+same size: the check that the probe is the ceiling.
 
 Writes bench/results/kernels.{json,md}.
 """
@@ -174,8 +177,9 @@ def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
         for k in ks:
             groups.setdefault((T, k[0], k[5]), []).append(k)
     times: dict[tuple, list[float]] = {(k, T): [] for (T, _, _), ks in groups.items() for k in ks}
+    probe_at: dict[tuple, list[float]] = {kT: [] for kT in times}  # the probe right before each call series
     probes: dict[int, list[float]] = {T: [] for T, _, _ in groups}
-    numpy_max: list[float] = []  # beside each 1-thread probe
+    numpy_max: list[float] = []  # once per 1-thread group, before its entries
     budget = 0.02 if a.quick else 0.05
     busy: list[float] = []  # per group: share of the CPUs other processes used meanwhile
     t0 = time.time()
@@ -187,12 +191,13 @@ def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
                 if a.idle_wait > 0:
                     machine.wait_idle(a.idle_wait)
                 mark = machine.busy_mark()
-                probes[T].append(probe_gbs(a.probe_mib, T, 3))
                 if T == 1:
                     numpy_max.append(numpy_max_gbs(a.probe_mib, 3))
                 for k in ks:
                     _, _, o, i, n, _ = k
                     reps = a.reps or profile.default_reps(o, i, n, dt, budget)
+                    probes[T].append(probe_gbs(a.probe_mib, T, 3))
+                    probe_at[k, T].append(probes[T][-1])
                     times[k, T].append(profile.profile_linear(o, i, n, dt, reps, threads=T))
                 busy.append(machine.others_busy(mark))
                 log(
@@ -203,7 +208,6 @@ def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
         profile.release()
         profile._lib().sb_set_threads(1)
     rows = []
-    probe1 = median(probes[1])
     for k in keys:
         m, layer, o, i, n, dt = k
         nbytes = streamed_bytes(o, i, n, dt, layout)
@@ -211,12 +215,16 @@ def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
         dense = median(times[(m, layer, o, i, 0, dt), 1])
         row = dict(
             model=m, layer=layer, out=o, inn=i, n=n, dtype=dt, bytes=nbytes,
-            seconds_1t=s1, gbs_1t=nbytes / s1 / 1e9, pct_probe_1t=100 * nbytes / s1 / 1e9 / probe1,
-            speedup_vs_dense=dense / s1, samples_1t=times[k, 1],
+            seconds_1t=s1, gbs_1t=nbytes / s1 / 1e9,
+            pct_probe_1t=paired_pct([(nbytes, times[k, 1], probe_at[k, 1])]),
+            speedup_vs_dense=dense / s1, samples_1t=times[k, 1], probe_samples_1t=probe_at[k, 1],
         )  # fmt: skip
         if (k, 2) in times:
             s2 = median(times[k, 2])
-            row.update(seconds_2t=s2, gbs_2t=nbytes / s2 / 1e9, speedup_2t=s1 / s2, samples_2t=times[k, 2])
+            row.update(
+                seconds_2t=s2, gbs_2t=nbytes / s2 / 1e9, speedup_2t=s1 / s2, samples_2t=times[k, 2],
+                pct_probe_2t=paired_pct([(nbytes, times[k, 2], probe_at[k, 2])]), probe_samples_2t=probe_at[k, 2],
+            )  # fmt: skip
         rows.append(row)
     meta = dict(
         command="python bench/kernels.py" + "".join(" " + shlex.quote(x) for x in a.argv),
@@ -246,9 +254,19 @@ def run(a: argparse.Namespace) -> tuple[dict, list[dict]]:
 # Views
 
 
-def _aggregate(rows: list[dict], key: str) -> float:
-    """A decode step's rate over several products: their bytes over their summed time."""
-    return sum(r["bytes"] for r in rows) / sum(r[key] for r in rows) / 1e9
+def paired_pct(entries: list[tuple[int, list[float], list[float]]]) -> float:
+    """% of the read probe of one or more products together, paired by round. ``entries``: per product,
+    its bytes, its time in each round and the probe (GB/s) taken right before it in that round. Per
+    round: the time the probe takes to read the products' bytes, each at its own probe, ÷ the time the
+    products took (for one product: its rate ÷ its probe); the median over the rounds."""
+    rounds = len(entries[0][1])
+    if any(len(t) != rounds or len(p) != rounds for _, t, p in entries):
+        raise ValueError("every product needs one time and one probe per round")
+    per_round = [
+        100 * sum(b / (p[r] * 1e9) for b, _, p in entries) / sum(t[r] for _, t, _ in entries)
+        for r in range(rounds)
+    ]
+    return median(per_round)
 
 
 def ceiling_check(meta: dict, rows: list[dict]) -> list[str]:
@@ -265,6 +283,11 @@ def ceiling_check(meta: dict, rows: list[dict]) -> list[str]:
     if not others:
         return []
     above = [k for k, v in others.items() if v > p1]
+    over = [
+        f"{r['model']} {r['layer']} {r['dtype']} n = {r['n']} ({r['pct_probe_1t']:.0f}%)"
+        for r in rows
+        if r.get("pct_probe_1t", 0) > 100
+    ]
     return [
         "The probe as the ceiling (1 thread, medians of the run): probe "
         f"{p1:.1f} GB/s, "
@@ -274,7 +297,8 @@ def ceiling_check(meta: dict, rows: list[dict]) -> list[str]:
             f"⚠ faster than the probe: {', '.join(above)}."
             if above
             else "Nothing here reads faster than the probe."
-        ),
+        )
+        + (f" ⚠ faster than the probe taken right before them: {', '.join(over)}." if over else ""),
         "",
     ]
 
@@ -292,9 +316,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"interleaved round(s). GB/s = bytes streamed per call (values + codes + row indices + scales) ÷ "
         f"time. Read probe (the engine's SIMD sum over {meta['probe_mib']} MiB in whole passes, one stream with the "
         f"kernels' prefetch, 8 streams side by side and 4 prefetched streams, timed by the thread's CPU clock, best of 3 passes of "
-        f"each, taken before each model × dtype group; the median of the run's probes): **1 thread {p1:.1f} GB/s**"
+        f"each, taken right before every entry of every round; the median of the run's probes): **1 thread {p1:.1f} GB/s**"
         + (f", 2 threads {meta['probe_gbs']['2']:.1f} GB/s" if "2" in meta["probe_gbs"] else "")
         + f". Load average at the end: {' '.join(f'{x:.2f}' for x in meta['load_average'])}.",
+        "",
+        "% of the probe, paired by round: an entry's rate ÷ the probe taken right before it, the median over "
+        "the rounds; a model's 4 products together: per round, the time the probe takes to read their bytes "
+        "÷ the time they took, the median over the rounds.",
         "",
     ]
     if meta["others_busy_max"] > BUSY:
@@ -323,7 +351,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             cells = []
             for n in NS:
                 rs = [r for r in rows if r["dtype"] == dt and r["model"] == mod and r["n"] == n]
-                pct = 100 * _aggregate(rs, "seconds_1t") / p1 if rs else None
+                pct = (
+                    paired_pct([(r["bytes"], r["samples_1t"], r["probe_samples_1t"]) for r in rs])
+                    if rs
+                    else None
+                )
                 miss = dt in TARGETS and pct is not None and pct < TARGETS[dt]
                 cells.append(
                     "–" if pct is None else f"{'**' if miss else ''}{pct:.0f}%{'**' if miss else ''}"
