@@ -67,6 +67,9 @@ typedef struct {
      * with a family's scan_step. */
     void (*scan_decode)(int N, const float *A, const float *D, const float *dt, const float *x, const float *B,
                         const float *C, float *s, float *y, int c0, int c1);
+    /* the int8 products' activations: xq and xs as sb_v2_quantise_ref makes them (the same bits in every
+     * family), and xt where this family's kernels read it (AVX2) */
+    sb_v2_quantise_fn quantise;
 } sb_kernels;
 
 extern const sb_kernels sb_kernels_ref;
@@ -171,7 +174,8 @@ void sb_stage_mark(double *st, int stage);
  * compiler folded it) into its own un / ad, the SB_ST_NORM mark, its share of lin into y (prefilled with
  * the bias), one wait, then the mark of `stage` (a block's in_proj, or the LM head). */
 void sb_decode_norm_product(const sb_kernels *k, const float *h, const float *norm, float eps, int d, float *un,
-                            sb_v2_act *ad, int quantise, const sb_linear *lin, float *y, double *st, int stage);
+                            sb_v2_act *ad, sb_v2_quantise_fn quantise, const sb_linear *lin, float *y, double *st,
+                            int stage);
 double sb_now(void); /* CLOCK_MONOTONIC seconds */
 /* bytes the profiler spreads its weights over, so that they come from memory: max(64 MiB, 2 x LLC) */
 size_t sb_profile_working_set(void);

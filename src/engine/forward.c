@@ -207,7 +207,7 @@ static void rmsnorm_vec(const float *h, const float *w, float eps, int d, float 
 
 /* the chunks [ch0, ch1) of activations a set from x (x[j] for j in those chunks), quantised as sb_v2_act_set
  * quantises them: each chunk's scale is its own, so threads may prepare disjoint chunks of one a */
-static void act_chunks(sb_v2_act *a, const float *x, int q, int ch0, int ch1) {
+static void act_chunks(sb_v2_act *a, const float *x, sb_v2_quantise_fn q, int ch0, int ch1) {
     int j0 = ch0 * SB_V2_CHUNK, j1 = ch1 * SB_V2_CHUNK < a->K ? ch1 * SB_V2_CHUNK : a->K;
     if (j1 <= j0) return;
     sb_v2_act v = {.K = j1 - j0, .nchunk = ch1 - ch0, .x = a->x + j0, .xq = a->xq + j0, .xs = a->xs + ch0,
@@ -254,7 +254,8 @@ static void decode_layer(const sb_model *m, sb_state *s, int i, const sb_kernels
     double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
     const sb_layer *ly = &m->layers[i];
     sb_team_buf *tb = &s->tb[sb_thread_id()];
-    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv, q = s->quantise;
+    int d = I->d_model, di = I->d_inner, N = I->d_state, R = I->dt_rank, K = I->d_conv;
+    sb_v2_quantise_fn q = s->quantise ? k->quantise : NULL;
     /* xz holds in_proj's bias (the previous layer's out_proj stage, or the embedding's) */
     sb_decode_norm_product(k, s->h, ly->norm, m->eps, d, tb->un, tb->ad, q, &ly->in, s->xz, st, SB_ST_IN);
     float *cst = s->conv + (size_t)i * di * (K > 1 ? K - 1 : 1);
@@ -317,7 +318,7 @@ static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float 
     {
         rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, s->un);
         memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
-        sb_v2_act_set(s->ad, s->un, 1, s->quantise);
+        sb_v2_act_set(s->ad, s->un, 1, s->quantise ? k->quantise : NULL);
     }
     SB_STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &m->head, s->ad, logits);
@@ -325,7 +326,8 @@ static void head_vec(const sb_model *m, sb_state *s, const sb_kernels *k, float 
 }
 
 void sb_decode_norm_product(const sb_kernels *k, const float *h, const float *norm, float eps, int d, float *un,
-                            sb_v2_act *ad, int quantise, const sb_linear *lin, float *y, double *st, int stage) {
+                            sb_v2_act *ad, sb_v2_quantise_fn quantise, const sb_linear *lin, float *y, double *st,
+                            int stage) {
     rmsnorm_vec(h, norm, eps, d, un);
     sb_v2_act_set(ad, un, 1, quantise);
     SB_STAGE(st, SB_ST_NORM);
@@ -352,7 +354,7 @@ static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logi
         for (int i = 0; i < I->n_layer; i++) decode_layer(m, s, i, k);
         if (mode) {
             sb_team_buf *tb = &s->tb[sb_thread_id()];
-            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, I->d_model, tb->un, tb->ad, s->quantise, &m->head,
+            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, I->d_model, tb->un, tb->ad, s->quantise ? k->quantise : NULL, &m->head,
                                    logits, st, SB_ST_HEAD);
         }
     }

@@ -187,7 +187,8 @@ static void decode_layer(const sb_model *m, sb_m2_state *s, int i, const sb_kern
     const sb_m2_layer *ly = &M->layers[i];
     double *st = sb_decode_stages ? sb_decode_stages + (size_t)i * SB_NSTAGE : NULL;
     struct m2_team_buf *tb = &s->tb[sb_thread_id()];
-    int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd, q = s->quantise;
+    int d = M->d, di = M->di, N = M->N, K = M->K, p = M->p, cd = M->cd;
+    sb_v2_quantise_fn q = s->quantise ? k->quantise : NULL;
     int r = M->h / M->g;
     /* zxd holds ssm_in's bias (the previous layer's ssm_out stage, or the embedding's) */
     sb_decode_norm_product(k, s->h, ly->norm, m->eps, d, tb->un, tb->ad, q, &ly->in, s->zxd, st, SB_ST_IN);
@@ -244,7 +245,7 @@ static void head_vec(const sb_model *m, sb_m2_state *s, const sb_kernels *k, flo
     {
         rmsnorm_vec(s->h, m->out_norm, m->eps, m->info.d_model, s->un);
         memset(logits, 0, sizeof(float) * (size_t)m->info.vocab_size);
-        sb_v2_act_set(s->ad, s->un, 1, s->quantise);
+        sb_v2_act_set(s->ad, s->un, 1, s->quantise ? k->quantise : NULL);
     }
     SB_STAGE(st, SB_ST_NORM);
     sb_linear_vec(k, &m->head, s->ad, logits);
@@ -267,7 +268,7 @@ static int decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *l
         for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k, ssd);
         if (mode) {
             struct m2_team_buf *tb = &s->tb[sb_thread_id()];
-            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, m->info.d_model, tb->un, tb->ad, s->quantise,
+            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, m->info.d_model, tb->un, tb->ad, s->quantise ? k->quantise : NULL,
                                    &m->head, logits, st, SB_ST_HEAD);
         }
     }

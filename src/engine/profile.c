@@ -228,7 +228,7 @@ int sb_profile_linear(int32_t out, int32_t in, int32_t n, int32_t dtype, int32_t
         lin.w.cls[0].scale = c0.scale ? (const float *)((const uint8_t *)c0.scale + delta) : NULL;
         lin.w.cls[0].stream = c0.stream + delta;
         double t0 = sb_now();
-        sb_v2_act_set(&a, x, 1, dt == SB_V2_I8); /* every product prepares its activations */
+        sb_v2_act_set(&a, x, 1, dt == SB_V2_I8 ? k->quantise : NULL); /* every product prepares its activations */
         sb_linear_vec(k, &lin, &a, y);
         double dt_s = sb_now() - t0;
         if (i >= 0) t[i] = dt_s;
@@ -279,7 +279,7 @@ int sb_profile_model(const sb_model *m, int32_t reps, double *seconds, char *err
                 sb_v2_act a;
                 sb_v2_act_bind(&a, amem, lin[j]->in);
                 double t0 = sb_now();
-                sb_v2_act_set(&a, x, 1, I->dtype == GG_I8);
+                sb_v2_act_set(&a, x, 1, I->dtype == GG_I8 ? k->quantise : NULL);
                 sb_linear_vec(k, lin[j], &a, y);
                 double dt = sb_now() - t0;
                 if (r >= 0) t[((size_t)(4 * i + j)) * reps + r] = dt;

@@ -175,7 +175,7 @@ static void scan_chunk_avx2(int N, int T, const float *A, const float *D, const 
 
 const sb_kernels sb_kernels_avx2 = {"avx2",        sb_v2_gemv_avx2, sb_v2_gemm_avx2, scan_step_avx2, silu_avx2,
                                     softplus_avx2, mul_silu_avx2,   read_sum_avx2,   scan_chunk_avx2,
-                                    scan_decode_avx2};
+                                    scan_decode_avx2, sb_v2_quantise_avx2};
 const sb_kernels sb_kernels_avx512 = {"avx512",      sb_v2_gemv_avx512, sb_v2_gemm_avx512, sb_scan_step_avx512, sb_silu_avx512,
                                       sb_softplus_avx512, sb_mul_silu_avx512,     sb_read_sum_avx512, sb_scan_chunk_avx512,
-                                      sb_scan_decode_avx512};
+                                      sb_scan_decode_avx512, sb_v2_quantise_avx512};

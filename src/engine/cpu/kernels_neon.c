@@ -143,4 +143,4 @@ static float read_sum_neon(const float *x, size_t n, int streams, int prefetch) 
 
 const sb_kernels sb_kernels_neon = {"neon",    sb_v2_gemv_neon, sb_v2_gemm_neon, scan_step_neon,
                                     silu_neon, softplus_neon,   mul_silu_neon,   read_sum_neon,
-                                    NULL,      scan_decode_neon};
+                                    NULL,      scan_decode_neon, sb_v2_quantise_ref};

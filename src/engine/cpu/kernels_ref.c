@@ -71,4 +71,4 @@ static void scan_chunk_ref(int N, int T, const float *A, const float *D, const f
 
 const sb_kernels sb_kernels_ref = {"scalar", sb_v2_gemv_ref, sb_v2_gemm_ref, scan_step_ref,  silu_ref,
                                    softplus_ref, mul_silu_ref, read_sum_ref, scan_chunk_ref,
-                                   scan_decode_ref};
+                                   scan_decode_ref, sb_v2_quantise_ref};

@@ -66,16 +66,6 @@ void sb_v2_quantise_ref(sb_v2_act *a) {
     }
 }
 
-/* the quantiser this CPU runs: every version gives the reference's bits, so the choice follows the CPU,
- * not the kernel family in effect */
-static void (*quantiser(void))(sb_v2_act *) {
-#if defined(__x86_64__) || defined(_M_X64)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) return sb_v2_quantise_avx2;
-#endif
-    return sb_v2_quantise_ref;
-}
-
 void sb_v2_cm_quantise_ref(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1) {
     for (int ch = ch0; ch < ch1; ch++) {
         int j0 = SB_V2_CHUNK * ch, j1 = j0 + SB_V2_CHUNK < K ? j0 + SB_V2_CHUNK : K;
@@ -102,15 +92,11 @@ void sb_v2_cm_quantise(const float *X, int ldx, int K, int T, float *Q, int ldq,
     sb_v2_cm_quantise_ref(X, ldx, K, T, Q, ldq, ch0, ch1);
 }
 
-void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise) {
-    static void (*quant)(sb_v2_act *);
+void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, sb_v2_quantise_fn quantise) {
     if (stride == 1) memcpy(a->x, x, sizeof(float) * (size_t)a->K);
     else
         for (int j = 0; j < a->K; j++) a->x[j] = x[(size_t)j * stride];
-    if (!quantise) return;
-    void (*q)(sb_v2_act *) = __atomic_load_n(&quant, __ATOMIC_RELAXED);
-    if (!q) __atomic_store_n(&quant, q = quantiser(), __ATOMIC_RELAXED); /* racing threads store the same */
-    q(a);
+    if (quantise) quantise(a);
 }
 
 /* ---------------------------------------------------------------- prefetch distance */

@@ -149,7 +149,8 @@ typedef struct {
 
 /* The activations one call reads, prepared once per x and shared by every class and thread:
  * x zero-padded to whole chunks; for int8 matrices x quantised per chunk to int16, q = round(x / s),
- * s = max|x over the chunk| / 32767, and (AVX2) per group the dword tables built from q.
+ * s = max|x over the chunk| / 32767, and, for the AVX2 kernels only, per group the dword tables built
+ * from q (the kernel family's quantiser says which: sb_kernels.quantise).
  * Memory comes from the caller (sb_v2_act_bytes / sb_v2_act_bind): prefill binds one per token. */
 typedef struct {
     int K, nchunk;
@@ -171,17 +172,22 @@ void sb_v2_act_bind(sb_v2_act *a, void *mem, int K); /* mem 64-byte aligned, sb_
  * NULL when out of memory. sb_v2_acts_free(NULL) is a no-op. */
 sb_v2_act *sb_v2_acts_new(int K, int n);
 void sb_v2_acts_free(sb_v2_act *a);
-/* x[j * stride] for j < K (stride 1: a vector; ldx: a column of channel-major activations) */
-void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, int quantise);
+/* a->x quantised into xq and xs (and, by the versions that build them, xt): one per kernel family */
+typedef void (*sb_v2_quantise_fn)(sb_v2_act *a);
+/* x[j * stride] for j < K (stride 1: a vector; ldx: a column of channel-major activations), then
+ * quantise(a) where not NULL (int8 matrices: the family's quantiser) */
+void sb_v2_act_set(sb_v2_act *a, const float *x, int stride, sb_v2_quantise_fn quantise);
 /* Channel-major activations quantised as sb_v2_act_set quantises each token (per chunk of 64 inputs:
  * s = max|x| / 32767, q = round(x / s)) and written back as q * s: Q[j * ldq + t] for the chunks
  * [ch0, ch1) of K inputs and t < T. The same bits on every CPU (an AVX2 version where it has one). */
 void sb_v2_cm_quantise(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1);
-/* a->x quantised into xq, xs and xt: the scalar definition, and the SIMD version sb_v2_act_set runs where
- * the CPU has it, which gives the same bits (vcvtps2dq rounds to nearest even, as lrintf does) */
+/* a->x quantised into xq, xs and xt: the scalar definition; the AVX2 version gives the same bits
+ * (vcvtps2dq rounds to nearest even, as lrintf does); the AVX-512 one the same xq and xs and no xt,
+ * which only the AVX2 kernels read (building it cost a third of a quantisation) */
 void sb_v2_quantise_ref(sb_v2_act *a);
 #if defined(__x86_64__) || defined(_M_X64)
 void sb_v2_quantise_avx2(sb_v2_act *a);
+void sb_v2_quantise_avx512(sb_v2_act *a);
 void sb_v2_cm_quantise_avx2(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1);
 #endif
 void sb_v2_cm_quantise_ref(const float *X, int ldx, int K, int T, float *Q, int ldq, int ch0, int ch1);

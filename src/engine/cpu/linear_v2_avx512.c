@@ -470,3 +470,27 @@ void sb_v2_gemm_avx512(const sb_v2_class *c, const sb_v2_act *act, int T, float 
 void sb_v2_gemv_avx512(const sb_v2_class *c, const sb_v2_act *a, float *y, int b0, int b1) {
     sb_v2_gemm_avx512(c, a, 1, y, 1, b0, b1);
 }
+
+/* sb_v2_quantise_ref's xq and xs with 16 lanes: the same max, scale (a scalar division, as there),
+ * rounding (vcvtps2dq: nearest even, as lrintf) and clamp, so the same bits; no xt (these kernels read
+ * the int16 inputs through their own tables). A chunk is four vectors; with xt (the AVX2 version) a
+ * 2048-wide quantisation took 1.2 us, without it 0.86 us in AVX2 (hot, this Xeon). */
+void sb_v2_quantise_avx512(sb_v2_act *a) {
+    const __m512i lim = _mm512_set1_epi32(32767), nlim = _mm512_set1_epi32(-32767);
+    for (int c = 0; c < a->nchunk; c++) {
+        const float *xc = a->x + SB_V2_CHUNK * c;
+        __m512 v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm512_loadu_ps(xc + 16 * i);
+        __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
+                                 _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3])));
+        float mx = _mm512_reduce_max_ps(m), s = mx > 0.0f ? mx / 32767.0f : 1.0f, inv = 1.0f / s;
+        a->xs[c] = s;
+        __m512 vinv = _mm512_set1_ps(inv);
+        int16_t *xq = a->xq + SB_V2_CHUNK * c;
+        for (int i = 0; i < 4; i++) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], vinv));
+            q = _mm512_min_epi32(_mm512_max_epi32(q, nlim), lim);
+            _mm256_storeu_si256((__m256i *)(xq + 16 * i), _mm512_cvtepi32_epi16(q));
+        }
+    }
+}
