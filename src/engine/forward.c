@@ -354,8 +354,9 @@ static int decode_token(const sb_model *m, sb_state *s, int32_t tok, float *logi
         for (int i = 0; i < I->n_layer; i++) decode_layer(m, s, i, k);
         if (mode) {
             sb_team_buf *tb = &s->tb[sb_thread_id()];
-            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, I->d_model, tb->un, tb->ad, s->quantise ? k->quantise : NULL, &m->head,
-                                   logits, st, SB_ST_HEAD);
+            sb_v2_quantise_fn q = s->quantise ? k->quantise : NULL;
+            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, I->d_model, tb->un, tb->ad, q, &m->head, logits, st,
+                                   SB_ST_HEAD);
         }
     }
     return SB_OK;

@@ -268,8 +268,9 @@ static int decode_token(const sb_model *m, sb_m2_state *s, int32_t tok, float *l
         for (int i = 0; i < m->info.n_layer; i++) decode_layer(m, s, i, k, ssd);
         if (mode) {
             struct m2_team_buf *tb = &s->tb[sb_thread_id()];
-            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, m->info.d_model, tb->un, tb->ad, s->quantise ? k->quantise : NULL,
-                                   &m->head, logits, st, SB_ST_HEAD);
+            sb_v2_quantise_fn q = s->quantise ? k->quantise : NULL;
+            sb_decode_norm_product(k, s->h, m->out_norm, m->eps, m->info.d_model, tb->un, tb->ad, q, &m->head, logits,
+                                   st, SB_ST_HEAD);
         }
     }
     return SB_OK;
