@@ -6,46 +6,12 @@
 
 #include "engine.h"
 #include "mamba2.h"
-#include "poly.h"
+#include "simd512.h"
 
-/* expf for x <= 0: simd.h's v_exp_neg in 16 lanes (same reduction and polynomial, relative error
- * about 2e-7; below -87 the result flushes to 0) */
-static inline __m512 exp_neg16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.0f);
-    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, lo);
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(SB_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(-SB_LN2_HI), x); /* ln2 split in two: an exact reduction */
-    r = _mm512_fmadd_ps(k, _mm512_set1_ps(-SB_LN2_LO), r);
-    __m512 p = _mm512_set1_ps(SB_EXP_P[0]);
-    for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(SB_EXP_P[i]));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps((__mmask16)~under, p, _mm512_castsi512_ps(e));
-}
-
-/* expf on the whole float range: clamped to [-87, 88] as simd.h's v_exp */
-static inline __m512 exp16(__m512 x) { return exp_neg16(_mm512_min_ps(x, _mm512_set1_ps(88.0f))); }
-
-/* natural log for x > 0: simd.h's v_log (Cephes logf) in 16 lanes */
-static inline __m512 log16(__m512 x) {
-    __m512i xi = _mm512_castps_si512(x);
-    __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(xi, 23), _mm512_set1_epi32(126)));
-    __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(xi, _mm512_set1_epi32(0x007fffff)),
-                                                   _mm512_set1_epi32(0x3f000000))); /* [0.5, 1) */
-    __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-    e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.0f));
-    m = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), _mm512_set1_ps(1.0f));
-    __m512 z = _mm512_mul_ps(m, m), p = _mm512_set1_ps(SB_LOG_P[0]);
-    for (int i = 1; i < 9; i++) p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(SB_LOG_P[i]));
-    __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, m), z);
-    y = _mm512_fmadd_ps(e, _mm512_set1_ps(SB_LN2_LO), y);
-    y = _mm512_fmadd_ps(z, _mm512_set1_ps(-0.5f), y);
-    return _mm512_add_ps(_mm512_add_ps(m, y), _mm512_mul_ps(e, _mm512_set1_ps(SB_LN2_HI)));
-}
+/* expf, expf for x <= 0 and logf: v_exp, v_exp_neg and v_log (simd_math.h, 16 lanes: simd512.h) */
 
 static inline __m512 silu16(__m512 v) {
-    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), v_exp(_mm512_sub_ps(_mm512_setzero_ps(), v))));
 }
 
 /* The per-channel ops of kernels_avx2.c in 16 lanes, the tail masked (the same formulas) */
@@ -60,8 +26,8 @@ void sb_softplus_avx512(float *x, int n) {
     for (int i = 0; i < n; i += 16) {
         __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
         /* log1p(u) = log(w) * u / (w - 1) with w = 1 + u: exact to float rounding even when u is tiny */
-        __m512 v = _mm512_maskz_loadu_ps(m, x + i), u = exp16(v), w = _mm512_add_ps(_mm512_set1_ps(1.0f), u);
-        __m512 wm1 = _mm512_sub_ps(w, _mm512_set1_ps(1.0f)), r = _mm512_div_ps(_mm512_mul_ps(log16(w), u), wm1);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i), u = v_exp(v), w = _mm512_add_ps(_mm512_set1_ps(1.0f), u);
+        __m512 wm1 = _mm512_sub_ps(w, _mm512_set1_ps(1.0f)), r = _mm512_div_ps(_mm512_mul_ps(v_log(w), u), wm1);
         r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(wm1, _mm512_setzero_ps(), _CMP_EQ_OQ), r, u);
         r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(20.0f), _CMP_GT_OQ), r, v);
         _mm512_mask_storeu_ps(x + i, m, r);
@@ -87,7 +53,7 @@ void sb_scan_step_avx512(int N, const float *A, float dt, float dtx, const float
         _mm_prefetch((const char *)(s + n) + pf, _MM_HINT_T0);
         __mmask16 m = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
         __m512 a = _mm512_maskz_loadu_ps(m, A + n), h = _mm512_maskz_loadu_ps(m, s + n);
-        h = _mm512_fmadd_ps(exp_neg16(_mm512_mul_ps(vdt, a)), h, _mm512_mul_ps(vdtx, _mm512_maskz_loadu_ps(m, B + n)));
+        h = _mm512_fmadd_ps(v_exp_neg(_mm512_mul_ps(vdt, a)), h, _mm512_mul_ps(vdtx, _mm512_maskz_loadu_ps(m, B + n)));
         _mm512_mask_storeu_ps(s + n, m, h);
         acc = _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, C + n), acc);
     }
@@ -137,7 +103,7 @@ void sb_scan_decode_avx512(int N, const float *A, const float *D, const float *d
                 for (int n = 0; n < N; n += 16) {
                     _mm_prefetch((const char *)(a + n) + pf, _MM_HINT_T0);
                     _mm_prefetch((const char *)(h + n) + pf, _MM_HINT_T0);
-                    __m512 hn = _mm512_fmadd_ps(exp_neg16(_mm512_mul_ps(vdt, _mm512_loadu_ps(a + n))), _mm512_loadu_ps(h + n),
+                    __m512 hn = _mm512_fmadd_ps(v_exp_neg(_mm512_mul_ps(vdt, _mm512_loadu_ps(a + n))), _mm512_loadu_ps(h + n),
                                                 _mm512_mul_ps(vdtx, _mm512_loadu_ps(B + n)));
                     _mm512_storeu_ps(h + n, hn);
                     dot = _mm512_fmadd_ps(hn, _mm512_loadu_ps(C + n), dot);
@@ -167,13 +133,13 @@ static inline void scan16(int N, int T, const float *at, float *h, const __m512 
         if (N == 16) {
 #pragma GCC unroll 16
             for (int n = 0; n < 16; n++) {
-                hr[n] = _mm512_fmadd_ps(exp_neg16(_mm512_mul_ps(d, _mm512_load_ps(at + 16 * n))), hr[n],
+                hr[n] = _mm512_fmadd_ps(v_exp_neg(_mm512_mul_ps(d, _mm512_load_ps(at + 16 * n))), hr[n],
                                         _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n])));
                 acc = _mm512_fmadd_ps(hr[n], _mm512_set1_ps(Ct[n]), acc);
             }
         } else {
             for (int n = 0; n < N; n++) {
-                __m512 hn = _mm512_fmadd_ps(exp_neg16(_mm512_mul_ps(d, _mm512_load_ps(at + 16 * n))), _mm512_load_ps(h + 16 * n),
+                __m512 hn = _mm512_fmadd_ps(v_exp_neg(_mm512_mul_ps(d, _mm512_load_ps(at + 16 * n))), _mm512_load_ps(h + 16 * n),
                                             _mm512_mul_ps(dx, _mm512_set1_ps(Bt[n])));
                 _mm512_store_ps(h + 16 * n, hn);
                 acc = _mm512_fmadd_ps(hn, _mm512_set1_ps(Ct[n]), acc);

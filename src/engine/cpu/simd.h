@@ -1,6 +1,6 @@
 /* The small mapping from what the per-channel kernels need to AVX2 intrinsics: 8 fp32 lanes, a
- * horizontal sum and expf. Another family (NEON, AVX-512)
- * maps the same names in its own file; the kernels above this header do not change. */
+ * horizontal sum, and the few operations from which simd_math.h builds expf and logf (simd512.h maps
+ * the same names to 16 lanes for the AVX-512 family). */
 #ifndef SB_SIMD_H
 #define SB_SIMD_H
 
@@ -27,43 +27,30 @@ static inline float v_hsum(f32x8 a) {
     return _mm_cvtss_f32(s);
 }
 
-/* expf for x <= 0 (the scan's exp(Δ·A)): x = k·ln2 + r, a degree-6 polynomial for e^r, 2^k built
- * in the exponent bits. Relative error about 2e-7; below -87 the result flushes to 0. */
-static inline f32x8 v_exp_neg(f32x8 x) {
-    const f32x8 lo = v_set1(-87.0f);
-    f32x8 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    f32x8 k = _mm256_round_ps(v_mul(x, v_set1(SB_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    f32x8 r = v_fma(k, v_set1(-SB_LN2_HI), x); /* ln2 split in two for an exact reduction (poly.h) */
-    r = v_fma(k, v_set1(-SB_LN2_LO), r);
-    f32x8 p = v_set1(SB_EXP_P[0]);
-    for (int i = 1; i < 6; i++) p = v_fma(p, r, v_set1(SB_EXP_P[i]));
-    p = v_fma(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    f32x8 res = v_mul(p, _mm256_castsi256_ps(e));
-    return _mm256_andnot_ps(under, res);
+/* what simd_math.h's expf / logf need, in 8 lanes: masks are vectors of all-ones lanes */
+typedef f32x8 vf32;
+typedef __m256 vmask32;
+static inline vf32 v_sub(vf32 a, vf32 b) { return _mm256_sub_ps(a, b); }
+static inline vf32 v_min(vf32 a, vf32 b) { return _mm256_min_ps(a, b); }
+static inline vf32 v_max(vf32 a, vf32 b) { return _mm256_max_ps(a, b); }
+static inline vf32 v_round(vf32 a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vmask32 v_lt(vf32 a, vf32 b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+static inline vf32 v_and_mask(vmask32 m, vf32 a) { return _mm256_and_ps(m, a); }    /* a where m, else 0 */
+static inline vf32 v_andnot_mask(vmask32 m, vf32 a) { return _mm256_andnot_ps(m, a); } /* 0 where m, else a */
+/* 2^k for integral k (the exponent bits) */
+static inline vf32 v_pow2i(vf32 k) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
 }
-
-/* expf on the whole float range (clamped to [-87, 88]: below it the result is 0, above it inf is
- * not needed by silu / softplus) */
-static inline f32x8 v_exp(f32x8 x) { return v_exp_neg(_mm256_min_ps(x, v_set1(88.0f))); }
-
-/* natural log for x > 0 (Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a degree-9
- * polynomial in m - 1); relative error about 1e-7 */
-static inline f32x8 v_log(f32x8 x) {
+/* x > 0 as m 2^e with m in [0.5, 1): e as a float, and m */
+static inline vf32 v_exponent(vf32 x) {
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(x), 23), _mm256_set1_epi32(126)));
+}
+static inline vf32 v_mantissa(vf32 x) {
     __m256i xi = _mm256_castps_si256(x);
-    f32x8 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
-    f32x8 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)),
-                                                  _mm256_set1_epi32(0x3f000000))); /* [0.5, 1) */
-    f32x8 small = _mm256_cmp_ps(m, v_set1(0.707106781186547524f), _CMP_LT_OQ);
-    e = _mm256_sub_ps(e, _mm256_and_ps(small, v_set1(1.0f)));
-    m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), v_set1(1.0f));
-    f32x8 z = v_mul(m, m), p = v_set1(SB_LOG_P[0]);
-    for (int i = 1; i < 9; i++) p = v_fma(p, m, v_set1(SB_LOG_P[i]));
-    f32x8 y = v_mul(v_mul(p, m), z);
-    y = v_fma(e, v_set1(SB_LN2_LO), y);
-    y = v_fma(z, v_set1(-0.5f), y);
-    return v_add(v_add(m, y), v_mul(e, v_set1(SB_LN2_HI)));
+    return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)),
+                                               _mm256_set1_epi32(0x3f000000)));
 }
+
+#include "simd_math.h"
 
 #endif
